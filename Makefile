@@ -1,0 +1,45 @@
+# The two set-up commands of README.md. Both install what is missing: Debian packages
+# (apt-get, as root or through sudo) and Python packages into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEB_PACKAGES := softhsm2 opensc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint bench system-deps venv clean
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check kms hsm_config tests bench
+	$(BIN)/ruff format --check kms hsm_config tests bench
+	$(BIN)/mypy
+
+test: system-deps venv lint
+	$(BIN)/pytest
+
+demo: system-deps venv
+	$(BIN)/python deploy/demo.py --data-dir demo-data --bind 127.0.0.1:8200
+
+bench: system-deps venv
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) demo-data .pytest_cache .mypy_cache .ruff_cache

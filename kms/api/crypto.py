@@ -1,0 +1,118 @@
+"""Data-key operations: ``/v1/keys/<ref>/datakey``, ``/v1/keys/<ref>/encrypt``,
+``/v1/decrypt``, ``/v1/rewrap``.
+
+Each takes either one request object or ``{"items": [...]}`` (1 to 1000 objects of the
+same shape) and answers the single result or ``{"results": [...]}``, where each result is
+the single form or ``{"error": {...}}``. Binary fields are standard base64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from flask import Blueprint
+
+from kms.api import parsing as p
+from kms.api import serialize
+from kms.api.context import caller, operation, services
+from kms.errors import ClientError, InvalidRequest
+from kms.formats.blob import MAX_BLOB_BYTES
+from kms.services.crypto import (
+    MAX_BATCH,
+    MAX_PLAINTEXT,
+    DataKeyRequest,
+    DecryptRequest,
+    EncryptRequest,
+    Opened,
+    RewrapRequest,
+    Sealed,
+)
+from kms.services.model import DEFAULT_JUSTIFICATION
+
+bp = Blueprint("crypto", __name__, url_prefix="/v1")
+T = TypeVar("T")
+Result = Sealed | Opened | ClientError
+
+
+def _single_or_batch(
+    allowed: set[str],
+    required: frozenset[str],
+    parse_item: Callable[[p.Body], T],
+    call: Callable[[Sequence[T]], Sequence[Result]],
+) -> dict[str, Any]:
+    body = p.json_body(allowed | {"items"})
+    if "items" not in body:
+        (result,) = call([parse_item(p.fields(body, allowed, required, "body"))])
+        if isinstance(result, ClientError):
+            raise result
+        return serialize.item(result)
+    p.fields(body, {"items"}, frozenset(), "body")
+    items = body["items"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise InvalidRequest(f"items must be a list of 1 to {MAX_BATCH} objects")
+    parsed = []
+    for i, raw in enumerate(items):
+        try:
+            parsed.append(parse_item(p.fields(raw, allowed, required, f"items[{i}]")))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"items[{i}]: {e.message}") from None
+    return {"results": [serialize.item(r) for r in call(parsed)]}
+
+
+@bp.post("/keys/<path:ref>/datakey")
+@operation("datakey")
+def datakey(ref: str) -> dict[str, Any]:
+    """``{context?, include_plaintext?=true}`` ->
+    ``{key_id, key_version, ciphertext, plaintext?}``"""
+    return _single_or_batch(
+        {"context", "include_plaintext"},
+        frozenset(),
+        lambda b: DataKeyRequest(p.context(b), p.boolean(b, "include_plaintext", True)),
+        lambda items: services().crypto.datakey(caller(), ref, items),
+    )
+
+
+@bp.post("/keys/<path:ref>/encrypt")
+@operation("encrypt")
+def encrypt(ref: str) -> dict[str, Any]:
+    """``{plaintext, context?}`` -> ``{key_id, key_version, ciphertext}``"""
+    return _single_or_batch(
+        {"plaintext", "context"},
+        frozenset({"plaintext"}),
+        lambda b: EncryptRequest(p.b64(b, "plaintext", max_bytes=MAX_PLAINTEXT), p.context(b)),
+        lambda items: services().crypto.encrypt(caller(), ref, items),
+    )
+
+
+@bp.post("/decrypt")
+@operation("decrypt")
+def decrypt() -> dict[str, Any]:
+    """``{ciphertext, context?, justification?}`` -> ``{key_id, key_version, plaintext}``"""
+    return _single_or_batch(
+        {"ciphertext", "context", "justification"},
+        frozenset({"ciphertext"}),
+        lambda b: DecryptRequest(
+            p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
+            p.context(b),
+            p.string(b, "justification", max_len=32, default=DEFAULT_JUSTIFICATION)
+            or DEFAULT_JUSTIFICATION,
+        ),
+        lambda items: services().crypto.decrypt(caller(), items),
+    )
+
+
+@bp.post("/rewrap")
+@operation("rewrap")
+def rewrap() -> dict[str, Any]:
+    """``{ciphertext, context?, destination_key?}`` -> ``{key_id, key_version, ciphertext}``"""
+    return _single_or_batch(
+        {"ciphertext", "context", "destination_key"},
+        frozenset({"ciphertext"}),
+        lambda b: RewrapRequest(
+            p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
+            p.context(b),
+            p.string(b, "destination_key", max_len=64),
+        ),
+        lambda items: services().crypto.rewrap(caller(), items),
+    )

@@ -1,0 +1,53 @@
+"""JSON shapes of the v1 API's responses (documented in README.md, "API")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from kms.api.errors import error_body
+from kms.api.parsing import encode
+from kms.errors import ClientError
+from kms.services.crypto import Opened, Sealed
+from kms.services.model import Key, Principal
+
+
+def iso(when: datetime | None) -> str | None:
+    return when.isoformat().replace("+00:00", "Z") if when else None
+
+
+def key(k: Key) -> dict[str, Any]:
+    return {
+        "key_id": k.key_id,
+        "alias": k.alias,
+        "description": k.description,
+        "state": k.state.value,
+        "current_version": k.current_version,
+        "created_at": iso(k.created_at),
+        "deletion_date": iso(k.deletion_date),
+    }
+
+
+def principal(p: Principal) -> dict[str, Any]:
+    return {"id": p.id, "name": p.name, "role": p.role.value, "created_at": iso(p.created_at)}
+
+
+def sealed(s: Sealed) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "key_id": s.key_id,
+        "key_version": s.key_version,
+        "ciphertext": encode(s.ciphertext),
+    }
+    if s.plaintext is not None:
+        out["plaintext"] = encode(s.plaintext)
+    return out
+
+
+def opened(o: Opened) -> dict[str, Any]:
+    return {"key_id": o.key_id, "key_version": o.key_version, "plaintext": encode(o.plaintext)}
+
+
+def item(result: Sealed | Opened | ClientError) -> dict[str, Any]:
+    if isinstance(result, ClientError):
+        return {"error": error_body(result)}
+    return sealed(result) if isinstance(result, Sealed) else opened(result)

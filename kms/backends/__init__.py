@@ -1,0 +1,1 @@
+"""The only code that imports pkcs11, sqlalchemy or redis."""

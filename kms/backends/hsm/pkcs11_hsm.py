@@ -1,0 +1,322 @@
+"""The PKCS#11 backend: every call into the HSM goes through ``Pkcs11Hsm._call``.
+
+Process and thread rules (see shared notes/pkcs11.md):
+- The module is initialised lazily in the process that uses it (the pid is checked on
+  every call), never in the gunicorn master; state inherited through fork() is dropped.
+- python-pkcs11 initialises modules without OS locking and releases the GIL inside calls,
+  so one process-wide lock serialises every PKCS#11 call.
+- One logged-in session per process lives as long as the process; the root key handle and
+  unwrapped KEK handles (bounded LRU, destroyed on eviction) are cached on it.
+- A failing call is retried once after a reconnect (finalize, initialize, log in again);
+  if that fails too the caller gets HsmUnavailable and the next call reconnects, so the
+  service recovers by itself when the HSM comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from hsm_config import templates
+from kms.errors import HsmUnavailable, IntegrityFailure
+from kms.services.model import KekRef
+
+log = logging.getLogger("kms.hsm")
+T = TypeVar("T")
+
+# Errors a real decrypt can return when the tag, AAD, IV or key is wrong. SoftHSM reports a
+# bad tag as CKR_GENERAL_ERROR, so a health probe tells tag failures from a broken HSM.
+_INTEGRITY_ERRORS = (
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+)
+# Errors unwrapping a KEK whose wrapped bytes are corrupt or were made by another root key.
+_UNWRAP_ERRORS = (
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+)
+# Attempts to open a session: several processes logging in to one SoftHSM token at once
+# can see a half-written token file.
+_CONNECT_RETRY = 5
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    module: str
+    token_label: str
+    pin: str = field(repr=False)
+    root_label: str = "kms-root"
+    audit_label: str = "kms-audit-signing"
+    kek_cache_size: int = 1024
+    softhsm2_conf: str | None = None
+
+
+class _Conn:
+    """Per-process connection state; replaced wholesale on reconnect."""
+
+    def __init__(self, session: Any, root: Any, pid: int) -> None:
+        self.session = session
+        self.root = root
+        self.pid = pid
+        self.keks: OrderedDict[tuple[str, int], Any] = OrderedDict()
+
+
+class Pkcs11Hsm:
+    """The Hsm port over a PKCS#11 module. Safe to share between threads of one process."""
+
+    def __init__(self, config: HsmConfig) -> None:
+        self._config = config
+        self._lock = threading.RLock()
+        self._conn: _Conn | None = None
+        self._lib: Any = None
+        self._public_pem: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Hsm(module={self._config.module!r}, token={self._config.token_label!r})"
+
+    # -- the Hsm port ---------------------------------------------------------------------
+
+    def new_wrapped_kek(self) -> bytes:
+        def op(c: _Conn) -> bytes:
+            kek = c.session.generate_key(
+                KeyType.AES, 256, store=False, template=templates.KEK_TO_WRAP
+            )
+            try:
+                return bytes(c.root.wrap_key(kek, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+            finally:
+                kek.destroy()
+
+        return self._call(op)
+
+    def encrypt(self, kek: KekRef, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        def op(c: _Conn) -> bytes:
+            key = self._kek(c, kek)
+            return bytes(
+                key.encrypt(
+                    plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
+                )
+            )
+
+        return self._call(op)
+
+    def decrypt(self, kek: KekRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        def op(c: _Conn) -> bytes:
+            key = self._kek(c, kek)
+            try:
+                return bytes(
+                    key.decrypt(
+                        ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
+                    )
+                )
+            except _INTEGRITY_ERRORS as e:
+                # Tell a bad tag from a broken HSM: if the HSM still answers, it was the data.
+                self._probe(c)
+                raise IntegrityFailure(type(e).__name__) from e
+
+        return self._call(op)
+
+    def random(self, n: int) -> bytes:
+        return self._call(lambda c: bytes(c.session.generate_random(8 * n)))
+
+    def check(self) -> None:
+        self._call(self._probe)
+
+    def audit_public_key_pem(self) -> bytes:
+        if self._public_pem is None:
+
+            def op(c: _Conn) -> bytes:
+                pub = c.session.get_key(
+                    object_class=ObjectClass.PUBLIC_KEY,
+                    key_type=KeyType.EC,
+                    label=self._config.audit_label,
+                )
+                der = encode_ec_public_key(pub)
+                key = serialization.load_der_public_key(der)
+                return key.public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+
+            self._public_pem = self._call(op)
+        return self._public_pem
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """ECDSA P-256 signature (raw r||s, 64 bytes) of a SHA-256 digest by the audit key."""
+
+        def op(c: _Conn) -> bytes:
+            priv = c.session.get_key(
+                object_class=ObjectClass.PRIVATE_KEY,
+                key_type=KeyType.EC,
+                label=self._config.audit_label,
+            )
+            return bytes(priv.sign(digest, mechanism=Mechanism.ECDSA))
+
+        return self._call(op)
+
+    def close(self) -> None:
+        """Drop this process's session (and with it the login and session objects)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and conn.pid == os.getpid():
+                with contextlib.suppress(p11e.PKCS11Error):
+                    conn.session.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _call(self, op: Callable[[_Conn], T]) -> T:
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    return op(conn)
+                except IntegrityFailure:
+                    raise
+                except p11e.PKCS11Error as e:
+                    log.warning(
+                        "hsm call failed",
+                        extra={"error": type(e).__name__, "attempt": attempt},
+                    )
+                    self._conn = None  # reconnect on the next attempt or call
+                    if attempt == 2:
+                        raise HsmUnavailable(detail=type(e).__name__) from e
+            raise AssertionError("unreachable")
+
+    def _connection(self) -> _Conn:
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        self._conn = self._connect(reset=conn is not None or self._lib is not None)
+        return self._conn
+
+    def _connect(self, reset: bool) -> _Conn:
+        """Initialise the module in this process and log in, retrying with a reset."""
+        if self._config.softhsm2_conf:
+            os.environ["SOFTHSM2_CONF"] = self._config.softhsm2_conf
+        last: Exception | None = None
+        for attempt in range(_CONNECT_RETRY):
+            try:
+                if self._lib is None:
+                    self._lib = pkcs11.lib(self._config.module)
+                if reset or attempt > 0:
+                    _reset(self._lib)
+                token = self._lib.get_token(token_label=self._config.token_label)
+                session = _login(token, self._config.pin)
+                root = session.get_key(
+                    object_class=ObjectClass.SECRET_KEY, label=self._config.root_label
+                )
+                log.info("hsm session opened", extra={"attempt": attempt + 1})
+                return _Conn(session, root, os.getpid())
+            except (p11e.PKCS11Error, RuntimeError) as e:
+                last = e
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # noqa: S311 (jitter)
+        raise HsmUnavailable(detail=f"connect failed: {type(last).__name__}") from last
+
+    def _kek(self, c: _Conn, kek: KekRef) -> Any:
+        """The unwrapped session object for a KEK version, from the bounded LRU."""
+        ident = (kek.key_id, kek.version)
+        key = c.keks.get(ident)
+        if key is not None:
+            c.keks.move_to_end(ident)
+            return key
+        try:
+            key = c.root.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                kek.wrapped,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=False,
+                template=templates.KEK_IN_USE,
+            )
+        except _UNWRAP_ERRORS as e:
+            self._probe(c)  # a broken HSM is HsmUnavailable, not bad key material
+            raise IntegrityFailure(f"KEK unwrap failed: {type(e).__name__}") from e
+        c.keks[ident] = key
+        while len(c.keks) > self._config.kek_cache_size:
+            _, old = c.keks.popitem(last=False)
+            old.destroy()
+        return key
+
+    def _probe(self, c: _Conn) -> None:
+        # Reading an attribute of the root key touches the token: it fails if the token is
+        # gone, unlike operations on session objects held in memory.
+        _ = c.root[Attribute.LABEL]
+
+
+def _reset(lib: Any) -> None:
+    """finalize (ignoring 'not initialised') then initialize: the only reset that works
+    after a fork with reset_on_fork, unlike lib.reinitialize()."""
+    with contextlib.suppress(p11e.PKCS11Error):
+        lib.finalize()
+    lib.initialize()
+
+
+def _login(token: Any, pin: str) -> Any:
+    try:
+        return token.open(user_pin=pin)
+    except p11e.UserAlreadyLoggedIn:
+        # Another session of this process is logged in; login state is per process.
+        return token.open()
+
+
+def provision_keys(config: HsmConfig) -> list[str]:
+    """Create the root key and the audit signing key pair if absent; return what was created.
+
+    Runs in its own short-lived process step (``kms init``), never in a server worker.
+    """
+    if config.softhsm2_conf:
+        os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
+    created: list[str] = []
+    try:
+        lib = pkcs11.lib(config.module)
+        token = lib.get_token(token_label=config.token_label)
+        with token.open(rw=True, user_pin=config.pin) as session:
+            if not _exists(session, ObjectClass.SECRET_KEY, config.root_label):
+                session.generate_key(
+                    KeyType.AES,
+                    256,
+                    label=config.root_label,
+                    store=True,
+                    template=templates.ROOT_KEY,
+                )
+                created.append(config.root_label)
+            if not _exists(session, ObjectClass.PRIVATE_KEY, config.audit_label):
+                params = session.create_domain_parameters(
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                    local=True,
+                )
+                params.generate_keypair(
+                    store=True,
+                    label=config.audit_label,
+                    public_template=templates.AUDIT_PUBLIC,
+                    private_template=templates.AUDIT_PRIVATE,
+                )
+                created.append(config.audit_label)
+    except p11e.PKCS11Error as e:
+        raise HsmUnavailable(detail=f"provisioning failed: {type(e).__name__}") from e
+    return created
+
+
+def _exists(session: Any, object_class: ObjectClass, label: str) -> bool:
+    try:
+        session.get_key(object_class=object_class, label=label)
+    except p11e.NoSuchKey:
+        return False
+    return True

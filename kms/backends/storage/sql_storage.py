@@ -1,0 +1,279 @@
+"""The Storage port over SQLAlchemy Core.
+
+SQLite runs in WAL mode; write transactions start with ``BEGIN IMMEDIATE`` so that writers
+queue on the database lock instead of failing on lock upgrade, and the audit head row is
+read ``FOR UPDATE`` (a row lock on PostgreSQL). Every database error that is not a
+constraint violation is translated to StorageUnavailable (503): the caller is refused,
+nothing half-done stays behind because the transaction rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine, Row
+
+from kms.backends.storage import schema as t
+from kms.backends.storage.migrate import SchemaNotCurrent, check_current
+from kms.errors import Conflict, StorageUnavailable
+from kms.services.model import Key, KeyState, KeyVersion, Principal, Role
+
+
+def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    """An engine with the pragmas and transaction behaviour this module relies on."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("kms_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class SqlTx:
+    """The Tx port on one SQLAlchemy connection inside a transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._c = conn
+
+    # -- principals -----------------------------------------------------------------------
+
+    def add_principal(self, name: str, role: Role, token_hash: str, now: datetime) -> Principal:
+        try:
+            pid = self._c.execute(
+                insert(t.principals).values(name=name, role=role.value, created_at=now)
+            ).inserted_primary_key[0]  # type: ignore[index]
+        except sa_exc.IntegrityError as e:
+            raise Conflict(f"a principal named {name!r} already exists") from e
+        self._c.execute(
+            insert(t.tokens).values(token_sha256=token_hash, principal_id=pid, created_at=now)
+        )
+        return Principal(int(pid), name, role, now)
+
+    def principal_by_token_hash(self, token_hash: str) -> Principal | None:
+        row = self._c.execute(
+            select(t.principals)
+            .join(t.tokens, t.tokens.c.principal_id == t.principals.c.id)
+            .where(t.tokens.c.token_sha256 == token_hash)
+        ).first()
+        return _principal(row) if row else None
+
+    def principal_by_name(self, name: str) -> Principal | None:
+        row = self._c.execute(select(t.principals).where(t.principals.c.name == name)).first()
+        return _principal(row) if row else None
+
+    def list_principals(self) -> list[Principal]:
+        rows = self._c.execute(select(t.principals).order_by(t.principals.c.id))
+        return [_principal(r) for r in rows]
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def add_key(self, key: Key) -> None:
+        self._c.execute(
+            insert(t.keys).values(
+                key_id=key.key_id,
+                description=key.description,
+                state=key.state.value,
+                current_version=key.current_version,
+                created_at=key.created_at,
+                deletion_date=key.deletion_date,
+            )
+        )
+        if key.alias is not None:
+            try:
+                self._c.execute(insert(t.aliases).values(alias=key.alias, key_id=key.key_id))
+            except sa_exc.IntegrityError as e:
+                raise Conflict(f"alias {key.alias!r} is already in use") from e
+
+    def add_version(self, version: KeyVersion) -> None:
+        self._c.execute(
+            insert(t.key_versions).values(
+                key_id=version.key_id,
+                version=version.version,
+                wrapped_kek=version.wrapped,
+                root_label=version.root_label,
+                created_at=version.created_at,
+            )
+        )
+
+    def update_key(self, key: Key) -> None:
+        self._c.execute(
+            update(t.keys)
+            .where(t.keys.c.key_id == key.key_id)
+            .values(
+                state=key.state.value,
+                current_version=key.current_version,
+                deletion_date=key.deletion_date,
+                description=key.description,
+            )
+        )
+
+    def key_by_id(self, key_id: str) -> Key | None:
+        return self._one_key(t.keys.c.key_id == key_id)
+
+    def key_by_alias(self, alias: str) -> Key | None:
+        return self._one_key(t.aliases.c.alias == alias)
+
+    def list_keys(self) -> list[Key]:
+        return [_key(r) for r in self._c.execute(_key_select().order_by(t.keys.c.created_at))]
+
+    def key_version(self, key_id: str, version: int) -> KeyVersion | None:
+        row = self._c.execute(
+            select(t.key_versions).where(
+                t.key_versions.c.key_id == key_id, t.key_versions.c.version == version
+            )
+        ).first()
+        if row is None:
+            return None
+        return KeyVersion(
+            key_id=row.key_id,
+            version=row.version,
+            created_at=_utc(row.created_at),  # type: ignore[arg-type]
+            wrapped=bytes(row.wrapped_kek),
+            root_label=row.root_label,
+        )
+
+    def count_keys_in_state(self, state: KeyState) -> int:
+        return int(
+            self._c.execute(
+                select(func.count()).select_from(t.keys).where(t.keys.c.state == state.value)
+            ).scalar_one()
+        )
+
+    def _one_key(self, where: Any) -> Key | None:
+        row = self._c.execute(_key_select().where(where)).first()
+        return _key(row) if row else None
+
+    # -- grants ---------------------------------------------------------------------------
+
+    def put_grant(self, key_id: str, principal_id: int, operations: frozenset[str]) -> None:
+        ops = ",".join(sorted(operations))
+        where = (t.grants.c.key_id == key_id, t.grants.c.principal_id == principal_id)
+        if self._c.execute(select(t.grants.c.key_id).where(*where)).first():
+            self._c.execute(update(t.grants).where(*where).values(operations=ops))
+        else:
+            self._c.execute(
+                insert(t.grants).values(key_id=key_id, principal_id=principal_id, operations=ops)
+            )
+
+    def grant_operations(self, key_id: str, principal_id: int) -> frozenset[str]:
+        ops = self._c.execute(
+            select(t.grants.c.operations).where(
+                t.grants.c.key_id == key_id, t.grants.c.principal_id == principal_id
+            )
+        ).scalar()
+        return frozenset(ops.split(",")) if ops else frozenset()
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def audit_head(self) -> tuple[int, str]:
+        row = self._c.execute(
+            select(t.audit_head.c.seq, t.audit_head.c.hash)
+            .where(t.audit_head.c.id == 1)
+            .with_for_update()
+        ).one()
+        return int(row.seq), str(row.hash)
+
+    def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        self._c.execute(
+            insert(t.audit_records), [{k: v for k, v in r.items() if k != "v"} for r in records]
+        )
+        last = records[-1]
+        self._c.execute(
+            update(t.audit_head)
+            .where(t.audit_head.c.id == 1)
+            .values(seq=last["seq"], hash=last["hash"])
+        )
+
+    def audit_records(self, after: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._c.execute(
+            select(t.audit_records)
+            .where(t.audit_records.c.seq > after)
+            .order_by(t.audit_records.c.seq)
+            .limit(limit)
+        )
+        return [{"v": 1, **r._asdict()} for r in rows]
+
+
+def _key_select() -> Any:
+    return select(t.keys, t.aliases.c.alias).outerjoin(
+        t.aliases, t.aliases.c.key_id == t.keys.c.key_id
+    )
+
+
+def _key(row: Row[Any]) -> Key:
+    return Key(
+        key_id=row.key_id,
+        alias=row.alias,
+        description=row.description,
+        state=KeyState(row.state),
+        current_version=row.current_version,
+        created_at=_utc(row.created_at),  # type: ignore[arg-type]
+        deletion_date=_utc(row.deletion_date),
+    )
+
+
+def _principal(row: Row[Any]) -> Principal:
+    return Principal(int(row.id), row.name, Role(row.role), _utc(row.created_at))  # type: ignore[arg-type]
+
+
+class SqlStorage:
+    """The Storage port. One engine (connection pool) per process, made at start."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTx]:
+        with self._translate(), self._engine.connect() as conn:
+            conn = conn.execution_options(kms_write=True)
+            with conn.begin():
+                yield SqlTx(conn)
+
+    @contextmanager
+    def reader(self) -> Iterator[SqlTx]:
+        with self._translate(), self._engine.connect() as conn, conn.begin():
+            yield SqlTx(conn)
+
+    def check(self) -> None:
+        with self._translate():
+            try:
+                check_current(self._engine)
+            except SchemaNotCurrent as e:
+                raise StorageUnavailable(detail=str(e)) from e
+
+    @staticmethod
+    @contextmanager
+    def _translate() -> Iterator[None]:
+        try:
+            yield
+        except sa_exc.IntegrityError as e:
+            raise StorageUnavailable(detail=f"integrity: {type(e.orig).__name__}") from e
+        except sa_exc.SQLAlchemyError as e:
+            raise StorageUnavailable(detail=f"database: {type(e).__name__}") from e

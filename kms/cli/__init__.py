@@ -1,0 +1,11 @@
+"""The ``kms`` command.
+
+Local commands (``init``, ``migrate``, ``serve``) work on a data directory. Administration
+commands (``principals``, ``keys``, ``grants``, ``audit``) talk to a running server
+through the SDK with an admin or auditor token, so they are authenticated and audited
+like any other caller. Every failure prints one clear line to stderr and exits non-zero.
+"""
+
+from kms.cli.main import main
+
+__all__ = ["main"]

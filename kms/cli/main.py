@@ -1,0 +1,280 @@
+"""Command definitions (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kms.client import KmsClient, KmsClientError
+
+DEFAULT_URL = "http://127.0.0.1:8200"
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Turn every expected failure into one line on stderr and exit status 1."""
+    from kms.config import ConfigError
+    from kms.errors import KmsError
+
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except KmsClientError as e:
+        raise click.ClickException(str(e)) from None
+    except (ConfigError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    except KmsError as e:
+        raise click.ClickException(f"{e.code}: {e.message}") from None
+    except Exception as e:
+        raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+def _print(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group()
+@click.version_option(package_name="keyholder-kms")
+def main() -> None:
+    """Keyholder KMS: HSM-backed envelope encryption with an audit trail."""
+
+
+# -- local commands ---------------------------------------------------------------------
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="KMS_DATA_DIR",
+    required=True,
+    help="Data directory (env KMS_DATA_DIR).",
+)
+
+
+@main.command()
+@data_dir_option
+@click.option("--pkcs11-module", help="Use this PKCS#11 module instead of a SoftHSM token.")
+@click.option("--token-label", help="Token label on that module (default kms).")
+@click.option("--pin-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--database-url", help="SQLAlchemy URL (default: SQLite in the data directory).")
+def init(
+    data_dir: Path,
+    pkcs11_module: str | None,
+    token_label: str | None,
+    pin_file: Path | None,
+    database_url: str | None,
+) -> None:
+    """Create or complete a data directory (idempotent)."""
+    if pkcs11_module and not pin_file:
+        raise click.UsageError("--pkcs11-module needs --pin-file")
+    with _clear_errors():
+        from kms.bootstrap import init_data_dir
+
+        report = init_data_dir(
+            data_dir,
+            pkcs11_module=pkcs11_module,
+            token_label=token_label,
+            pin_file=pin_file,
+            database_url=database_url,
+        )
+    click.echo(f"data directory: {report.data_dir}")
+    click.echo(f"HSM keys created: {', '.join(report.created_keys) or 'none (already present)'}")
+    if report.admin_created:
+        click.echo(f"admin token written to {report.admin_token_file} (mode 0600)")
+    else:
+        click.echo("admin already exists; no new token written")
+
+
+@main.command()
+@data_dir_option
+def migrate(data_dir: Path) -> None:
+    """Upgrade the database schema in place."""
+    with _clear_errors():
+        from kms.bootstrap import migrate_database
+
+        migrate_database(data_dir)
+    click.echo("database schema is current")
+
+
+@main.command()
+@data_dir_option
+@click.option("--bind", default="127.0.0.1:8200", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--config",
+    "gunicorn_conf",
+    type=click.Path(dir_okay=False, exists=True),
+    default=str(GUNICORN_CONF),
+    show_default=True,
+)
+def serve(data_dir: Path, bind: str, workers: int, gunicorn_conf: str) -> None:
+    """Run the server under gunicorn in the foreground."""
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
+        "gunicorn"
+    )
+    if gunicorn is None:
+        raise click.ClickException("gunicorn is not installed")
+    if not (data_dir / "admin.token").exists():
+        raise click.ClickException(f"{data_dir} is not initialised: run `kms init` first")
+    os.environ["KMS_DATA_DIR"] = str(data_dir.resolve())
+    os.umask(0o077)  # database, WAL and logs created by the server stay private
+    os.execv(  # noqa: S606 (replaces this process with gunicorn)
+        gunicorn,
+        [gunicorn, "-c", gunicorn_conf, "--bind", bind, "--workers", str(workers), "kms.wsgi:app"],
+    )
+
+
+# -- remote commands --------------------------------------------------------------------
+
+
+def _client(url: str, token_file: Path | None) -> KmsClient:
+    token = os.environ.get("KMS_TOKEN")
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    if not token:
+        raise click.UsageError("give --token-file or set KMS_TOKEN / KMS_TOKEN_FILE")
+    return KmsClient(url, token)
+
+
+def remote(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--url", envvar="KMS_URL", default=DEFAULT_URL, show_default=True)(fn)
+    return click.option(
+        "--token-file",
+        envvar="KMS_TOKEN_FILE",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="File holding a bearer token (env KMS_TOKEN_FILE, or KMS_TOKEN).",
+    )(fn)
+
+
+@main.group()
+def principals() -> None:
+    """Create and list principals."""
+
+
+@principals.command("create")
+@click.argument("name")
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice(["admin", "service", "auditor", "custodian", "requester"]),
+)
+@remote
+def principals_create(name: str, role: str, url: str, token_file: Path | None) -> None:
+    """Create a principal and print its token (shown once)."""
+    with _clear_errors():
+        _print(_client(url, token_file).create_principal(name, role))
+
+
+@principals.command("list")
+@remote
+def principals_list(url: str, token_file: Path | None) -> None:
+    with _clear_errors():
+        _print(_client(url, token_file).list_principals())
+
+
+@main.group()
+def keys() -> None:
+    """Create, inspect and change keys."""
+
+
+@keys.command("create")
+@click.option("--alias")
+@click.option("--description", default="")
+@remote
+def keys_create(alias: str | None, description: str, url: str, token_file: Path | None) -> None:
+    with _clear_errors():
+        _print(_client(url, token_file).create_key(alias, description))
+
+
+@keys.command("list")
+@remote
+def keys_list(url: str, token_file: Path | None) -> None:
+    with _clear_errors():
+        _print(_client(url, token_file).list_keys())
+
+
+@keys.command("show")
+@click.argument("ref")
+@remote
+def keys_show(ref: str, url: str, token_file: Path | None) -> None:
+    with _clear_errors():
+        _print(_client(url, token_file).get_key(ref))
+
+
+def _key_action(action: str, doc: str) -> None:
+    @keys.command(action, help=doc)
+    @click.argument("ref")
+    @remote
+    def command(ref: str, url: str, token_file: Path | None) -> None:
+        with _clear_errors():
+            _print(_client(url, token_file).key_action(ref, action))
+
+
+for _action, _doc in (
+    ("rotate", "Add a new key version and make it current."),
+    ("disable", "Refuse every use of the key until enabled."),
+    ("enable", "Allow use of a disabled key again."),
+    ("cancel-deletion", "Cancel a scheduled deletion (the key becomes disabled)."),
+):
+    _key_action(_action, _doc)
+
+
+@keys.command("schedule-deletion")
+@click.argument("ref")
+@click.option("--pending-days", default=30, show_default=True, type=click.IntRange(7, 30))
+@remote
+def keys_schedule_deletion(ref: str, pending_days: int, url: str, token_file: Path | None) -> None:
+    """Schedule deletion after a waiting period of 7 to 30 days."""
+    with _clear_errors():
+        _print(
+            _client(url, token_file).key_action(
+                ref, "schedule-deletion", {"pending_days": pending_days}
+            )
+        )
+
+
+@main.group()
+def grants() -> None:
+    """Allow service principals to use keys."""
+
+
+@grants.command("set")
+@click.argument("ref")
+@click.option("--principal", required=True)
+@click.option(
+    "--operations",
+    required=True,
+    help="Comma-separated: datakey,encrypt,decrypt,rewrap (empty string revokes).",
+)
+@remote
+def grants_set(
+    ref: str, principal: str, operations: str, url: str, token_file: Path | None
+) -> None:
+    ops = [o.strip() for o in operations.split(",") if o.strip()]
+    with _clear_errors():
+        _print(_client(url, token_file).grant(ref, principal, ops))
+
+
+@main.group()
+def audit() -> None:
+    """Read the audit trail."""
+
+
+@audit.command("list")
+@click.option("--after", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@remote
+def audit_list(after: int, limit: int, url: str, token_file: Path | None) -> None:
+    """Print records as JSON lines, in chain order."""
+    with _clear_errors():
+        for record in _client(url, token_file).audit(after, limit):
+            click.echo(json.dumps(record, sort_keys=True))

@@ -1,0 +1,22 @@
+"""Python SDK: an HTTP client for the KMS API and envelope encryption of bytes and files.
+
+    from kms.client import KmsClient, encrypt_bytes, decrypt_bytes
+    client = KmsClient("https://kms.internal:8200", token)
+    blob = encrypt_bytes(client, "alias/patients", b"record", context={"tenant": "42"})
+    assert decrypt_bytes(client, blob, context={"tenant": "42"}) == b"record"
+
+Every failure is a KmsClientError.
+"""
+
+from kms.client.envelope import decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file
+from kms.client.http import DataKey, KmsClient, KmsClientError
+
+__all__ = [
+    "DataKey",
+    "KmsClient",
+    "KmsClientError",
+    "decrypt_bytes",
+    "decrypt_file",
+    "encrypt_bytes",
+    "encrypt_file",
+]

@@ -1,0 +1,197 @@
+"""The HTTP client. Configuration is checked at construction; the token never appears in
+``repr``, exceptions or logs; every failure is a KmsClientError."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+
+class KmsClientError(Exception):
+    """Any failure of the SDK: ``code`` is the server's stable error code (or a local one
+    such as ``transport_error`` or ``decryption_failed``)."""
+
+    def __init__(
+        self, code: str, message: str, *, status: int | None = None, request_id: str | None = None
+    ) -> None:
+        super().__init__(f"{code}: {message}" + (f" (request {request_id})" if request_id else ""))
+        self.code = code
+        self.message = message
+        self.status = status
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class DataKey:
+    key_id: str
+    key_version: int
+    ciphertext: bytes
+    plaintext: bytes | None = field(default=None, repr=False)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a DataKey holds key material and cannot be pickled")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+class KmsClient:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        verify: bool | str = True,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise KmsClientError("invalid_config", "url must be http(s)://host[:port]")
+        if not token or any(c.isspace() for c in token):
+            raise KmsClientError("invalid_config", "token must be a non-empty string")
+        if timeout <= 0:
+            raise KmsClientError("invalid_config", "timeout must be positive")
+        self._url = url.rstrip("/")
+        self._timeout = timeout
+        self._session = requests.Session()
+        self._session.verify = verify
+        self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:
+        return f"KmsClient({self._url!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a KmsClient holds a credential and cannot be pickled")
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- generic call -------------------------------------------------------------------
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """One API call; returns the decoded JSON answer or raises KmsClientError."""
+        try:
+            resp = self._session.request(
+                method, self._url + path, json=body, params=params, timeout=self._timeout
+            )
+        except requests.RequestException as e:
+            raise KmsClientError("transport_error", type(e).__name__) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code >= 400:
+            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+            raise KmsClientError(
+                str(err.get("code", "http_error")),
+                str(err.get("message", f"HTTP {resp.status_code}")),
+                status=resp.status_code,
+                request_id=err.get("request_id"),
+            )
+        if data is None:
+            raise KmsClientError("bad_response", "the server did not answer JSON")
+        return data
+
+    # -- administration -----------------------------------------------------------------
+
+    def create_principal(self, name: str, role: str) -> dict[str, Any]:
+        return dict(self.call("POST", "/v1/principals", {"name": name, "role": role}))
+
+    def list_principals(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", "/v1/principals")["principals"])
+
+    def create_key(self, alias: str | None = None, description: str = "") -> dict[str, Any]:
+        body: dict[str, Any] = {"description": description}
+        if alias is not None:
+            body["alias"] = alias
+        return dict(self.call("POST", "/v1/keys", body))
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", "/v1/keys")["keys"])
+
+    def get_key(self, ref: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/v1/keys/{_ref(ref)}"))
+
+    def key_action(
+        self, ref: str, action: str, body: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """rotate, disable, enable, schedule-deletion, cancel-deletion."""
+        return dict(self.call("POST", f"/v1/keys/{_ref(ref)}/{action}", body or {}))
+
+    def grant(self, ref: str, principal: str, operations: list[str]) -> dict[str, Any]:
+        return dict(
+            self.call(
+                "POST",
+                f"/v1/keys/{_ref(ref)}/grants",
+                {"principal": principal, "operations": operations},
+            )
+        )
+
+    def audit(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return list(
+            self.call("GET", "/v1/audit", params={"after": after, "limit": limit})["records"]
+        )
+
+    # -- data keys ------------------------------------------------------------------------
+
+    def datakey(self, key: str, context: Mapping[str, str] | None = None) -> DataKey:
+        """A new DEK: plaintext for local use now, ciphertext to store beside the data."""
+        data = self.call("POST", f"/v1/keys/{_ref(key)}/datakey", {"context": dict(context or {})})
+        return DataKey(
+            data["key_id"],
+            data["key_version"],
+            _unb64(data["ciphertext"]),
+            _unb64(data["plaintext"]),
+        )
+
+    def encrypt(
+        self, key: str, plaintext: bytes, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        data = self.call(
+            "POST",
+            f"/v1/keys/{_ref(key)}/encrypt",
+            {"plaintext": _b64(plaintext), "context": dict(context or {})},
+        )
+        return _unb64(data["ciphertext"])
+
+    def decrypt(
+        self,
+        ciphertext: bytes,
+        context: Mapping[str, str] | None = None,
+        justification: str | None = None,
+    ) -> bytes:
+        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "context": dict(context or {})}
+        if justification is not None:
+            body["justification"] = justification
+        return _unb64(self.call("POST", "/v1/decrypt", body)["plaintext"])
+
+    def rewrap(
+        self,
+        ciphertext: bytes,
+        context: Mapping[str, str] | None = None,
+        destination_key: str | None = None,
+    ) -> bytes:
+        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "context": dict(context or {})}
+        if destination_key is not None:
+            body["destination_key"] = destination_key
+        return _unb64(self.call("POST", "/v1/rewrap", body)["ciphertext"])
+
+
+def _ref(ref: str) -> str:
+    return quote(ref, safe="/")

@@ -1,0 +1,114 @@
+"""Settings read from ``KMS_*`` environment variables, validated once at start.
+
+``KMS_DATA_DIR`` (what ``kms init`` creates) supplies defaults for the database, the
+SoftHSM configuration and the PIN file; every other variable overrides one setting. See
+the configuration reference in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+CONF_FILE = "kms.conf"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    pkcs11_module: str
+    token_label: str
+    pin: str = field(repr=False)
+    softhsm2_conf: str | None = None
+    root_key_label: str = "kms-root"
+    audit_key_label: str = "kms-audit-signing"
+    kek_cache_size: int = 1024
+    max_body_bytes: int = 8 * 1024 * 1024
+    sqlite_synchronous: str = "FULL"
+    log_level: str = "INFO"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} must be an integer") from e
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}")
+    return value
+
+
+def read_pin(env: Mapping[str, str], data_dir: Path | None) -> str:
+    """The HSM user PIN from ``KMS_HSM_PIN_FILE`` (or DATA_DIR/hsm.pin) or ``KMS_HSM_PIN``."""
+    pin_file = env.get("KMS_HSM_PIN_FILE") or (str(data_dir / "hsm.pin") if data_dir else None)
+    if pin_file and Path(pin_file).exists():
+        pin = Path(pin_file).read_text().strip()
+    elif env.get("KMS_HSM_PIN"):
+        pin = env["KMS_HSM_PIN"]
+    else:
+        raise ConfigError("no HSM PIN: set KMS_HSM_PIN_FILE (or KMS_DATA_DIR) or KMS_HSM_PIN")
+    if not pin:
+        raise ConfigError("the HSM PIN is empty")
+    return pin
+
+
+def read_conf_file(path: Path) -> dict[str, str]:
+    """``KMS_NAME=value`` lines (``#`` comments allowed), as written by ``kms init``."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().startswith("KMS_"):
+            raise ConfigError(f"{path}:{number}: expected KMS_NAME=value")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate Settings from the environment over DATA_DIR/kms.conf; raises
+    ConfigError naming the bad variable."""
+    env = dict(os.environ if env is None else env)
+    data_dir = Path(env["KMS_DATA_DIR"]) if env.get("KMS_DATA_DIR") else None
+    if data_dir and (data_dir / CONF_FILE).exists():
+        env = {**read_conf_file(data_dir / CONF_FILE), **env}
+    database_url = env.get("KMS_DATABASE_URL") or (
+        f"sqlite:///{data_dir / 'kms.sqlite3'}" if data_dir else None
+    )
+    if not database_url:
+        raise ConfigError("set KMS_DATABASE_URL or KMS_DATA_DIR")
+    softhsm_conf = env.get("KMS_SOFTHSM2_CONF") or (
+        str(data_dir / "softhsm2.conf")
+        if data_dir and (data_dir / "softhsm2.conf").exists()
+        else None
+    )
+    sync = env.get("KMS_SQLITE_SYNCHRONOUS", "FULL").upper()
+    if sync not in {"FULL", "NORMAL"}:
+        raise ConfigError("KMS_SQLITE_SYNCHRONOUS must be FULL or NORMAL")
+    level = env.get("KMS_LOG_LEVEL", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    return Settings(
+        database_url=database_url,
+        pkcs11_module=env.get("KMS_PKCS11_MODULE", DEFAULT_MODULE),
+        token_label=env.get("KMS_HSM_TOKEN_LABEL", "kms"),
+        pin=read_pin(env, data_dir),
+        softhsm2_conf=softhsm_conf,
+        root_key_label=env.get("KMS_ROOT_KEY_LABEL", "kms-root"),
+        audit_key_label=env.get("KMS_AUDIT_KEY_LABEL", "kms-audit-signing"),
+        kek_cache_size=_int(env, "KMS_KEK_CACHE_SIZE", 1024, 1, 1_000_000),
+        max_body_bytes=_int(env, "KMS_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 64 * 1024 * 1024),
+        sqlite_synchronous=sync,
+        log_level=level,
+    )

@@ -1,0 +1,124 @@
+"""One exception root for the whole service.
+
+Each class carries an HTTP status and a stable machine-readable ``code``. Client errors
+(4xx) carry a message that is safe to show; server errors (5xx) show only a generic message
+and the request id, the precise reason goes to logs. Library exceptions are translated at
+the backend boundary (``raise ... from e``) so nothing above the backends sees them.
+"""
+
+from __future__ import annotations
+
+
+class KmsError(Exception):
+    """Root of every error the service raises on purpose."""
+
+    status = 500
+    code = "internal_error"
+    public_message = "internal error"
+
+    def __init__(self, message: str | None = None, *, detail: str | None = None) -> None:
+        super().__init__(message or self.public_message)
+        self.message = message or self.public_message
+        # Precise, non-secret reason for the audit log; never sent to the caller.
+        self.detail = detail
+        # Set once the service layer has written the audit record of this refusal.
+        self.audited = False
+
+
+class ClientError(KmsError):
+    status = 400
+    code = "invalid_request"
+    public_message = "invalid request"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class DecryptionFailed(ClientError):
+    """One error for every cryptographic failure: the caller learns nothing more."""
+
+    code = "decryption_failed"
+    public_message = "the ciphertext could not be decrypted"
+
+    def __init__(self, *, detail: str) -> None:
+        super().__init__(self.public_message, detail=detail)
+
+
+class Unauthenticated(ClientError):
+    status = 401
+    code = "unauthenticated"
+    public_message = "missing or invalid credentials"
+
+
+class Forbidden(ClientError):
+    status = 403
+    code = "forbidden"
+    public_message = "not allowed"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+    public_message = "not found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+    public_message = "method not allowed"
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
+    public_message = "conflict with the current state"
+
+
+class KeyStateError(Conflict):
+    code = "key_state"
+    public_message = "the key is not in a state that allows this operation"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+    public_message = "request body too large"
+
+
+class RateLimited(ClientError):
+    status = 429
+    code = "rate_limited"
+    public_message = "too many requests"
+
+
+class ServerError(KmsError):
+    """A dependency or the server failed; the caller may retry later."""
+
+
+class KeyUnusable(ServerError):
+    """The HSM answers but cannot unwrap a KEK version (wrong root key or corrupt
+    material): an operator problem, not something the caller can fix or retry."""
+
+    code = "key_unusable"
+    public_message = "the key cannot be used on this server"
+
+
+class HsmUnavailable(ServerError):
+    status = 503
+    code = "hsm_unavailable"
+    public_message = "the HSM is unavailable"
+
+
+class StorageUnavailable(ServerError):
+    status = 503
+    code = "storage_unavailable"
+    public_message = "the database is unavailable; nothing was done"
+
+
+class IntegrityFailure(Exception):
+    """Raised by the HSM backend when authenticated decryption fails (tag, AAD, key) or a
+    KEK cannot be unwrapped.
+
+    Not a KmsError: the service layer decides what it means to the caller.
+    """

@@ -1,0 +1,283 @@
+"""Data-key operations: datakey, encrypt, decrypt, rewrap, each single or batched.
+
+Every item of a request is checked in this order: role, justification, key (by reference
+or from the blob), grant, key state, version, then the HSM. Client errors are per item
+(a batch answers each item); a server error (HSM or database down) aborts the whole
+request and returns nothing. One audit record is written per item, all of a request's
+records in one transaction, before any result leaves this module: if they cannot be
+written, the caller gets StorageUnavailable and no plaintext or ciphertext.
+
+No oracles: every failure to decrypt a blob (malformed, unknown key or version, bad tag,
+wrong context) is the same DecryptionFailed; the precise reason goes to the audit record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from kms.errors import (
+    ClientError,
+    DecryptionFailed,
+    Forbidden,
+    IntegrityFailure,
+    InvalidRequest,
+    KeyStateError,
+    KeyUnusable,
+    KmsError,
+)
+from kms.formats import blob as blobfmt
+from kms.formats import context as ctxfmt
+from kms.services.audit import AuditTrail, Caller, Operation
+from kms.services.keys import resolve
+from kms.services.model import (
+    DEFAULT_JUSTIFICATION,
+    JUSTIFICATIONS,
+    AuditEvent,
+    KekRef,
+    Key,
+    KeyState,
+    Principal,
+    Role,
+)
+from kms.services.model import Operation as Op
+from kms.services.ports import Hsm, Storage, Tx
+
+MAX_PLAINTEXT = 4096
+MAX_BATCH = 1000
+DEK_BYTES = 32
+# Justifications a service may give through a grant; the others need an escrow case.
+GRANT_JUSTIFICATIONS = frozenset({DEFAULT_JUSTIFICATION})
+
+
+@dataclass(frozen=True)
+class DataKeyRequest:
+    context: dict[str, str]
+    include_plaintext: bool = True
+
+
+@dataclass(frozen=True)
+class EncryptRequest:
+    plaintext: bytes = field(repr=False)
+    context: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DecryptRequest:
+    ciphertext: bytes
+    context: dict[str, str]
+    justification: str = DEFAULT_JUSTIFICATION
+
+
+@dataclass(frozen=True)
+class RewrapRequest:
+    ciphertext: bytes
+    context: dict[str, str]
+    destination: str | None = None
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A blob made under ``key_id``/``key_version``; ``plaintext`` only for datakey."""
+
+    key_id: str
+    key_version: int
+    ciphertext: bytes
+    plaintext: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Opened:
+    key_id: str
+    key_version: int
+    plaintext: bytes = field(repr=False)
+
+
+R = TypeVar("R")
+I = TypeVar("I")  # noqa: E741
+
+
+class _Keys:
+    """Key, version and grant look-ups for one request, cached for its items."""
+
+    def __init__(self, tx: Tx, principal: Principal) -> None:
+        self._tx = tx
+        self._principal = principal
+        self._keys: dict[str, Key | None] = {}
+        self._grants: dict[str, frozenset[str]] = {}
+
+    def by_ref(self, ref: str, operation: Op) -> Key:
+        if ref not in self._keys:
+            self._keys[ref] = resolve(self._tx, ref)
+        key = self._keys[ref]
+        assert key is not None
+        return self._allowed(key, operation)
+
+    def by_blob(self, parsed: blobfmt.Blob, operation: Op) -> tuple[Key, KekRef]:
+        key_id = parsed.key_id
+        if key_id not in self._keys:
+            self._keys[key_id] = self._tx.key_by_id(key_id)
+        key = self._keys[key_id]
+        if key is None:
+            raise DecryptionFailed(detail="blob names an unknown key")
+        self._allowed(key, operation)
+        return key, self.kek(key, parsed.key_version)
+
+    def kek(self, key: Key, version: int) -> KekRef:
+        kv = self._tx.key_version(key.key_id, version)
+        if kv is None:
+            raise DecryptionFailed(detail=f"unknown key version {version}")
+        return KekRef(key.key_id, version, kv.wrapped)
+
+    def _allowed(self, key: Key, operation: Op) -> Key:
+        if key.key_id not in self._grants:
+            self._grants[key.key_id] = self._tx.grant_operations(key.key_id, self._principal.id)
+        if operation.value not in self._grants[key.key_id]:
+            raise Forbidden(f"no {operation.value} grant on this key", detail="no grant")
+        if key.state is not KeyState.ENABLED:
+            raise KeyStateError(f"the key is {key.state.value}", detail=f"state={key.state.value}")
+        return key
+
+
+class CryptoService:
+    def __init__(self, storage: Storage, hsm: Hsm, audit: AuditTrail) -> None:
+        self._storage = storage
+        self._hsm = hsm
+        self._audit = audit
+
+    def datakey(
+        self, caller: Caller, ref: str, items: Sequence[DataKeyRequest]
+    ) -> list[Sealed | ClientError]:
+        """A fresh 256-bit DEK from the HSM per item, wrapped under the key's current version."""
+
+        def one(keys: _Keys, op: Operation, item: DataKeyRequest) -> Sealed:
+            op.note(context_sha256=ctxfmt.digest(item.context))
+            key = keys.by_ref(ref, Op.DATAKEY)
+            op.note(key_id=key.key_id, key_version=key.current_version)
+            dek = self._hsm.random(DEK_BYTES)
+            sealed = self._seal(keys.kek(key, key.current_version), dek, item.context)
+            return replace(sealed, plaintext=dek if item.include_plaintext else None)
+
+        return self._run(caller, "datakey", items, one)
+
+    def encrypt(
+        self, caller: Caller, ref: str, items: Sequence[EncryptRequest]
+    ) -> list[Sealed | ClientError]:
+        """Encrypt small plaintexts (at most 4096 bytes) under the key's current version."""
+
+        def one(keys: _Keys, op: Operation, item: EncryptRequest) -> Sealed:
+            op.note(context_sha256=ctxfmt.digest(item.context))
+            if len(item.plaintext) > MAX_PLAINTEXT:
+                raise InvalidRequest(f"plaintext must be at most {MAX_PLAINTEXT} bytes")
+            key = keys.by_ref(ref, Op.ENCRYPT)
+            op.note(key_id=key.key_id, key_version=key.current_version)
+            return self._seal(keys.kek(key, key.current_version), item.plaintext, item.context)
+
+        return self._run(caller, "encrypt", items, one)
+
+    def decrypt(
+        self, caller: Caller, items: Sequence[DecryptRequest]
+    ) -> list[Opened | ClientError]:
+        """Open blobs; the key and version are read from each blob."""
+
+        def one(keys: _Keys, op: Operation, item: DecryptRequest) -> Opened:
+            op.note(context_sha256=ctxfmt.digest(item.context), justification=item.justification)
+            _check_justification(item.justification)
+            parsed, kek = self._parse(keys, op, item.ciphertext, Op.DECRYPT)
+            return Opened(kek.key_id, kek.version, self._open(kek, parsed, item.context))
+
+        return self._run(caller, "decrypt", items, one)
+
+    def rewrap(self, caller: Caller, items: Sequence[RewrapRequest]) -> list[Sealed | ClientError]:
+        """Re-encrypt a blob under the current version of its key (or ``destination``);
+        the plaintext never leaves this method."""
+
+        def one(keys: _Keys, op: Operation, item: RewrapRequest) -> Sealed:
+            op.note(context_sha256=ctxfmt.digest(item.context), justification=DEFAULT_JUSTIFICATION)
+            parsed, kek = self._parse(keys, op, item.ciphertext, Op.REWRAP)
+            dest = keys.by_ref(item.destination or kek.key_id, Op.REWRAP)
+            plaintext = self._open(kek, parsed, item.context)
+            sealed = self._seal(keys.kek(dest, dest.current_version), plaintext, item.context)
+            op.note(detail=f"to {sealed.key_id} v{sealed.key_version}")
+            return sealed
+
+        return self._run(caller, "rewrap", items, one)
+
+    # -- shared machinery -------------------------------------------------------------------
+
+    def _run(
+        self,
+        caller: Caller,
+        name: str,
+        items: Sequence[I],
+        one: Callable[[_Keys, Operation, I], R],
+    ) -> list[R | ClientError]:
+        with self._audit.operation(caller, name):
+            principal = caller.require(Role.SERVICE)
+            if not 1 <= len(items) <= MAX_BATCH:
+                raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
+        results: list[R | ClientError] = []
+        events: list[AuditEvent] = []
+        with self._storage.reader() as tx:
+            keys = _Keys(tx, principal)
+            for item in items:
+                op = Operation(caller, name)
+                try:
+                    results.append(one(keys, op, item))
+                    events.append(op.ok())
+                except ClientError as e:
+                    e.audited = True  # recorded with the others below
+                    results.append(e)
+                    events.append(replace(op.event, outcome=e.code, detail=e.detail or e.message))
+                except Exception as e:
+                    # Abort: nothing is returned, so every item is recorded as failed.
+                    code = e.code if isinstance(e, KmsError) else "internal_error"
+                    detail = (e.detail if isinstance(e, KmsError) else None) or type(e).__name__
+                    failed = [replace(ev, outcome=code) for ev in events]
+                    failed.append(replace(op.event, outcome=code, detail=detail))
+                    failed.extend(
+                        replace(Operation(caller, name).event, outcome=code, detail="batch aborted")
+                        for _ in range(len(items) - len(failed))
+                    )
+                    self._audit.record_failure_batch(failed, e)
+                    raise
+        self._audit.record(events)
+        return results
+
+    def _seal(self, kek: KekRef, plaintext: bytes, context: dict[str, str]) -> Sealed:
+        iv = os.urandom(blobfmt.IV_BYTES)
+        header = blobfmt.header_for(kek.key_id, kek.version, iv)
+        try:
+            ct = self._hsm.encrypt(kek, iv, plaintext, header.aad(context))
+        except IntegrityFailure as e:
+            raise KeyUnusable(detail=str(e)) from e
+        return Sealed(kek.key_id, kek.version, replace(header, ciphertext=ct).to_bytes())
+
+    def _parse(
+        self, keys: _Keys, op: Operation, data: bytes, operation: Op
+    ) -> tuple[blobfmt.Blob, KekRef]:
+        try:
+            parsed = blobfmt.parse(data)
+        except blobfmt.BlobError as e:
+            raise DecryptionFailed(detail=f"malformed blob: {e}") from e
+        op.note(key_id=parsed.key_id, key_version=parsed.key_version)
+        _, kek = keys.by_blob(parsed, operation)
+        return parsed, kek
+
+    def _open(self, kek: KekRef, parsed: blobfmt.Blob, context: dict[str, str]) -> bytes:
+        try:
+            return self._hsm.decrypt(kek, parsed.iv, parsed.ciphertext, parsed.aad(context))
+        except IntegrityFailure as e:
+            raise DecryptionFailed(detail=f"authentication failed ({e})") from e
+
+
+def _check_justification(code: str) -> None:
+    if code not in JUSTIFICATIONS:
+        raise InvalidRequest("justification must be one of: " + ", ".join(sorted(JUSTIFICATIONS)))
+    if code not in GRANT_JUSTIFICATIONS:
+        raise Forbidden(
+            f"justification {code!r} is not allowed through a grant",
+            detail=f"justification {code} needs an escrow case",
+        )

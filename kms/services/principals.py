@@ -1,0 +1,95 @@
+"""Principals and their bearer tokens.
+
+A token is 32 random bytes (base64url) behind a ``kms_`` prefix. Only its SHA-256 is
+stored; a token is found by the hash of what the caller presents, so the secret itself is
+never compared, stored or logged. A token is shown once, when the principal is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+from kms.errors import InvalidRequest, Unauthenticated
+from kms.services.audit import AuditTrail, Caller, Operation
+from kms.services.model import Principal, Role
+from kms.services.ports import Clock, Storage
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
+MAX_TOKEN_CHARS = 128
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class PrincipalService:
+    def __init__(self, storage: Storage, audit: AuditTrail, clock: Clock) -> None:
+        self._storage = storage
+        self._audit = audit
+        self._clock = clock
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal holding ``token``; Unauthenticated for anything else."""
+        if not token or len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
+            raise Unauthenticated()
+        with self._storage.reader() as tx:
+            principal = tx.principal_by_token_hash(token_hash(token))
+        if principal is None:
+            raise Unauthenticated()
+        return principal
+
+    def create(self, caller: Caller, name: str, role: str) -> tuple[Principal, str]:
+        """Create a principal; returns it with its token (the only time it is visible)."""
+        with self._audit.operation(caller, "create_principal") as op:
+            caller.require(Role.ADMIN)
+            parsed_role = _role(role)
+            _check_name(name)
+            op.note(detail=f"name={name} role={parsed_role.value}")
+            token = new_token()
+            with self._storage.transaction() as tx:
+                principal = tx.add_principal(
+                    name, parsed_role, token_hash(token), self._clock.now()
+                )
+                self._audit.append(tx, [op.ok()])
+            return principal, token
+
+    def list_principals(self, caller: Caller) -> list[Principal]:
+        with self._audit.operation(caller, "list_principals"):
+            caller.require(Role.ADMIN)
+            with self._storage.reader() as tx:
+                return tx.list_principals()
+
+    def bootstrap_admin(self, name: str) -> str | None:
+        """Create the first admin if the database has no principal yet; return its token.
+        Idempotent: returns None when principals already exist."""
+        _check_name(name)
+        op = Operation(Caller(request_id="kms-init", principal=None), "bootstrap_admin")
+        with self._storage.transaction() as tx:
+            if tx.list_principals():
+                return None
+            token = new_token()
+            tx.add_principal(name, Role.ADMIN, token_hash(token), self._clock.now())
+            self._audit.append(tx, [op.ok(detail=f"name={name}")])
+        return token
+
+
+def _role(value: str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise InvalidRequest("role must be one of: " + ", ".join(r.value for r in Role)) from None
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise InvalidRequest(
+            "name must be 1-64 characters of letters, digits, '.', '_', '@', '-', "
+            "starting with a letter or digit"
+        )

@@ -1,0 +1,174 @@
+"""End to end through a real gunicorn with 2 workers, each with its own PKCS#11 session."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms.client import KmsClient, KmsClientError, decrypt_file, encrypt_file
+from kms.formats import audit_record
+from kms.formats import blob as blobfmt
+from tests.helpers import Server, b64, gunicorn_server, unb64
+
+pytestmark = pytest.mark.e2e
+
+
+def _all_records(client: KmsClient) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    while page := client.audit(after=int(out[-1]["seq"]) if out else 0, limit=1000):  # type: ignore[arg-type]
+        out.extend(page)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(server: Server) -> dict[str, object]:
+    admin = KmsClient(server.url, server.admin_token)
+    svc = admin.create_principal("app", "service")
+    admin.create_key("patients")
+    admin.grant("patients", "app", ["datakey", "encrypt", "decrypt", "rewrap"])
+    return {"admin": admin, "svc_token": svc["token"], "deks": [], "request_ids": []}
+
+
+def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
+    server: Server, setup: dict[str, object]
+) -> None:
+    admin: KmsClient = setup["admin"]  # type: ignore[assignment]
+    before = len(_all_records(admin))
+    headers = {"Authorization": f"Bearer {setup['svc_token']}"}
+
+    def work(i: int) -> list[tuple[int, str, str | None]]:
+        with requests.Session() as s:
+            ctx = {"record": str(i)}
+            r = s.post(
+                f"{server.url}/v1/keys/patients/datakey",
+                json={"context": ctx},
+                headers=headers,
+                timeout=30,
+            )
+            out = [(r.status_code, r.headers["X-Request-Id"], r.json().get("plaintext"))]
+            d = s.post(
+                f"{server.url}/v1/decrypt",
+                json={"ciphertext": r.json()["ciphertext"], "context": ctx},
+                headers=headers,
+                timeout=30,
+            )
+            assert d.json()["plaintext"] == r.json()["plaintext"]
+            out.append((d.status_code, d.headers["X-Request-Id"], None))
+            return out
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [x for chunk in pool.map(work, range(150)) for x in chunk]
+    assert [code for code, _, _ in results] == [200] * 300
+    setup["deks"] = [dek for _, _, dek in results if dek]
+    records = _all_records(admin)
+    audit_record.verify_chain(records)  # one linear chain, no forks or gaps
+    new = records[before:]
+    assert sorted(r["request_id"] for r in new) == sorted(rid for _, rid, _ in results)
+    # both workers served, each having opened its own PKCS#11 session after fork
+    lines = [json.loads(x) for x in server.log_text().splitlines() if x.startswith("{")]
+    request_pids = {x["pid"] for x in lines if x["msg"] == "request"}
+    session_pids = {x["pid"] for x in lines if x["msg"] == "hsm session opened"}
+    assert len(request_pids) == 2 and request_pids <= session_pids
+
+
+def test_database_and_logs_never_hold_a_dek_or_secret(
+    server: Server, setup: dict[str, object]
+) -> None:
+    deks = [unb64(d) for d in setup["deks"]]  # type: ignore[attr-defined]
+    assert len(deks) == 150
+    secrets = [
+        setup["svc_token"],
+        server.admin_token,
+        (server.data_dir / "hsm.pin").read_text().strip(),
+    ]
+    files = [
+        p
+        for p in server.data_dir.iterdir()
+        if p.is_file() and p.name.startswith(("kms.sqlite3", "server-"))
+    ]
+    assert any(p.name == "kms.sqlite3" for p in files)
+    blob = b"".join(p.read_bytes() for p in files)
+    for dek in deks:
+        for form in (dek, b64(dek).encode(), dek.hex().encode(), b64(dek)[:20].encode()):
+            assert form not in blob
+    for secret in secrets:
+        assert str(secret).encode() not in blob
+
+
+def _copy_db(src: Path, dst: Path) -> None:
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+
+
+def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
+    server: Server, setup: dict[str, object], fresh_data_dir: Path
+) -> None:
+    svc = KmsClient(server.url, str(setup["svc_token"]))
+    blob = svc.datakey("patients", {"t": "1"})
+    assert blob.plaintext is not None
+    copy = fresh_data_dir / "stolen.sqlite3"
+    _copy_db(server.data_dir / "kms.sqlite3", copy)
+    data = copy.read_bytes()
+    # 1. No 32-byte window of the database opens the blob as an AES-256-GCM key.
+    parsed = blobfmt.parse(blob.ciphertext)
+    aad = parsed.aad({"t": "1"})
+    for i in range(len(data) - 31):
+        with contextlib.suppress(InvalidTag):
+            AESGCM(data[i : i + 32]).decrypt(parsed.iv, parsed.ciphertext, aad)
+            pytest.fail(f"bytes at offset {i} of the database decrypt the blob")
+    assert blob.plaintext not in data
+    # 2. The copy served by a KMS with another HSM token opens nothing.
+    with gunicorn_server(
+        fresh_data_dir, workers=1, env={"KMS_DATABASE_URL": f"sqlite:///{copy}"}
+    ) as thief:
+        stolen = KmsClient(thief.url, str(setup["svc_token"]))
+        with pytest.raises(KmsClientError) as err:
+            stolen.decrypt(blob.ciphertext, {"t": "1"})
+        assert err.value.code == "decryption_failed"
+        with pytest.raises(KmsClientError) as err:
+            stolen.datakey("patients")
+        assert err.value.code == "key_unusable" and err.value.status == 500
+
+
+def test_sdk_envelope_files_through_the_server(
+    server: Server, setup: dict[str, object], tmp_path: Path
+) -> None:
+    svc = KmsClient(server.url, str(setup["svc_token"]))
+    src, enc, out = tmp_path / "in.bin", tmp_path / "in.kms", tmp_path / "out.bin"
+    src.write_bytes(b"patient record\n" * 20000)
+    encrypt_file(svc, "patients", src, enc, context={"patient": "p-1"})
+    assert b"patient record" not in enc.read_bytes()
+    decrypt_file(svc, enc, out, context={"patient": "p-1"})
+    assert out.read_bytes() == src.read_bytes()
+    with pytest.raises(KmsClientError) as err:
+        decrypt_file(svc, enc, tmp_path / "nope.bin", context={"patient": "p-2"})
+    assert err.value.code == "decryption_failed" and not (tmp_path / "nope.bin").exists()
+
+
+def test_token_unavailable_then_back_without_restart(fresh_data_dir: Path) -> None:
+    with gunicorn_server(fresh_data_dir, workers=2) as srv:
+        admin = KmsClient(srv.url, srv.admin_token)
+        admin.create_key("k")
+        tokens = fresh_data_dir / "tokens"
+        shutil.move(tokens, fresh_data_dir / "tokens.away")
+        try:
+            for _ in range(4):  # reach both workers
+                assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
+            with pytest.raises(KmsClientError) as err:
+                admin.create_key("k2")
+            assert err.value.code == "hsm_unavailable" and err.value.status == 503
+        finally:
+            shutil.move(fresh_data_dir / "tokens.away", tokens)
+        for _ in range(4):
+            assert requests.get(srv.url + "/readyz", timeout=10).status_code == 200
+        assert admin.create_key("k2")["alias"] == "k2"
+        assert srv.proc.poll() is None

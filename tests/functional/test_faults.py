@@ -1,0 +1,123 @@
+"""Fail closed: a database that refuses the audit append, an HSM that errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pkcs11 import exceptions as p11e
+
+from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.storage import SqlStorage
+from tests.helpers import Api
+
+
+def _refuse_audit(db_path: Path) -> None:
+    """A real database refusal: SQLite aborts every insert into the audit table."""
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_records "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+
+
+def _accept_audit(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.execute("DROP TRIGGER refuse")
+
+
+def test_no_operation_without_its_audit_record(api: Api, db_path: Path) -> None:
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    keys_before = api.call("GET", "/v1/keys", api.admin).json
+    records_before = len(api.audit())
+    _refuse_audit(db_path)
+    refused = [
+        api.call("POST", "/v1/keys/k/datakey", svc, json={}),
+        api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}),
+        api.call("POST", "/v1/decrypt", svc, json={"items": [{"ciphertext": blob}] * 3}),
+        api.call("POST", "/v1/keys", api.admin, json={"alias": "new"}),
+        api.call("POST", "/v1/keys/k/rotate", api.admin),
+        api.call("POST", "/v1/keys/k/disable", api.admin),
+        api.call("POST", "/v1/principals", api.admin, json={"name": "p", "role": "auditor"}),
+    ]
+    for r in refused:
+        assert r.status_code == 503 and r.json["error"]["code"] == "storage_unavailable"
+        assert "plaintext" not in r.json and "ciphertext" not in r.json and "token" not in r.json
+    _accept_audit(db_path)
+    assert api.call("GET", "/v1/keys", api.admin).json == keys_before  # nothing changed
+    assert len(api.audit()) == records_before
+    assert api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}).status_code == 200
+
+
+class _Failing:
+    """Wraps a real PKCS#11 object; every method call raises a PKCS#11 device error."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*_a: Any, **_k: Any) -> Any:
+            raise p11e.DeviceError()
+
+        return fail
+
+
+def test_transient_hsm_error_is_retried_after_reconnect(api: Api, hsm: Pkcs11Hsm) -> None:
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    hsm.check()
+    conn = hsm._conn  # inject at the backend boundary: the cached session breaks once
+    assert conn is not None
+    conn.session = _Failing(conn.session)
+    conn.root = _Failing(conn.root)
+    conn.keks.clear()
+    r = api.call("POST", "/v1/keys/k/datakey", svc, json={})
+    assert r.status_code == 200  # reconnected and retried
+    assert hsm._conn is not conn
+
+
+def test_hsm_down_gives_503_and_recovers_without_restart(
+    api: Api, hsm: Pkcs11Hsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    good = hsm._config
+    # The token stops answering: the module now looks for a token that is not there.
+    monkeypatch.setattr(hsm, "_config", type(good)(**{**good.__dict__, "token_label": "gone"}))
+    hsm._conn = None
+    for r in (
+        api.call("POST", "/v1/keys/k/datakey", svc, json={}),
+        api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}),
+        api.call("POST", "/v1/keys", api.admin, json={}),
+        api.call("POST", "/v1/keys/k/rotate", api.admin),
+    ):
+        assert r.status_code == 503 and r.json["error"]["code"] == "hsm_unavailable"
+    ready = api.call("GET", "/readyz")
+    assert ready.status_code == 503 and ready.json["checks"]["hsm"] == "hsm_unavailable"
+    outcomes = [x["outcome"] for x in api.audit()[-4:]]
+    assert outcomes == ["hsm_unavailable"] * 4
+    monkeypatch.setattr(hsm, "_config", good)  # the HSM is back
+    assert api.call("GET", "/readyz").status_code == 200
+    assert api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}).status_code == 200
+    assert api.call("GET", "/v1/keys/k", api.admin).json["current_version"] == 1  # no half rotation
+
+
+def test_database_down_gives_503_and_recovers(api: Api, db_path: Path, storage: SqlStorage) -> None:
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    moved = db_path.with_suffix(".moved")
+    storage._engine.dispose()  # drop pooled connections, as after a database restart
+    db_path.rename(moved)
+    db_path.mkdir()  # a directory where the database file was: every open fails
+    r = api.call("POST", "/v1/keys/k/datakey", svc, json={})
+    assert r.status_code == 503 and r.json["error"]["code"] == "storage_unavailable"
+    ready = api.call("GET", "/readyz")
+    assert ready.status_code == 503 and ready.json["checks"]["database"] == "storage_unavailable"
+    db_path.rmdir()
+    moved.rename(db_path)
+    assert api.call("POST", "/v1/keys/k/datakey", svc, json={}).status_code == 200

@@ -1,0 +1,73 @@
+"""Schema migrations upgrade an existing database in place; the app refuses an old one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from kms import config
+from kms.app import build_services, create_app
+from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.storage import SchemaNotCurrent, SqlStorage, make_engine, upgrade
+from kms.backends.storage.schema import metadata
+
+EXTRA = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9001"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    with op.batch_alter_table("keys") as batch:
+        batch.add_column(sa.Column("owner", sa.String(64), nullable=True))
+"""
+
+
+def test_migrations_match_the_schema_module(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    upgrade(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def test_upgrade_in_place_keeps_data(
+    tmp_path: Path, settings: config.Settings, hsm: Pkcs11Hsm
+) -> None:
+    db = tmp_path / "m.sqlite3"
+    engine = make_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    assert build_services(SqlStorage(engine), hsm).principals.bootstrap_admin("admin")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO keys VALUES ('k1', 'kept', 'enabled', 1, '2026-01-01 00:00:00', NULL)"
+            )
+        )
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (versions / "9001_owner.py").write_text(EXTRA)
+    upgrade(engine, extra_versions=[versions])
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT description, owner FROM keys")).one()
+        assert tuple(row) == ("kept", None)
+        assert conn.execute(sa.text("SELECT count(*) FROM audit_records")).scalar() == 1
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
+    upgrade(engine, extra_versions=[versions])  # idempotent
+    engine.dispose()
+
+
+def test_app_refuses_a_database_that_is_not_current(
+    tmp_path: Path, settings: config.Settings
+) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    with pytest.raises(SchemaNotCurrent, match="kms migrate"):
+        create_app(config.Settings(**{**settings.__dict__, "database_url": url}))

@@ -1,0 +1,180 @@
+"""Shared test helpers: running the CLI, starting a real gunicorn server, API shortcuts."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def run_kms(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``kms`` command in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "kms", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        check=False,
+    )
+
+
+def init_data_dir(path: Path) -> Path:
+    done = run_kms("init", "--data-dir", str(path))
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def gunicorn_server(
+    data_dir: Path, workers: int = 2, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """``kms serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit."""
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kms",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", data_dir, proc, log_path)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        stop(proc)
+
+
+def wait_ready(server: Server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log_text()[-3000:]}")
+        try:
+            if requests.get(server.url + "/readyz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready:\n{server.log_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+class Api:
+    """Flask test-client shortcuts for functional tests."""
+
+    def __init__(self, client: Any, admin_token: str) -> None:
+        self.client = client
+        self.admin = {"Authorization": f"Bearer {admin_token}"}
+        self._n = 0
+
+    def call(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        return self.client.open(path, method=method, headers=headers, **kwargs)
+
+    def principal(self, role: str, name: str | None = None) -> dict[str, str]:
+        self._n += 1
+        r = self.call(
+            "POST",
+            "/v1/principals",
+            self.admin,
+            json={"name": name or f"{role}-{self._n}", "role": role},
+        )
+        assert r.status_code == 201, r.json
+        return {"Authorization": f"Bearer {r.json['token']}", "X-Name": r.json["name"]}
+
+    def key(
+        self,
+        alias: str | None = None,
+        grant: dict[str, str] | None = None,
+        ops: tuple[str, ...] = ("datakey", "encrypt", "decrypt", "rewrap"),
+    ) -> str:
+        body = {"alias": alias} if alias else {}
+        r = self.call("POST", "/v1/keys", self.admin, json=body)
+        assert r.status_code == 201, r.json
+        key_id = str(r.json["key_id"])
+        if grant is not None:
+            g = self.call(
+                "POST",
+                f"/v1/keys/{key_id}/grants",
+                self.admin,
+                json={"principal": grant["X-Name"], "operations": list(ops)},
+            )
+            assert g.status_code == 200, g.json
+        return key_id
+
+    def audit(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            after = out[-1]["seq"] if out else 0
+            r = self.call("GET", f"/v1/audit?after={after}&limit=1000", self.admin)
+            assert r.status_code == 200, r.json
+            if not r.json["records"]:
+                return out
+            out.extend(r.json["records"])

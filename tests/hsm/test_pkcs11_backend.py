@@ -1,0 +1,164 @@
+"""The PKCS#11 backend against a real SoftHSM token (reset_on_fork = true)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11e
+
+from hsm_config import templates
+from kms.backends.hsm import Pkcs11Hsm
+from kms.errors import HsmUnavailable, IntegrityFailure
+from kms.formats import blob as blobfmt
+from kms.services.model import KekRef
+
+
+def test_root_key_is_sensitive_non_extractable_wrap_only(hsm: Pkcs11Hsm) -> None:
+    def attrs(c):  # type: ignore[no-untyped-def]
+        root = c.root
+        with pytest.raises(p11e.AttributeSensitive):
+            _ = root[Attribute.VALUE]
+        return {
+            a: root[a]
+            for a in (
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.NEVER_EXTRACTABLE,
+                Attribute.WRAP,
+                Attribute.UNWRAP,
+                Attribute.ENCRYPT,
+                Attribute.DECRYPT,
+            )
+        }
+
+    got = hsm._call(attrs)
+    assert got == {
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.NEVER_EXTRACTABLE: True,
+        Attribute.WRAP: True,
+        Attribute.UNWRAP: True,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+    }
+
+
+def test_kek_in_use_is_non_extractable(hsm: Pkcs11Hsm) -> None:
+    kek = KekRef("k-attr", 1, hsm.new_wrapped_kek())
+    hsm.encrypt(kek, os.urandom(12), b"x", b"")
+
+    def attrs(c):  # type: ignore[no-untyped-def]
+        key = c.keks[("k-attr", 1)]
+        with pytest.raises(p11e.AttributeSensitive):
+            _ = key[Attribute.VALUE]
+        return key[Attribute.EXTRACTABLE], key[Attribute.SENSITIVE], key[Attribute.TOKEN]
+
+    assert hsm._call(attrs) == (False, True, False)
+
+
+def _import_known_kek(hsm: Pkcs11Hsm, value: bytes) -> bytes:
+    """Wrap a KEK whose value the test knows, by importing it into the HSM (test only)."""
+
+    def op(c):  # type: ignore[no-untyped-def]
+        key = c.session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: value,
+                Attribute.TOKEN: False,
+                Attribute.EXTRACTABLE: True,
+                Attribute.SENSITIVE: False,
+            }
+        )
+        try:
+            return bytes(c.root.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+        finally:
+            key.destroy()
+
+    return hsm._call(op)
+
+
+def test_blob_is_standard_aes_gcm_with_the_documented_aad(hsm: Pkcs11Hsm) -> None:
+    """Known-answer interop: the HSM's output equals cryptography's AES-256-GCM."""
+    value = bytes(range(32))
+    kek = KekRef("kat-key", 3, _import_known_kek(hsm, value))
+    iv, dek, ctx = bytes(12), b"\x42" * 32, {"tenant": "7"}
+    header = blobfmt.header_for("kat-key", 3, iv)
+    ct = hsm.encrypt(kek, iv, dek, header.aad(ctx))
+    assert ct == AESGCM(value).encrypt(iv, dek, header.aad(ctx))
+    assert hsm.decrypt(kek, iv, ct, header.aad(ctx)) == dek
+    with pytest.raises(IntegrityFailure):
+        hsm.decrypt(kek, iv, ct, header.aad({"tenant": "8"}))
+
+
+def test_unwrap_under_wrong_root_is_an_integrity_failure(hsm: Pkcs11Hsm) -> None:
+    bad = KekRef("k-bad", 1, os.urandom(40))
+    with pytest.raises(IntegrityFailure):
+        hsm.encrypt(bad, os.urandom(12), b"x", b"")
+    hsm.check()  # and the HSM is still fine
+
+
+def test_kek_cache_is_bounded_and_evicted_objects_are_destroyed(hsm: Pkcs11Hsm) -> None:
+    small = Pkcs11Hsm(replace(hsm._config, kek_cache_size=2))
+    small._lib, small._conn = hsm._lib, hsm._conn  # share this process's login
+    keks = [KekRef(f"k{i}", 1, hsm.new_wrapped_kek()) for i in range(3)]
+    for kek in keks:
+        small.encrypt(kek, os.urandom(12), b"x", b"")
+    conn = small._conn
+    assert conn is not None and list(conn.keks) == [("k1", 1), ("k2", 1)]
+
+
+def test_audit_signing_key_signs_verifiably(hsm: Pkcs11Hsm) -> None:
+    pub = serialization.load_pem_public_key(hsm.audit_public_key_pem())
+    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"checkpoint")
+    raw = hsm.sign_digest(digest.finalize())
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    pub.verify(der, b"checkpoint", ec.ECDSA(hashes.SHA256()))
+
+
+def test_forked_child_reinitialises_and_parent_keeps_working(hsm: Pkcs11Hsm) -> None:
+    """With reset_on_fork = true the inherited state is dead in the child; the backend
+    notices the new pid, re-initialises and logs in again."""
+    kek = KekRef("k-fork", 1, hsm.new_wrapped_kek())
+    ct = hsm.encrypt(kek, bytes(12), b"secret", b"aad")
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            code = 0 if hsm.decrypt(kek, bytes(12), ct, b"aad") == b"secret" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert hsm.decrypt(kek, bytes(12), ct, b"aad") == b"secret"
+
+
+def test_wrong_pin_is_hsm_unavailable(hsm: Pkcs11Hsm) -> None:
+    wrong = Pkcs11Hsm(replace(hsm._config, pin="0000"))
+    wrong._lib = hsm._lib
+    pid = os.fork()  # in a child, so the failed logins cannot disturb this process
+    if pid == 0:
+        try:
+            wrong.check()
+            os._exit(1)
+        except HsmUnavailable:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_key_templates_never_allow_extraction_of_long_lived_keys() -> None:
+    for template in (templates.ROOT_KEY, templates.KEK_IN_USE, templates.AUDIT_PRIVATE):
+        assert template[Attribute.SENSITIVE] is True
+        assert template[Attribute.EXTRACTABLE] is False
