@@ -50,8 +50,18 @@ def main() -> None:
 
     step(f"kms serve --data-dir {data_dir} --bind {args.bind} --workers 2")
     server = subprocess.Popen(
-        [sys.executable, "-m", "kms", "serve", "--data-dir", str(data_dir),
-         "--bind", args.bind, "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "kms",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--bind",
+            args.bind,
+            "--workers",
+            "2",
+        ],
         start_new_session=True,
     )
     try:
@@ -93,8 +103,10 @@ def walkthrough(url: str, data_dir: Path) -> None:
     plain.write_text("Patient p-0001: blood pressure 120/80, no allergies.\n" * 100)
     sealed = data_dir / "example-record.txt.kms"
     encrypt_file(app, key["key_id"], plain, sealed, context)
-    print(f"{plain.name} ({plain.stat().st_size} bytes) -> {sealed.name} "
-          f"({sealed.stat().st_size} bytes)")
+    print(
+        f"{plain.name} ({plain.stat().st_size} bytes) -> {sealed.name} "
+        f"({sealed.stat().st_size} bytes)"
+    )
 
     step("decrypt it")
     opened = data_dir / "example-record.decrypted.txt"
@@ -113,9 +125,11 @@ def walkthrough(url: str, data_dir: Path) -> None:
     step("the audit trail (hash-chained; no plaintext, keys or tokens in it)")
     records = admin.audit(after=0, limit=1000)[-12:]
     for r in records:
-        print(f"  #{r['seq']:<4} {r['time']}  {r['principal'] or '-':<28} "
-              f"{r['operation']:<18} v{r['key_version'] or '-'}  {r['outcome']:<8} "
-              f"{r['hash'][:16]}…")
+        print(
+            f"  #{r['seq']:<4} {r['time']}  {r['principal'] or '-':<28} "
+            f"{r['operation']:<18} v{r['key_version'] or '-'}  {r['outcome']:<8} "
+            f"{r['hash'][:16]}…"
+        )
 
 
 if __name__ == "__main__":
