@@ -6,12 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEB_PACKAGES := softhsm2 opensc
+BENCH_PACKAGES := wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench system-deps venv clean
 
 system-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -28,8 +29,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check kms hsm_config tests bench
-	$(BIN)/ruff format --check kms hsm_config tests bench
+	$(BIN)/ruff check kms hsm_config tests bench deploy
+	$(BIN)/ruff format --check kms hsm_config tests bench deploy
 	$(BIN)/mypy
 
 test: system-deps venv lint
@@ -38,7 +39,8 @@ test: system-deps venv lint
 demo: system-deps venv
 	$(BIN)/python deploy/demo.py --data-dir demo-data --bind 127.0.0.1:8200
 
-bench: system-deps venv
+bench: venv
+	$(MAKE) system-deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
 	$(BIN)/python bench/throughput.py
 
 clean:

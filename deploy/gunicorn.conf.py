@@ -22,3 +22,10 @@ loglevel = "info"
 # gunicorn >= 24 opens a runtime control socket by default; the KMS does not use it and
 # several servers on one host must not share its path.
 control_socket_disable = True
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """On a clean stop, sign a checkpoint so the unsigned tail is as short as possible."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kms")
+    if services is not None:
+        services.audit.checkpoint_quietly()

@@ -7,6 +7,7 @@ each initialise PKCS#11 after fork; nothing here touches the HSM at import or cr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,8 @@ from kms.api.context import request_id
 from kms.backends.hsm import HsmConfig, Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
 from kms.backends.storage.migrate import check_current
-from kms.services.audit import AuditTrail
+from kms.services.audit import AuditTrail, CheckpointPolicy
+from kms.services.audit_export import AuditExports
 from kms.services.clock import SystemClock
 from kms.services.crypto import CryptoService
 from kms.services.health import HealthService
@@ -37,19 +39,44 @@ class Services:
     keys: KeyService
     crypto: CryptoService
     audit: AuditTrail
+    exports: AuditExports
     health: HealthService
 
 
-def build_services(storage: Storage, hsm: Hsm, clock: Clock | None = None) -> Services:
+def build_services(
+    storage: Storage,
+    hsm: Hsm,
+    clock: Clock | None = None,
+    checkpoint_every_records: int = 1000,
+) -> Services:
     clock = clock or SystemClock()
-    trail = AuditTrail(storage, clock)
+    trail = AuditTrail(storage, clock, hsm, CheckpointPolicy(checkpoint_every_records))
     return Services(
         principals=PrincipalService(storage, trail, clock),
         keys=KeyService(storage, hsm, trail, clock),
         crypto=CryptoService(storage, hsm, trail),
         audit=trail,
+        exports=AuditExports(storage, trail),
         health=HealthService(storage, hsm),
     )
+
+
+def start_checkpoint_timer(services: Services, every_seconds: int) -> threading.Thread | None:
+    """Sign a checkpoint every ``every_seconds`` when records are unsigned (0: never).
+
+    Runs in a daemon thread of the worker that calls it (after fork); PKCS#11 calls go
+    through the backend's process-wide lock, so sharing the HSM with requests is safe."""
+    if every_seconds <= 0:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_seconds)
+            services.audit.checkpoint_quietly()
+
+    thread = threading.Thread(target=loop, name="audit-checkpoints", daemon=True)
+    thread.start()
+    return thread
 
 
 def hsm_config(settings: config_mod.Settings) -> HsmConfig:
@@ -88,6 +115,7 @@ def create_app(
         storage or storage_from_settings(settings),
         hsm or Pkcs11Hsm(hsm_config(settings)),
         clock,
+        settings.audit_checkpoint_records,
     )
     for bp in (admin.bp, crypto.bp, audit.bp):
         app.register_blueprint(bp)

@@ -33,6 +33,8 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
+    audit_checkpoint_records: int = 1000
+    audit_checkpoint_seconds: int = 60
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -52,6 +54,8 @@ def read_pin(env: Mapping[str, str], data_dir: Path | None) -> str:
     """The HSM user PIN from ``KMS_HSM_PIN_FILE`` (or DATA_DIR/hsm.pin) or ``KMS_HSM_PIN``."""
     pin_file = env.get("KMS_HSM_PIN_FILE") or (str(data_dir / "hsm.pin") if data_dir else None)
     if pin_file and Path(pin_file).exists():
+        if Path(pin_file).stat().st_mode & 0o077:
+            raise ConfigError(f"{pin_file} must be readable by its owner only (chmod 600)")
         pin = Path(pin_file).read_text().strip()
     elif env.get("KMS_HSM_PIN"):
         pin = env["KMS_HSM_PIN"]
@@ -111,4 +115,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "KMS_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 64 * 1024 * 1024),
         sqlite_synchronous=sync,
         log_level=level,
+        audit_checkpoint_records=_int(env, "KMS_AUDIT_CHECKPOINT_RECORDS", 1000, 0, 10**9),
+        audit_checkpoint_seconds=_int(env, "KMS_AUDIT_CHECKPOINT_SECONDS", 60, 0, 86400),
     )

@@ -79,6 +79,10 @@ class KeyStateError(Conflict):
     code = "key_state"
     public_message = "the key is not in a state that allows this operation"
 
+    @classmethod
+    def of(cls, state: str) -> KeyStateError:
+        return cls(f"the key is {state}", detail=f"state={state}")
+
 
 class PayloadTooLarge(ClientError):
     status = 413

@@ -19,7 +19,6 @@ from kms.api.context import caller, operation, services
 from kms.errors import ClientError, InvalidRequest
 from kms.formats.blob import MAX_BLOB_BYTES
 from kms.services.crypto import (
-    MAX_BATCH,
     MAX_PLAINTEXT,
     DataKeyRequest,
     DecryptRequest,
@@ -49,8 +48,8 @@ def _single_or_batch(
         return serialize.item(result)
     p.fields(body, {"items"}, frozenset(), "body")
     items = body["items"]
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
-        raise InvalidRequest(f"items must be a list of 1 to {MAX_BATCH} objects")
+    if not isinstance(items, list):
+        raise InvalidRequest("items must be a list of objects")
     parsed = []
     for i, raw in enumerate(items):
         try:
@@ -58,6 +57,10 @@ def _single_or_batch(
         except InvalidRequest as e:
             raise InvalidRequest(f"items[{i}]: {e.message}") from None
     return {"results": [serialize.item(r) for r in call(parsed)]}
+
+
+def _justification(body: p.Body) -> str:
+    return p.string(body, "justification", max_len=32) or DEFAULT_JUSTIFICATION
 
 
 @bp.post("/keys/<path:ref>/datakey")
@@ -95,8 +98,7 @@ def decrypt() -> dict[str, Any]:
         lambda b: DecryptRequest(
             p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
             p.context(b),
-            p.string(b, "justification", max_len=32, default=DEFAULT_JUSTIFICATION)
-            or DEFAULT_JUSTIFICATION,
+            _justification(b),
         ),
         lambda items: services().crypto.decrypt(caller(), items),
     )
@@ -105,14 +107,16 @@ def decrypt() -> dict[str, Any]:
 @bp.post("/rewrap")
 @operation("rewrap")
 def rewrap() -> dict[str, Any]:
-    """``{ciphertext, context?, destination_key?}`` -> ``{key_id, key_version, ciphertext}``"""
+    """``{ciphertext, context?, destination_key?, justification?}`` ->
+    ``{key_id, key_version, ciphertext}``"""
     return _single_or_batch(
-        {"ciphertext", "context", "destination_key"},
+        {"ciphertext", "context", "destination_key", "justification"},
         frozenset({"ciphertext"}),
         lambda b: RewrapRequest(
             p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
             p.context(b),
             p.string(b, "destination_key", max_len=64),
+            _justification(b),
         ),
         lambda items: services().crypto.rewrap(caller(), items),
     )

@@ -1,8 +1,10 @@
 """One place that turns exceptions into ``{"error": {"code", "message", "request_id"}}``.
 
-Client errors show their own safe message; server errors show a generic one. An error
-that no service recorded is audited here under the view's operation name, so every
-refusal of an authenticated or attempted operation leaves exactly one audit record.
+Client errors show their own safe message; server errors show a generic one. A refusal
+that no service recorded yet (bad input, wrong role) is handed to the audit trail under
+the view's operation name, so every refused operation of an authenticated caller leaves
+exactly one audit record. Failed authentication is logged, not chained: it is not
+attributable to a principal, and chaining it would let anyone grow the audit trail.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from kms.errors import (
     NotFound,
     PayloadTooLarge,
     ServerError,
+    Unauthenticated,
 )
-from kms.services.model import AuditEvent
+from kms.services.audit import Caller
 
 log = logging.getLogger("kms.api")
 
@@ -31,11 +34,10 @@ _HTTP = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
 def error_response(err: KmsError) -> tuple[Response, int]:
     operation = g.get("operation")
-    if operation and not err.audited:
-        caller = g.get("caller")
-        services().audit.record_failure(
-            AuditEvent(request_id(), caller.name if caller else None, operation), err
-        )
+    if isinstance(err, Unauthenticated):
+        log.warning("authentication failed", extra={"request_id": request_id(), "op": operation})
+    elif operation:
+        services().audit.refused(g.get("caller") or Caller(request_id(), None), operation, err)
     if isinstance(err, ServerError):
         log.warning("request failed", extra={"code": err.code, "detail": err.detail})
     message = err.message if isinstance(err, ClientError) else err.public_message

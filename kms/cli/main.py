@@ -123,7 +123,7 @@ def serve(data_dir: Path, bind: str, workers: int, gunicorn_conf: str) -> None:
     )
     if gunicorn is None:
         raise click.ClickException("gunicorn is not installed")
-    if not (data_dir / "admin.token").exists():
+    if not (data_dir / "kms.conf").exists():
         raise click.ClickException(f"{data_dir} is not initialised: run `kms init` first")
     os.environ["KMS_DATA_DIR"] = str(data_dir.resolve())
     os.umask(0o077)  # database, WAL and logs created by the server stay private

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -100,14 +100,14 @@ class ChainError(ValueError):
     """The records do not form an unbroken chain; ``seq`` is the position (the seq the
     chain expected next) where it breaks."""
 
-    def __init__(self, seq: int | None, reason: str) -> None:
+    def __init__(self, seq: int, reason: str) -> None:
         super().__init__(f"audit chain broken at seq {seq}: {reason}")
         self.seq = seq
         self.reason = reason
 
 
 def verify_chain(
-    records: list[Mapping[str, Any]], prev_hash: str = GENESIS_HASH, first_seq: int = 1
+    records: Sequence[Mapping[str, Any]], prev_hash: str = GENESIS_HASH, first_seq: int = 1
 ) -> str:
     """Check that ``records`` (each with its stored ``hash``) continue the chain from
     ``prev_hash`` at ``first_seq`` with no gap, edit, insertion or reordering; returns the

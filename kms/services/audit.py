@@ -1,16 +1,20 @@
-"""The audit trail: hash-chained records appended in the caller's transaction.
+"""The audit trail: hash-chained records appended in the caller's transaction, and
+checkpoints of the chain head signed by the HSM's audit key.
 
 Guarantees: a record is appended in the same transaction as the state change it
 describes, or alone for operations that change nothing; if it cannot be written the
 operation is refused (the exception propagates, the transaction rolls back, and the API
 answers 503). Records never hold plaintext, key material, tokens or PINs: only names,
-ids, versions, a hash of the encryption context and an error code or reason.
+ids, versions, a hash of the encryption context and an error code or reason. Appends are
+serialised by the database (the head row is locked), so the chain is one linear sequence
+whatever the number of workers or nodes.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -18,8 +22,9 @@ from typing import Any
 
 from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable
 from kms.formats import audit_record
-from kms.services.model import AuditEvent, Principal, Role
-from kms.services.ports import Clock, Storage, Tx
+from kms.formats import checkpoint as cpfmt
+from kms.services.model import AuditEvent, AuditQuery, Principal, Role
+from kms.services.ports import Clock, Hsm, Storage, Tx
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
@@ -61,14 +66,31 @@ class Operation:
         return replace(self.event, outcome="ok", **fields)
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Sign a checkpoint once this many records are unsigned (0: never by count)."""
+
+    every_records: int = 1000
+
+
 class AuditTrail:
-    def __init__(self, storage: Storage, clock: Clock) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        clock: Clock,
+        hsm: Hsm,
+        policy: CheckpointPolicy = CheckpointPolicy(),
+    ) -> None:
         self._storage = storage
         self._clock = clock
+        self._hsm = hsm
+        self._policy = policy
+        self._fingerprint: str | None = None
 
     def append(self, tx: Tx, events: Sequence[AuditEvent]) -> list[int]:
         """Chain ``events`` after the current head inside ``tx``; returns their seq numbers."""
-        seq, prev = tx.audit_head()
+        head = tx.audit_head()
+        seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())
         rows = []
         for ev in events:
@@ -83,10 +105,76 @@ class AuditTrail:
         tx.insert_audit(rows)
         return [r["seq"] for r in rows]
 
-    def record(self, events: Sequence[AuditEvent]) -> None:
-        """Append ``events`` in a transaction of their own (raises StorageUnavailable)."""
+    def record(
+        self, events: Sequence[AuditEvent], precheck: Callable[[Tx], None] | None = None
+    ) -> None:
+        """Append ``events`` in a transaction of their own (raises StorageUnavailable),
+        after ``precheck(tx)`` (whose exception aborts it); then sign a checkpoint if the
+        policy says one is due (a failure to sign is logged, never raised: the records are
+        already durable)."""
         with self._storage.transaction() as tx:
-            self.append(tx, events)
+            if precheck is not None:
+                precheck(tx)
+            seqs = self.append(tx, events)
+            unsigned = seqs[-1] - tx.audit_head().checkpoint_seq if seqs else 0
+        every = self._policy.every_records
+        if every and unsigned >= every:
+            self.checkpoint_quietly()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint(self, caller: Caller | None = None) -> dict[str, Any] | None:
+        """Sign the chain head unless the newest checkpoint already covers it; return the
+        newest checkpoint (None if the chain is empty). With a ``caller`` (an admin asking
+        explicitly) the request is recorded first, so the checkpoint covers it too."""
+        if caller is not None:
+            with self.operation(caller, "create_checkpoint") as op:
+                caller.require(Role.ADMIN)
+                return self._sign_head([op.ok()])
+        return self._sign_head([])
+
+    def checkpoint_quietly(self) -> None:
+        """checkpoint(), logging instead of raising (timers, shutdown, count policy)."""
+        try:
+            self.checkpoint()
+        except KmsError as e:
+            log.warning("audit checkpoint failed", extra={"code": e.code, "detail": e.detail})
+
+    def _sign_head(self, events: Sequence[AuditEvent]) -> dict[str, Any] | None:
+        fingerprint = self.public_key_fingerprint()
+        with self._storage.transaction() as tx:
+            if events:
+                self.append(tx, events)
+            head = tx.audit_head()
+            if head.seq == 0:
+                return None
+            if head.seq == head.checkpoint_seq:
+                return tx.checkpoints(head.seq - 1, head.seq, 1)[0]
+            cp: dict[str, Any] = {
+                "v": cpfmt.FORMAT_VERSION,
+                "seq": head.seq,
+                "record_hash": head.hash,
+                "time": format_time(self._clock.now()),
+                "key_sha256": fingerprint,
+            }
+            signature = self._hsm.sign_digest(cpfmt.digest(cp))
+            cp["signature"] = base64.b64encode(signature).decode("ascii")
+            tx.insert_checkpoint(cp)
+            return cp
+
+    def public_key_pem(self) -> bytes:
+        """The audit public key (PEM) auditors verify checkpoints with."""
+        return self._hsm.audit_public_key_pem()
+
+    def read_public_key(self, caller: Caller) -> bytes:
+        with self.operation(caller, "read_audit_public_key"):
+            caller.require(Role.ADMIN, Role.AUDITOR)
+            return self.public_key_pem()
+
+    def public_key_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = cpfmt.key_fingerprint(self.public_key_pem())
+        return self._fingerprint
 
     def record_failure(self, event: AuditEvent, error: BaseException) -> None:
         """Record that an operation was refused or failed. Never raises: the caller is
@@ -98,6 +186,11 @@ class AuditTrail:
         else:
             failed = replace(event, outcome="internal_error", detail=type(error).__name__)
         self.record_failure_batch([failed], error)
+
+    def refused(self, caller: Caller, operation: str, error: BaseException) -> None:
+        """Record a refusal that happened before any service saw the request (for the
+        adapters' error handlers); nothing if a service already recorded it."""
+        self.record_failure(Operation(caller, operation).event, error)
 
     def record_failure_batch(self, events: Sequence[AuditEvent], error: BaseException) -> None:
         """Record already-failed ``events`` for ``error``; never raises (see record_failure)."""
@@ -120,11 +213,25 @@ class AuditTrail:
             self.record_failure(op.event, e)
             raise
 
-    def records(self, caller: Caller, after: int, limit: int) -> list[dict[str, Any]]:
-        """One page of records in chain order, for admins and auditors."""
+    def records(
+        self, caller: Caller, after: int, limit: int, query: AuditQuery | None = None
+    ) -> list[dict[str, Any]]:
+        """One page of records in chain order matching ``query``, for admins and auditors."""
         with self.operation(caller, "read_audit"):
             caller.require(Role.ADMIN, Role.AUDITOR)
-            if after < 0 or not 1 <= limit <= MAX_PAGE:
-                raise InvalidRequest(f"after must be >= 0 and limit 1..{MAX_PAGE}")
+            _check_page(after, limit)
             with self._storage.reader() as tx:
-                return tx.audit_records(after, limit)
+                return tx.audit_records(after, limit, query=query)
+
+    def checkpoints(self, caller: Caller, after: int, limit: int) -> list[dict[str, Any]]:
+        """Signed checkpoints with seq > ``after``, oldest first."""
+        with self.operation(caller, "read_checkpoints"):
+            caller.require(Role.ADMIN, Role.AUDITOR)
+            _check_page(after, limit)
+            with self._storage.reader() as tx:
+                return tx.checkpoints(after, None, limit)
+
+
+def _check_page(after: int, limit: int) -> None:
+    if after < 0 or not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"after must be >= 0 and limit 1..{MAX_PAGE}")

@@ -31,14 +31,13 @@ from kms.errors import (
 from kms.formats import blob as blobfmt
 from kms.formats import context as ctxfmt
 from kms.services.audit import AuditTrail, Caller, Operation
-from kms.services.keys import resolve
+from kms.services.keys import require_enabled, resolve
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
     JUSTIFICATIONS,
     AuditEvent,
     KekRef,
     Key,
-    KeyState,
     Principal,
     Role,
 )
@@ -76,6 +75,7 @@ class RewrapRequest:
     ciphertext: bytes
     context: dict[str, str]
     destination: str | None = None
+    justification: str = DEFAULT_JUSTIFICATION
 
 
 @dataclass(frozen=True)
@@ -100,52 +100,77 @@ I = TypeVar("I")  # noqa: E741
 
 
 class _Keys:
-    """Key, version and grant look-ups for one request, cached for its items."""
+    """Key, version and grant look-ups for one request, cached by key id for its items;
+    remembers every (key id, operation) the request relied on, for the re-check at commit."""
 
     def __init__(self, tx: Tx, principal: Principal) -> None:
         self._tx = tx
         self._principal = principal
+        self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, frozenset[str]] = {}
+        self.used: set[tuple[str, Op]] = set()
 
     def by_ref(self, ref: str, operation: Op) -> Key:
-        if ref not in self._keys:
-            self._keys[ref] = resolve(self._tx, ref)
-        key = self._keys[ref]
-        assert key is not None
-        return self._allowed(key, operation)
+        """The key a caller named (id or alias), if the caller may use it for ``operation``."""
+        if ref not in self._refs:
+            key = resolve(self._tx, ref)
+            self._refs[ref] = key.key_id
+            self._keys[key.key_id] = key
+        found = self._keys[self._refs[ref]]
+        assert found is not None
+        return self.allowed(found, operation)
 
-    def by_blob(self, parsed: blobfmt.Blob, operation: Op) -> tuple[Key, KekRef]:
-        key_id = parsed.key_id
+    def by_id(self, key_id: str) -> Key | None:
         if key_id not in self._keys:
             self._keys[key_id] = self._tx.key_by_id(key_id)
-        key = self._keys[key_id]
+        return self._keys[key_id]
+
+    def by_blob(self, parsed: blobfmt.Blob, operation: Op) -> tuple[Key, KekRef]:
+        key = self.by_id(parsed.key_id)
         if key is None:
             raise DecryptionFailed(detail="blob names an unknown key")
-        self._allowed(key, operation)
+        self.allowed(key, operation)
         return key, self.kek(key, parsed.key_version)
 
     def kek(self, key: Key, version: int) -> KekRef:
         kv = self._tx.key_version(key.key_id, version)
         if kv is None:
             raise DecryptionFailed(detail=f"unknown key version {version}")
-        return KekRef(key.key_id, version, kv.wrapped)
+        return KekRef(key.key_id, version, kv.wrapped, kv.root_label)
 
-    def _allowed(self, key: Key, operation: Op) -> Key:
+    def allowed(self, key: Key, operation: Op) -> Key:
         if key.key_id not in self._grants:
             self._grants[key.key_id] = self._tx.grant_operations(key.key_id, self._principal.id)
         if operation.value not in self._grants[key.key_id]:
             raise Forbidden(f"no {operation.value} grant on this key", detail="no grant")
-        if key.state is not KeyState.ENABLED:
-            raise KeyStateError(f"the key is {key.state.value}", detail=f"state={key.state.value}")
+        require_enabled(key)
+        self.used.add((key.key_id, operation))
         return key
+
+    def recheck(self, tx: Tx) -> None:
+        """Inside the audit write transaction: refuse if a key the request used was
+        disabled, deleted or had its grant revoked while the request ran."""
+        fresh = _Keys(tx, self._principal)
+        for key_id, operation in sorted(self.used):
+            key = fresh.by_id(key_id)
+            if key is None:
+                raise KeyStateError("the key no longer exists", detail="deleted during request")
+            fresh.allowed(key, operation)
 
 
 class CryptoService:
-    def __init__(self, storage: Storage, hsm: Hsm, audit: AuditTrail) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        hsm: Hsm,
+        audit: AuditTrail,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit = audit
+        self._random = random  # IVs; injectable so tests can reproduce exact blobs
 
     def datakey(
         self, caller: Caller, ref: str, items: Sequence[DataKeyRequest]
@@ -192,12 +217,19 @@ class CryptoService:
 
     def rewrap(self, caller: Caller, items: Sequence[RewrapRequest]) -> list[Sealed | ClientError]:
         """Re-encrypt a blob under the current version of its key (or ``destination``);
-        the plaintext never leaves this method."""
+        the plaintext never leaves this method. Rewrapping within a key needs the rewrap
+        grant; moving a blob to another key needs decrypt and rewrap on the source and
+        rewrap on the destination, since whoever can decrypt there could read it."""
 
         def one(keys: _Keys, op: Operation, item: RewrapRequest) -> Sealed:
-            op.note(context_sha256=ctxfmt.digest(item.context), justification=DEFAULT_JUSTIFICATION)
+            op.note(context_sha256=ctxfmt.digest(item.context), justification=item.justification)
+            _check_justification(item.justification)
             parsed, kek = self._parse(keys, op, item.ciphertext, Op.REWRAP)
             dest = keys.by_ref(item.destination or kek.key_id, Op.REWRAP)
+            if dest.key_id != kek.key_id:
+                source = keys.by_id(kek.key_id)
+                assert source is not None
+                keys.allowed(source, Op.DECRYPT)
             plaintext = self._open(kek, parsed, item.context)
             sealed = self._seal(keys.kek(dest, dest.current_version), plaintext, item.context)
             op.note(detail=f"to {sealed.key_id} v{sealed.key_version}")
@@ -232,22 +264,30 @@ class CryptoService:
                     results.append(e)
                     events.append(replace(op.event, outcome=e.code, detail=e.detail or e.message))
                 except Exception as e:
-                    # Abort: nothing is returned, so every item is recorded as failed.
-                    code = e.code if isinstance(e, KmsError) else "internal_error"
-                    detail = (e.detail if isinstance(e, KmsError) else None) or type(e).__name__
-                    failed = [replace(ev, outcome=code) for ev in events]
-                    failed.append(replace(op.event, outcome=code, detail=detail))
-                    failed.extend(
-                        replace(Operation(caller, name).event, outcome=code, detail="batch aborted")
-                        for _ in range(len(items) - len(failed))
-                    )
-                    self._audit.record_failure_batch(failed, e)
+                    self._abort(caller, name, len(items), [*events, op.event], e)
                     raise
-        self._audit.record(events)
+        try:
+            self._audit.record(events, precheck=keys.recheck)
+        except ClientError as e:
+            self._abort(caller, name, len(items), events, e)
+            raise
         return results
 
+    def _abort(
+        self, caller: Caller, name: str, total: int, events: list[AuditEvent], error: Exception
+    ) -> None:
+        """Nothing of the request is returned: record every item as failed with the error."""
+        code = error.code if isinstance(error, KmsError) else "internal_error"
+        detail = (error.detail if isinstance(error, KmsError) else None) or type(error).__name__
+        failed = [replace(ev, outcome=code, detail=detail) for ev in events]
+        failed += [
+            replace(Operation(caller, name).event, outcome=code, detail="batch aborted")
+            for _ in range(total - len(failed))
+        ]
+        self._audit.record_failure_batch(failed, error)
+
     def _seal(self, kek: KekRef, plaintext: bytes, context: dict[str, str]) -> Sealed:
-        iv = os.urandom(blobfmt.IV_BYTES)
+        iv = self._random(blobfmt.IV_BYTES)
         header = blobfmt.header_for(kek.key_id, kek.version, iv)
         try:
             ct = self._hsm.encrypt(kek, iv, plaintext, header.aad(context))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
@@ -24,15 +25,15 @@ from kms.services.audit import AuditTrail, Caller
 from kms.services.model import Key, KeyState, KeyVersion, Operation, Role
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
-ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}$")
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_DESCRIPTION = 1024
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
 
 
 def resolve(tx: Tx, ref: str) -> Key:
     """The key named by a key id or an alias; NotFound otherwise."""
-    key = tx.key_by_id(ref) if UUID_RE.match(ref) else tx.key_by_alias(ref)
+    key = tx.key_by_id(ref) if UUID_RE.fullmatch(ref) else tx.key_by_alias(ref)
     if key is None:
         raise NotFound("no such key")
     return key
@@ -57,7 +58,7 @@ class KeyService:
         """A new enabled key whose version 1 was generated inside the HSM."""
         with self._audit.operation(caller, "create_key") as op:
             caller.require(Role.ADMIN)
-            if alias is not None and (not ALIAS_RE.match(alias) or UUID_RE.match(alias)):
+            if alias is not None and (not ALIAS_RE.fullmatch(alias) or UUID_RE.fullmatch(alias)):
                 raise InvalidRequest(
                     "alias must be 1-64 characters of letters, digits, '/', '_', '.', '-' "
                     "and must not look like a key id"
@@ -71,7 +72,7 @@ class KeyService:
             key = Key(key_id, alias, description, KeyState.ENABLED, 1, now)
             with self._storage.transaction() as tx:
                 tx.add_key(key)
-                tx.add_version(KeyVersion(key_id, 1, now, wrapped))
+                tx.add_version(KeyVersion(key_id, 1, now, wrapped.wrapped, wrapped.root_label))
                 self._audit.append(tx, [op.ok()])
             return key
 
@@ -94,14 +95,20 @@ class KeyService:
             with self._storage.reader() as tx:
                 key = resolve(tx, ref)
             op.note(key_id=key.key_id)
-            _require_state(key, KeyState.ENABLED)
+            require_enabled(key)
             wrapped = self._hsm.new_wrapped_kek()
             with self._storage.transaction() as tx:
                 key = resolve(tx, key.key_id)  # re-read under the write lock
-                _require_state(key, KeyState.ENABLED)
+                require_enabled(key)
                 new = replace(key, current_version=key.current_version + 1)
                 tx.add_version(
-                    KeyVersion(key.key_id, new.current_version, self._clock.now(), wrapped)
+                    KeyVersion(
+                        key.key_id,
+                        new.current_version,
+                        self._clock.now(),
+                        wrapped.wrapped,
+                        wrapped.root_label,
+                    )
                 )
                 tx.update_key(new)
                 self._audit.append(tx, [op.ok(key_version=new.current_version)])
@@ -118,19 +125,20 @@ class KeyService:
         )
 
     def schedule_deletion(self, caller: Caller, ref: str, pending_days: int) -> Key:
-        if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
-            with self._audit.operation(caller, "schedule_key_deletion"):
+        def check() -> None:
+            if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
                 raise InvalidRequest(
                     f"pending_days must be between {MIN_PENDING_DAYS} and {MAX_PENDING_DAYS}"
                 )
-        when = self._clock.now() + timedelta(days=pending_days)
+
         return self._transition(
             caller,
             ref,
             "schedule_key_deletion",
             {KeyState.ENABLED, KeyState.DISABLED},
             KeyState.PENDING_DELETION,
-            deletion_date=when,
+            check=check,
+            deletion_date=self._clock.now() + timedelta(days=pending_days),
         )
 
     def cancel_deletion(self, caller: Caller, ref: str) -> Key:
@@ -172,23 +180,25 @@ class KeyService:
         name: str,
         allowed_from: set[KeyState],
         to: KeyState,
+        check: Callable[[], None] | None = None,
         **changes: object,
     ) -> Key:
         with self._audit.operation(caller, name) as op:
             caller.require(Role.ADMIN)
+            if check is not None:
+                check()
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(key_id=key.key_id)
                 if key.state not in allowed_from:
-                    raise KeyStateError(
-                        f"the key is {key.state.value}", detail=f"state={key.state.value}"
-                    )
+                    raise KeyStateError.of(key.state.value)
                 new = replace(key, state=to, **changes)  # type: ignore[arg-type]
                 tx.update_key(new)
                 self._audit.append(tx, [op.ok(detail=f"{key.state.value}->{to.value}")])
             return new
 
 
-def _require_state(key: Key, state: KeyState) -> None:
-    if key.state is not state:
-        raise KeyStateError(f"the key is {key.state.value}", detail=f"state={key.state.value}")
+def require_enabled(key: Key) -> None:
+    """KeyStateError (409) unless the key may be used."""
+    if key.state is not KeyState.ENABLED:
+        raise KeyStateError.of(key.state.value)

@@ -66,12 +66,21 @@ class KeyVersion:
 
 
 @dataclass(frozen=True)
+class WrappedKek:
+    """A KEK as it leaves the HSM: wrapped under the root key named ``root_label``."""
+
+    wrapped: bytes = field(repr=False)
+    root_label: str = "kms-root"
+
+
+@dataclass(frozen=True)
 class KekRef:
     """What the HSM backend needs to use one KEK version (cache key: key_id, version)."""
 
     key_id: str
     version: int
     wrapped: bytes = field(repr=False)
+    root_label: str = "kms-root"
 
 
 @dataclass(frozen=True)
@@ -88,3 +97,27 @@ class AuditEvent:
     justification: str | None = None
     case_id: str | None = None
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The chain head row: last seq and hash, newest checkpoint, archived prefix."""
+
+    seq: int
+    hash: str
+    checkpoint_seq: int
+    archived_seq: int
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters for reading the audit trail; None means any. Times are record times
+    ("YYYY-MM-DDTHH:MM:SS.mmmZ"), ``since`` inclusive, ``until`` exclusive."""
+
+    key_id: str | None = None
+    principal: str | None = None
+    operation: str | None = None
+    outcome: str | None = None
+    case_id: str | None = None
+    since: str | None = None
+    until: str | None = None

@@ -7,7 +7,16 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
-from kms.services.model import KekRef, Key, KeyState, KeyVersion, Principal, Role
+from kms.services.model import (
+    AuditHead,
+    AuditQuery,
+    KekRef,
+    Key,
+    KeyVersion,
+    Principal,
+    Role,
+    WrappedKek,
+)
 
 
 class Hsm(Protocol):
@@ -16,7 +25,7 @@ class Hsm(Protocol):
     Every method raises kms.errors.HsmUnavailable when the HSM cannot be used.
     """
 
-    def new_wrapped_kek(self) -> bytes:
+    def new_wrapped_kek(self) -> WrappedKek:
         """Generate an AES-256 KEK inside the HSM; return it wrapped under the root key."""
 
     def encrypt(self, kek: KekRef, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -33,6 +42,9 @@ class Hsm(Protocol):
 
     def audit_public_key_pem(self) -> bytes:
         """PEM SubjectPublicKeyInfo of the audit signing key."""
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA P-256 signature of a SHA-256 ``digest`` by the audit signing key."""
 
 
 class Tx(Protocol):
@@ -52,18 +64,34 @@ class Tx(Protocol):
     def key_by_alias(self, alias: str) -> Key | None: ...
     def list_keys(self) -> list[Key]: ...
     def key_version(self, key_id: str, version: int) -> KeyVersion | None: ...
-    def count_keys_in_state(self, state: KeyState) -> int: ...
 
     # grants
     def put_grant(self, key_id: str, principal_id: int, operations: frozenset[str]) -> None: ...
     def grant_operations(self, key_id: str, principal_id: int) -> frozenset[str]: ...
 
     # audit (the chain logic lives in services.audit)
-    def audit_head(self) -> tuple[int, str]:
-        """(seq, hash) of the last record, locked until the transaction ends."""
+    def audit_head(self) -> AuditHead:
+        """The chain head, locked until the transaction ends."""
 
-    def insert_audit(self, records: Sequence[dict[str, Any]]) -> None: ...
-    def audit_records(self, after: int, limit: int) -> list[dict[str, Any]]: ...
+    def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
+        """Insert chained records and move the head to the last one."""
+
+    def audit_records(
+        self, after: int, limit: int, until: int | None = None, query: AuditQuery | None = None
+    ) -> list[dict[str, Any]]:
+        """Records with after < seq (<= until), matching ``query``, in chain order."""
+
+    def audit_counts(self, since: str, until: str) -> list[dict[str, Any]]:
+        """Record counts in a time range grouped by key_id, principal, operation, outcome,
+        justification and escrow (case_id present)."""
+
+    def insert_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store a signed checkpoint and mark it the newest in the head row."""
+
+    def checkpoints(self, after: int, until: int | None, limit: int) -> list[dict[str, Any]]: ...
+
+    def archive_audit_through(self, seq: int) -> int:
+        """Delete records with seq <= ``seq`` (already exported); returns how many."""
 
 
 class Storage(Protocol):

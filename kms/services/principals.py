@@ -16,7 +16,7 @@ from kms.services.audit import AuditTrail, Caller, Operation
 from kms.services.model import Principal, Role
 from kms.services.ports import Clock, Storage
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
 MAX_TOKEN_CHARS = 128
 
@@ -88,7 +88,7 @@ def _role(value: str) -> Role:
 
 
 def _check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidRequest(
             "name must be 1-64 characters of letters, digits, '.', '_', '@', '-', "
             "starting with a letter or digit"

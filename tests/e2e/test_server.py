@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -30,20 +31,14 @@ def _all_records(client: KmsClient) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def setup(server: Server) -> dict[str, object]:
+def setup(server: Server) -> dict[str, Any]:
+    """A service with a key, then 150 concurrent datakey + decrypt pairs (8 clients)."""
     admin = KmsClient(server.url, server.admin_token)
     svc = admin.create_principal("app", "service")
     admin.create_key("patients")
     admin.grant("patients", "app", ["datakey", "encrypt", "decrypt", "rewrap"])
-    return {"admin": admin, "svc_token": svc["token"], "deks": [], "request_ids": []}
-
-
-def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
-    server: Server, setup: dict[str, object]
-) -> None:
-    admin: KmsClient = setup["admin"]  # type: ignore[assignment]
     before = len(_all_records(admin))
-    headers = {"Authorization": f"Bearer {setup['svc_token']}"}
+    headers = {"Authorization": f"Bearer {svc['token']}"}
 
     def work(i: int) -> list[tuple[int, str, str | None]]:
         with requests.Session() as s:
@@ -67,11 +62,17 @@ def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = [x for chunk in pool.map(work, range(150)) for x in chunk]
+    return {"admin": admin, "svc_token": svc["token"], "results": results, "before": before}
+
+
+def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
+    server: Server, setup: dict[str, Any]
+) -> None:
+    results = setup["results"]
     assert [code for code, _, _ in results] == [200] * 300
-    setup["deks"] = [dek for _, _, dek in results if dek]
-    records = _all_records(admin)
+    records = _all_records(setup["admin"])
     audit_record.verify_chain(records)  # one linear chain, no forks or gaps
-    new = records[before:]
+    new = records[setup["before"] :]
     assert sorted(r["request_id"] for r in new) == sorted(rid for _, rid, _ in results)
     # both workers served, each having opened its own PKCS#11 session after fork
     lines = [json.loads(x) for x in server.log_text().splitlines() if x.startswith("{")]
@@ -81,9 +82,9 @@ def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
 
 
 def test_database_and_logs_never_hold_a_dek_or_secret(
-    server: Server, setup: dict[str, object]
+    server: Server, setup: dict[str, Any]
 ) -> None:
-    deks = [unb64(d) for d in setup["deks"]]  # type: ignore[attr-defined]
+    deks = [unb64(dek) for _, _, dek in setup["results"] if dek]
     assert len(deks) == 150
     secrets = [
         setup["svc_token"],
@@ -110,7 +111,7 @@ def _copy_db(src: Path, dst: Path) -> None:
 
 
 def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
-    server: Server, setup: dict[str, object], fresh_data_dir: Path
+    server: Server, setup: dict[str, Any], fresh_data_dir: Path
 ) -> None:
     svc = KmsClient(server.url, str(setup["svc_token"]))
     blob = svc.datakey("patients", {"t": "1"})
@@ -140,7 +141,7 @@ def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
 
 
 def test_sdk_envelope_files_through_the_server(
-    server: Server, setup: dict[str, object], tmp_path: Path
+    server: Server, setup: dict[str, Any], tmp_path: Path
 ) -> None:
     svc = KmsClient(server.url, str(setup["svc_token"]))
     src, enc, out = tmp_path / "in.bin", tmp_path / "in.kms", tmp_path / "out.bin"

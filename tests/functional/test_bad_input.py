@@ -69,9 +69,11 @@ WRONG_FIELDS = [
     ("/v1/principals", {"name": "x", "role": "emperor"}),
     ("/v1/principals", {"name": "bad name!", "role": "service"}),
     ("/v1/principals", {"name": "x" * 65, "role": "service"}),
+    ("/v1/principals", {"name": "admin\n", "role": "admin"}),
     ("/v1/principals", {"name": "x"}),
     ("/v1/keys", {"alias": ["a"]}),
     ("/v1/keys", {"alias": "has space"}),
+    ("/v1/keys", {"alias": "trailing-newline\n"}),
     ("/v1/keys", {"alias": "12345678-1234-1234-1234-123456789abc"}),
     ("/v1/keys", {"description": "x" * 1025}),
     ("/v1/keys/k/grants", {"principal": "svc", "operations": "decrypt"}),
@@ -125,7 +127,17 @@ def test_oversized_body_is_413(api: Api) -> None:
 
 
 def test_bad_query_parameters(api: Api) -> None:
-    for query in ("after=-1", "after=abc", "limit=0", "limit=1001", "limit=1e3"):
+    for query in (
+        "after=-1",
+        "after=abc",
+        "limit=0",
+        "limit=1001",
+        "limit=1e3",
+        "after=%C2%B2",
+        "after=%D9%A3",
+        "since=yesterday",
+        "key_id=",
+    ):
         r = api.call("GET", f"/v1/audit?{query}", api.admin)
         assert r.status_code == 400 and r.json["error"]["code"] == "invalid_request", query
 

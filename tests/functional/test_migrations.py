@@ -10,9 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from kms import config
-from kms.app import build_services, create_app
-from kms.backends.hsm import Pkcs11Hsm
-from kms.backends.storage import SchemaNotCurrent, SqlStorage, make_engine, upgrade
+from kms.app import create_app
+from kms.backends.storage import SchemaNotCurrent, make_engine, upgrade
 from kms.backends.storage.schema import metadata
 
 EXTRA = """
@@ -20,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9001"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -39,27 +38,25 @@ def test_migrations_match_the_schema_module(tmp_path: Path) -> None:
     assert diff == []
 
 
-def test_upgrade_in_place_keeps_data(
-    tmp_path: Path, settings: config.Settings, hsm: Pkcs11Hsm
-) -> None:
-    db = tmp_path / "m.sqlite3"
-    engine = make_engine(f"sqlite:///{db}")
-    upgrade(engine)
-    assert build_services(SqlStorage(engine), hsm).principals.bootstrap_admin("admin")
-    with engine.begin() as conn:
+def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    upgrade(engine, target="0001")  # a database made by the first release
+    with engine.begin() as conn:  # data written at schema 0001 (raw SQL, as of then)
         conn.execute(
             sa.text(
                 "INSERT INTO keys VALUES ('k1', 'kept', 'enabled', 1, '2026-01-01 00:00:00', NULL)"
             )
         )
+        conn.execute(sa.text("UPDATE audit_head SET seq = 7, hash = :h"), {"h": "ab" * 32})
     versions = tmp_path / "versions"
     versions.mkdir()
     (versions / "9001_owner.py").write_text(EXTRA)
-    upgrade(engine, extra_versions=[versions])
+    upgrade(engine, extra_versions=[versions])  # 0002 (real) and 9001 (made here)
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT description, owner FROM keys")).one()
         assert tuple(row) == ("kept", None)
-        assert conn.execute(sa.text("SELECT count(*) FROM audit_records")).scalar() == 1
+        head = conn.execute(sa.text("SELECT seq, hash, checkpoint_seq FROM audit_head")).one()
+        assert tuple(head) == (7, "ab" * 32, 0)  # 0002 added checkpoint_seq to the row
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
     upgrade(engine, extra_versions=[versions])  # idempotent
     engine.dispose()

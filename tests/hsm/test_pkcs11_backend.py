@@ -8,13 +8,12 @@ from dataclasses import replace
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 
 from hsm_config import templates
-from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.hsm import Pkcs11Hsm, pkcs11_hsm
 from kms.errors import HsmUnavailable, IntegrityFailure
 from kms.formats import blob as blobfmt
 from kms.services.model import KekRef
@@ -51,7 +50,7 @@ def test_root_key_is_sensitive_non_extractable_wrap_only(hsm: Pkcs11Hsm) -> None
 
 
 def test_kek_in_use_is_non_extractable(hsm: Pkcs11Hsm) -> None:
-    kek = KekRef("k-attr", 1, hsm.new_wrapped_kek())
+    kek = KekRef("k-attr", 1, hsm.new_wrapped_kek().wrapped)
     hsm.encrypt(kek, os.urandom(12), b"x", b"")
 
     def attrs(c):  # type: ignore[no-untyped-def]
@@ -108,11 +107,16 @@ def test_unwrap_under_wrong_root_is_an_integrity_failure(hsm: Pkcs11Hsm) -> None
 def test_kek_cache_is_bounded_and_evicted_objects_are_destroyed(hsm: Pkcs11Hsm) -> None:
     small = Pkcs11Hsm(replace(hsm._config, kek_cache_size=2))
     small._lib, small._conn = hsm._lib, hsm._conn  # share this process's login
-    keks = [KekRef(f"k{i}", 1, hsm.new_wrapped_kek()) for i in range(3)]
-    for kek in keks:
-        small.encrypt(kek, os.urandom(12), b"x", b"")
+    keks = [KekRef(f"k{i}", 1, hsm.new_wrapped_kek().wrapped) for i in range(3)]
+    small.encrypt(keks[0], os.urandom(12), b"x", b"")
     conn = small._conn
-    assert conn is not None and list(conn.keks) == [("k1", 1), ("k2", 1)]
+    assert conn is not None
+    first = conn.keks[("k0", 1)]
+    for kek in keks[1:]:
+        small.encrypt(kek, os.urandom(12), b"x", b"")
+    assert list(conn.keks) == [("k1", 1), ("k2", 1)]
+    with pytest.raises(p11e.ObjectHandleInvalid):  # the evicted session object is gone
+        _ = first[Attribute.LABEL]
 
 
 def test_audit_signing_key_signs_verifiably(hsm: Pkcs11Hsm) -> None:
@@ -120,15 +124,13 @@ def test_audit_signing_key_signs_verifiably(hsm: Pkcs11Hsm) -> None:
     assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
     digest = hashes.Hash(hashes.SHA256())
     digest.update(b"checkpoint")
-    raw = hsm.sign_digest(digest.finalize())
-    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-    pub.verify(der, b"checkpoint", ec.ECDSA(hashes.SHA256()))
+    pub.verify(hsm.sign_digest(digest.finalize()), b"checkpoint", ec.ECDSA(hashes.SHA256()))
 
 
 def test_forked_child_reinitialises_and_parent_keeps_working(hsm: Pkcs11Hsm) -> None:
     """With reset_on_fork = true the inherited state is dead in the child; the backend
     notices the new pid, re-initialises and logs in again."""
-    kek = KekRef("k-fork", 1, hsm.new_wrapped_kek())
+    kek = KekRef("k-fork", 1, hsm.new_wrapped_kek().wrapped)
     ct = hsm.encrypt(kek, bytes(12), b"secret", b"aad")
     pid = os.fork()
     if pid == 0:  # child
@@ -142,18 +144,27 @@ def test_forked_child_reinitialises_and_parent_keeps_working(hsm: Pkcs11Hsm) -> 
     assert hsm.decrypt(kek, bytes(12), ct, b"aad") == b"secret"
 
 
-def test_wrong_pin_is_hsm_unavailable(hsm: Pkcs11Hsm) -> None:
-    wrong = Pkcs11Hsm(replace(hsm._config, pin="0000"))
-    wrong._lib = hsm._lib
+def test_a_rejected_pin_is_never_tried_again(hsm: Pkcs11Hsm) -> None:
+    """Real HSMs lock a partition after a few bad logins: one rejection, no retries."""
     pid = os.fork()  # in a child, so the failed logins cannot disturb this process
     if pid == 0:
+        code = 3
         try:
-            wrong.check()
-            os._exit(1)
-        except HsmUnavailable:
-            os._exit(0)
-        except BaseException:
-            os._exit(2)
+            wrong = Pkcs11Hsm(replace(hsm._config, pin="0000"))
+            wrong._lib = hsm._lib
+            logins = []
+            real_login = pkcs11_hsm._login
+            pkcs11_hsm._login = lambda token, pin: logins.append(1) or real_login(token, pin)
+            outcomes = []
+            for _ in range(3):
+                try:
+                    wrong.check()
+                    outcomes.append("ok")
+                except HsmUnavailable as e:
+                    outcomes.append(e.detail or "")
+            code = 0 if len(logins) == 1 and all("PIN" in o for o in outcomes) else 1
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
 

@@ -4,12 +4,16 @@ Process and thread rules (see shared notes/pkcs11.md):
 - The module is initialised lazily in the process that uses it (the pid is checked on
   every call), never in the gunicorn master; state inherited through fork() is dropped.
 - python-pkcs11 initialises modules without OS locking and releases the GIL inside calls,
-  so one process-wide lock serialises every PKCS#11 call.
+  so one process-wide lock (shared by every instance; renewed in a forked child)
+  serialises every PKCS#11 call.
 - One logged-in session per process lives as long as the process; the root key handle and
   unwrapped KEK handles (bounded LRU, destroyed on eviction) are cached on it.
-- A failing call is retried once after a reconnect (finalize, initialize, log in again);
-  if that fails too the caller gets HsmUnavailable and the next call reconnects, so the
-  service recovers by itself when the HSM comes back.
+- A call failing with a session, token or device error is retried once after a reconnect
+  (finalize, initialize, log in again); if that fails too the caller gets HsmUnavailable
+  and the next call reconnects, so the service recovers by itself when the HSM comes back.
+  Other PKCS#11 errors are HsmUnavailable at once, without reconnecting.
+- A rejected PIN is never tried again by this process (real HSMs lock a partition after a
+  few bad logins): every later call is HsmUnavailable until a restart with the right PIN.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ import pkcs11
 from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
-from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from hsm_config import templates
 from kms.errors import HsmUnavailable, IntegrityFailure
-from kms.services.model import KekRef
+from kms.services.model import KekRef, WrappedKek
 
 log = logging.getLogger("kms.hsm")
 T = TypeVar("T")
@@ -56,6 +64,48 @@ _UNWRAP_ERRORS = (
 # Attempts to open a session: several processes logging in to one SoftHSM token at once
 # can see a half-written token file.
 _CONNECT_RETRY = 5
+# Errors after which a fresh initialise + login may help.
+_TRANSIENT = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.NoSuchToken,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+    p11e.WrappingKeyHandleInvalid,
+    p11e.UnwrappingKeyHandleInvalid,
+    p11e.UserNotLoggedIn,
+    p11e.UserPinNotInitialized,
+    p11e.GeneralError,
+)
+_PIN_ERRORS = (
+    p11e.PinIncorrect,
+    p11e.PinInvalid,
+    p11e.PinLenRange,
+    p11e.PinExpired,
+    p11e.PinLocked,
+)
+
+
+def _is_transient(e: p11e.PKCS11Error) -> bool:
+    # A bare PKCS11Error carries a return value python-pkcs11 has no class for, such as
+    # CKR_CRYPTOKI_NOT_INITIALIZED after a fork: worth a reconnect.
+    return isinstance(e, _TRANSIENT) or type(e) is p11e.PKCS11Error
+
+
+_process_lock = threading.RLock()
+
+
+def _renew_lock() -> None:
+    global _process_lock
+    _process_lock = threading.RLock()  # a lock held in the parent stays held in the child
+
+
+os.register_at_fork(after_in_child=_renew_lock)
 
 
 @dataclass(frozen=True)
@@ -72,11 +122,13 @@ class HsmConfig:
 class _Conn:
     """Per-process connection state; replaced wholesale on reconnect."""
 
-    def __init__(self, session: Any, root: Any, pid: int) -> None:
+    def __init__(self, session: Any, root: Any, root_label: str, pid: int) -> None:
         self.session = session
         self.root = root
+        self.roots = {root_label: root}
         self.pid = pid
         self.keks: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.audit_key: Any = None
 
 
 class Pkcs11Hsm:
@@ -84,8 +136,8 @@ class Pkcs11Hsm:
 
     def __init__(self, config: HsmConfig) -> None:
         self._config = config
-        self._lock = threading.RLock()
         self._conn: _Conn | None = None
+        self._pin_rejected: str | None = None
         self._lib: Any = None
         self._public_pem: bytes | None = None
 
@@ -94,15 +146,16 @@ class Pkcs11Hsm:
 
     # -- the Hsm port ---------------------------------------------------------------------
 
-    def new_wrapped_kek(self) -> bytes:
-        def op(c: _Conn) -> bytes:
+    def new_wrapped_kek(self) -> WrappedKek:
+        def op(c: _Conn) -> WrappedKek:
             kek = c.session.generate_key(
                 KeyType.AES, 256, store=False, template=templates.KEK_TO_WRAP
             )
             try:
-                return bytes(c.root.wrap_key(kek, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                wrapped = bytes(c.root.wrap_key(kek, mechanism=Mechanism.AES_KEY_WRAP_PAD))
             finally:
                 kek.destroy()
+            return WrappedKek(wrapped, self._config.root_label)
 
         return self._call(op)
 
@@ -158,21 +211,24 @@ class Pkcs11Hsm:
         return self._public_pem
 
     def sign_digest(self, digest: bytes) -> bytes:
-        """ECDSA P-256 signature (raw r||s, 64 bytes) of a SHA-256 digest by the audit key."""
+        """DER ECDSA P-256 signature of a SHA-256 digest by the audit key (SoftHSM has no
+        CKM_ECDSA_SHA256, so the caller hashes and the HSM signs the digest)."""
 
         def op(c: _Conn) -> bytes:
-            priv = c.session.get_key(
-                object_class=ObjectClass.PRIVATE_KEY,
-                key_type=KeyType.EC,
-                label=self._config.audit_label,
-            )
-            return bytes(priv.sign(digest, mechanism=Mechanism.ECDSA))
+            if c.audit_key is None:
+                c.audit_key = c.session.get_key(
+                    object_class=ObjectClass.PRIVATE_KEY,
+                    key_type=KeyType.EC,
+                    label=self._config.audit_label,
+                )
+            raw = bytes(c.audit_key.sign(digest, mechanism=Mechanism.ECDSA))
+            return bytes(encode_ecdsa_signature(raw))
 
         return self._call(op)
 
     def close(self) -> None:
         """Drop this process's session (and with it the login and session objects)."""
-        with self._lock:
+        with _process_lock:
             conn, self._conn = self._conn, None
             if conn is not None and conn.pid == os.getpid():
                 with contextlib.suppress(p11e.PKCS11Error):
@@ -181,7 +237,7 @@ class Pkcs11Hsm:
     # -- internals ------------------------------------------------------------------------
 
     def _call(self, op: Callable[[_Conn], T]) -> T:
-        with self._lock:
+        with _process_lock:
             for attempt in (1, 2):
                 conn = self._connection()
                 try:
@@ -193,9 +249,11 @@ class Pkcs11Hsm:
                         "hsm call failed",
                         extra={"error": type(e).__name__, "attempt": attempt},
                     )
-                    self._conn = None  # reconnect on the next attempt or call
-                    if attempt == 2:
+                    if not _is_transient(e) or attempt == 2:
+                        if _is_transient(e):
+                            self._conn = None  # reconnect on the next call
                         raise HsmUnavailable(detail=type(e).__name__) from e
+                    self._conn = None  # reconnect, then retry once
             raise AssertionError("unreachable")
 
     def _connection(self) -> _Conn:
@@ -207,6 +265,8 @@ class Pkcs11Hsm:
 
     def _connect(self, reset: bool) -> _Conn:
         """Initialise the module in this process and log in, retrying with a reset."""
+        if self._pin_rejected:
+            raise HsmUnavailable(detail=f"PIN rejected earlier ({self._pin_rejected})")
         if self._config.softhsm2_conf:
             os.environ["SOFTHSM2_CONF"] = self._config.softhsm2_conf
         last: Exception | None = None
@@ -222,7 +282,13 @@ class Pkcs11Hsm:
                     object_class=ObjectClass.SECRET_KEY, label=self._config.root_label
                 )
                 log.info("hsm session opened", extra={"attempt": attempt + 1})
-                return _Conn(session, root, os.getpid())
+                return _Conn(session, root, self._config.root_label, os.getpid())
+            except _PIN_ERRORS as e:
+                self._pin_rejected = type(e).__name__
+                log.error(
+                    "hsm rejected the PIN; not trying again", extra={"error": type(e).__name__}
+                )
+                raise HsmUnavailable(detail=f"PIN rejected ({type(e).__name__})") from e
             except (p11e.PKCS11Error, RuntimeError) as e:
                 last = e
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # noqa: S311 (jitter)
@@ -236,7 +302,7 @@ class Pkcs11Hsm:
             c.keks.move_to_end(ident)
             return key
         try:
-            key = c.root.unwrap_key(
+            key = self._root(c, kek.root_label).unwrap_key(
                 ObjectClass.SECRET_KEY,
                 KeyType.AES,
                 kek.wrapped,
@@ -252,6 +318,16 @@ class Pkcs11Hsm:
             _, old = c.keks.popitem(last=False)
             old.destroy()
         return key
+
+    def _root(self, c: _Conn, label: str) -> Any:
+        """The root key that wrapped a KEK version (the current one, or an older root
+        kept in the token after a root rotation)."""
+        if label not in c.roots:
+            try:
+                c.roots[label] = c.session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+            except p11e.NoSuchKey as e:
+                raise IntegrityFailure(f"no root key {label!r} in this HSM") from e
+        return c.roots[label]
 
     def _probe(self, c: _Conn) -> None:
         # Reading an attribute of the root key touches the token: it fails if the token is

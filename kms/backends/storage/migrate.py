@@ -26,12 +26,14 @@ def _config(extra_versions: list[Path] | None = None) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, extra_versions: list[Path] | None = None) -> None:
-    """Bring the database to the newest revision in place, keeping its data."""
+def upgrade(
+    engine: Engine, extra_versions: list[Path] | None = None, target: str = "heads"
+) -> None:
+    """Bring the database to ``target`` (the newest revision) in place, keeping its data."""
     cfg = _config(extra_versions)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "heads")
+        command.upgrade(cfg, target)
 
 
 def check_current(engine: Engine) -> None:

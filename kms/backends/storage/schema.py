@@ -8,6 +8,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -18,6 +19,7 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+_SEQ = BigInteger().with_variant(Integer, "sqlite")
 
 principals = Table(
     "principals",
@@ -77,9 +79,8 @@ grants = Table(
 audit_records = Table(
     "audit_records",
     metadata,
-    Column(
-        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
-    ),
+    Column("seq", _SEQ, primary_key=True, autoincrement=False),
+    Column("v", Integer, nullable=False, server_default="1"),  # record format version
     Column("time", String(24), nullable=False),
     Column("request_id", String(64), nullable=False),
     Column("principal", String(64), nullable=True),
@@ -94,6 +95,20 @@ audit_records = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     UniqueConstraint("prev_hash", name="uq_audit_prev_hash"),
+    Index("ix_audit_time", "time"),
+    Index("ix_audit_key", "key_id"),
+    Index("ix_audit_principal", "principal"),
+)
+
+# Signed checkpoints of the chain head (kms/formats/checkpoint.py); never deleted.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", _SEQ, primary_key=True, autoincrement=False),
+    Column("record_hash", String(64), nullable=False),
+    Column("time", String(24), nullable=False),
+    Column("key_sha256", String(64), nullable=False),
+    Column("signature", String(200), nullable=False),
 )
 
 # One row: the chain head. Updating it takes a row lock, which serialises appenders on
@@ -102,6 +117,9 @@ audit_head = Table(
     "audit_head",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("seq", _SEQ, nullable=False),
     Column("hash", String(64), nullable=False),
+    # seq of the newest checkpoint, and of the last record archived (removed) from here
+    Column("checkpoint_seq", _SEQ, nullable=False, server_default="0"),
+    Column("archived_seq", _SEQ, nullable=False, server_default="0"),
 )

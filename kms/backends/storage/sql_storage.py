@@ -14,21 +14,31 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, Row
 
 from kms.backends.storage import schema as t
 from kms.backends.storage.migrate import SchemaNotCurrent, check_current
 from kms.errors import Conflict, StorageUnavailable
-from kms.services.model import Key, KeyState, KeyVersion, Principal, Role
+from kms.services.model import (
+    AuditHead,
+    AuditQuery,
+    Key,
+    KeyState,
+    KeyVersion,
+    Principal,
+    Role,
+)
 
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     """An engine with the pragmas and transaction behaviour this module relies on."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
+    # Wait at most 5 s for the write lock: well inside gunicorn's 30 s worker timeout, so a
+    # congested database answers 503 instead of a killed worker.
+    engine = create_engine(url, connect_args={"timeout": 5})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -37,7 +47,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA busy_timeout=5000")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -157,13 +167,6 @@ class SqlTx:
             root_label=row.root_label,
         )
 
-    def count_keys_in_state(self, state: KeyState) -> int:
-        return int(
-            self._c.execute(
-                select(func.count()).select_from(t.keys).where(t.keys.c.state == state.value)
-            ).scalar_one()
-        )
-
     def _one_key(self, where: Any) -> Key | None:
         row = self._c.execute(_key_select().where(where)).first()
         return _key(row) if row else None
@@ -190,20 +193,18 @@ class SqlTx:
 
     # -- audit ----------------------------------------------------------------------------
 
-    def audit_head(self) -> tuple[int, str]:
+    def audit_head(self) -> AuditHead:
         row = self._c.execute(
-            select(t.audit_head.c.seq, t.audit_head.c.hash)
-            .where(t.audit_head.c.id == 1)
-            .with_for_update()
+            select(t.audit_head).where(t.audit_head.c.id == 1).with_for_update()
         ).one()
-        return int(row.seq), str(row.hash)
+        return AuditHead(
+            int(row.seq), str(row.hash), int(row.checkpoint_seq), int(row.archived_seq)
+        )
 
     def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
         if not records:
             return
-        self._c.execute(
-            insert(t.audit_records), [{k: v for k, v in r.items() if k != "v"} for r in records]
-        )
+        self._c.execute(insert(t.audit_records), list(records))
         last = records[-1]
         self._c.execute(
             update(t.audit_head)
@@ -211,14 +212,67 @@ class SqlTx:
             .values(seq=last["seq"], hash=last["hash"])
         )
 
-    def audit_records(self, after: int, limit: int) -> list[dict[str, Any]]:
+    def audit_records(
+        self, after: int, limit: int, until: int | None = None, query: AuditQuery | None = None
+    ) -> list[dict[str, Any]]:
+        r = t.audit_records.c
+        stmt = select(t.audit_records).where(r.seq > after)
+        if until is not None:
+            stmt = stmt.where(r.seq <= until)
+        if query is not None:
+            for column, value in (
+                (r.key_id, query.key_id),
+                (r.principal, query.principal),
+                (r.operation, query.operation),
+                (r.outcome, query.outcome),
+                (r.case_id, query.case_id),
+            ):
+                if value is not None:
+                    stmt = stmt.where(column == value)
+            if query.since is not None:
+                stmt = stmt.where(r.time >= query.since)
+            if query.until is not None:
+                stmt = stmt.where(r.time < query.until)
+        rows = self._c.execute(stmt.order_by(r.seq).limit(limit))
+        return [row._asdict() for row in rows]
+
+    def audit_counts(self, since: str, until: str) -> list[dict[str, Any]]:
+        r = t.audit_records.c
+        escrow = r.case_id.is_not(None).label("escrow")
+        cols = (r.key_id, r.principal, r.operation, r.outcome, r.justification, escrow)
         rows = self._c.execute(
-            select(t.audit_records)
-            .where(t.audit_records.c.seq > after)
-            .order_by(t.audit_records.c.seq)
-            .limit(limit)
+            select(*cols, func.count().label("count"))
+            .where(r.time >= since, r.time < until)
+            .group_by(*cols)
         )
-        return [{"v": 1, **r._asdict()} for r in rows]
+        return [row._asdict() for row in rows]
+
+    def insert_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._c.execute(
+            insert(t.audit_checkpoints).values(
+                {k: v for k, v in checkpoint.items() if k not in ("v", "type")}
+            )
+        )
+        self._c.execute(
+            update(t.audit_head)
+            .where(t.audit_head.c.id == 1)
+            .values(checkpoint_seq=checkpoint["seq"])
+        )
+
+    def checkpoints(self, after: int, until: int | None, limit: int) -> list[dict[str, Any]]:
+        c = t.audit_checkpoints.c
+        stmt = select(t.audit_checkpoints).where(c.seq > after)
+        if until is not None:
+            stmt = stmt.where(c.seq <= until)
+        rows = self._c.execute(stmt.order_by(c.seq).limit(limit))
+        return [{"v": 1, **row._asdict()} for row in rows]
+
+    def archive_audit_through(self, seq: int) -> int:
+        deleted = self._c.execute(
+            delete(t.audit_records).where(t.audit_records.c.seq <= seq)
+        ).rowcount
+        self._c.execute(update(t.audit_head).where(t.audit_head.c.id == 1).values(archived_seq=seq))
+        return int(deleted)
 
 
 def _key_select() -> Any:
