@@ -42,6 +42,7 @@ demo: system-deps venv
 bench: venv
 	$(MAKE) system-deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/audit_append.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache .mypy_cache .ruff_cache

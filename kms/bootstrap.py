@@ -9,14 +9,17 @@ creates the first admin, whose token goes to DATA_DIR/admin.token (mode 0600).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsm_config import softhsm
 from kms import config as config_mod
-from kms.app import build_services, hsm_config
+from kms.app import Services, build_services, hsm_config
 from kms.backends.hsm import Pkcs11Hsm, provision_keys
 from kms.backends.storage import SqlStorage, make_engine, upgrade
+from kms.backends.storage.migrate import check_current
 
 
 @dataclass(frozen=True)
@@ -80,4 +83,18 @@ def migrate_database(data_dir: Path) -> None:
     try:
         upgrade(engine)
     finally:
+        engine.dispose()
+
+
+@contextmanager
+def open_services(data_dir: Path) -> Iterator[Services]:
+    """The service layer over a data directory, for local operator commands."""
+    settings = config_mod.from_env({**os.environ, "KMS_DATA_DIR": str(data_dir.resolve())})
+    engine = make_engine(settings.database_url, settings.sqlite_synchronous)
+    hsm = Pkcs11Hsm(hsm_config(settings))
+    try:
+        check_current(engine)
+        yield build_services(SqlStorage(engine), hsm)
+    finally:
+        hsm.close()
         engine.dispose()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -86,27 +86,45 @@ class KmsClient:
         params: Mapping[str, Any] | None = None,
     ) -> Any:
         """One API call; returns the decoded JSON answer or raises KmsClientError."""
+        resp = self._send(method, path, body, params, stream=False)
+        try:
+            return resp.json()
+        except ValueError:
+            raise KmsClientError("bad_response", "the server did not answer JSON") from None
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, Any] | None,
+        *,
+        stream: bool,
+    ) -> requests.Response:
         try:
             resp = self._session.request(
-                method, self._url + path, json=body, params=params, timeout=self._timeout
+                method,
+                self._url + path,
+                json=body,
+                params=params,
+                timeout=self._timeout,
+                stream=stream,
             )
         except requests.RequestException as e:
             raise KmsClientError("transport_error", type(e).__name__) from None
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
         if resp.status_code >= 400:
-            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+            try:
+                data = resp.json()
+            except ValueError:
+                data = None
+            err = data.get("error", {}) if isinstance(data, dict) else {}
             raise KmsClientError(
                 str(err.get("code", "http_error")),
                 str(err.get("message", f"HTTP {resp.status_code}")),
                 status=resp.status_code,
                 request_id=err.get("request_id"),
             )
-        if data is None:
-            raise KmsClientError("bad_response", "the server did not answer JSON")
-        return data
+        return resp
 
     # -- administration -----------------------------------------------------------------
 
@@ -143,10 +161,40 @@ class KmsClient:
             )
         )
 
-    def audit(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        return list(
-            self.call("GET", "/v1/audit", params={"after": after, "limit": limit})["records"]
-        )
+    def audit(self, after: int = 0, limit: int = 100, **filters: str) -> list[dict[str, Any]]:
+        """One page of audit records; filters: key_id, principal, operation, outcome,
+        case_id, since, until (ISO 8601)."""
+        params = {"after": after, "limit": limit, **filters}
+        return list(self.call("GET", "/v1/audit", params=params)["records"])
+
+    def audit_checkpoints(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        params = {"after": after, "limit": limit}
+        return list(self.call("GET", "/v1/audit/checkpoints", params=params)["checkpoints"])
+
+    def create_checkpoint(self) -> dict[str, Any]:
+        return dict(self.call("POST", "/v1/audit/checkpoints", {}))
+
+    def audit_public_key(self) -> bytes:
+        return self._send("GET", "/v1/audit/public-key", None, None, stream=False).content
+
+    def export_audit(self, after: int | None = None, until: int | None = None) -> Iterator[bytes]:
+        """The bundle's lines (newline-terminated bytes), streamed."""
+        params = {k: v for k, v in (("after", after), ("until", until)) if v is not None}
+        resp = self._send("GET", "/v1/audit/export", None, params, stream=True)
+        try:
+            for line in resp.iter_lines():
+                yield line + b"\n"
+        except requests.RequestException as e:
+            raise KmsClientError("transport_error", type(e).__name__) from None
+        finally:
+            resp.close()
+
+    def audit_report(self, since: str, until: str, fmt: str = "json") -> Any:
+        """The compliance report: a dict for json, CSV text for csv."""
+        params = {"since": since, "until": until, "format": fmt}
+        if fmt == "json":
+            return self.call("GET", "/v1/audit/report", params=params)
+        return self._send("GET", "/v1/audit/report", None, params, stream=False).text
 
     # -- data keys ------------------------------------------------------------------------
 

@@ -3,13 +3,15 @@
 Line 1 is the header; then every record of the segment in chain order; then every
 checkpoint whose ``seq`` falls inside the segment, in order::
 
-    {"type": "header", "v": 1, "after": A, "until": U, "public_key": "<PEM>"}
+    {"type": "header", "v": 1, "after": A, "until": U, "head": H, "public_key": "<PEM>"}
     {"type": "record", <every audit record field>, "hash": "<hex>"}      (seq A+1 .. U)
-    {"type": "checkpoint", <every checkpoint field>}                    (A < seq <= U)
+    {"type": "checkpoint", <every checkpoint field>}                    (every seq > A)
 
-``after`` is the seq the segment continues from (0 = the start of the chain) and
-``until`` the last seq it holds. Record fields are those of kms/formats/audit_record.py,
-checkpoint fields those of kms/formats/checkpoint.py.
+``after`` is the seq the segment continues from (0 = the start of the chain), ``until``
+the last seq it holds and ``head`` the chain head when it was exported. Every checkpoint
+after ``after`` is included, also those past ``until``: a checkpoint past ``head`` proves
+that records were removed from the end of the chain. Record fields are those of
+kms/formats/audit_record.py, checkpoint fields those of kms/formats/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ class BundleLineError(ValueError):
     """One line of a bundle is not a JSON object of a known type."""
 
 
-def header(after: int, until: int, public_key_pem: str) -> dict[str, Any]:
+def header(after: int, until: int, head: int, public_key_pem: str) -> dict[str, Any]:
     return {
         "type": "header",
         "v": FORMAT_VERSION,
         "after": after,
         "until": until,
+        "head": head,
         "public_key": public_key_pem,
     }
 

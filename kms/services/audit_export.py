@@ -57,10 +57,10 @@ class AuditExports:
         and the current head). Checks the range now; streams the lines lazily."""
         with self._trail.operation(caller, "export_audit"):
             caller.require(Role.ADMIN, Role.AUDITOR)
-            after, until = self._range(after, until)
-        return self._lines(after, until)
+            after, until, head = self._range(after, until)
+        return self._lines(after, until, head)
 
-    def _range(self, after: int | None, until: int | None) -> tuple[int, int]:
+    def _range(self, after: int | None, until: int | None) -> tuple[int, int, int]:
         with self._storage.reader() as tx:
             head = tx.audit_head()
         after = head.archived_seq if after is None else after
@@ -69,10 +69,11 @@ class AuditExports:
             raise Conflict(f"records up to seq {head.archived_seq} are archived; export from there")
         if not after <= until <= head.seq:
             raise InvalidRequest(f"need after <= until <= {head.seq} (the current head)")
-        return after, until
+        return after, until, head.seq
 
-    def _lines(self, after: int, until: int) -> Iterator[str]:
-        yield bundle.line(bundle.header(after, until, self._trail.public_key_pem().decode()))
+    def _lines(self, after: int, until: int, head: int) -> Iterator[str]:
+        pem = self._trail.public_key_pem().decode()
+        yield bundle.line(bundle.header(after, until, head, pem))
         cursor = after
         while cursor < until:
             with self._storage.reader() as tx:
@@ -85,7 +86,7 @@ class AuditExports:
         cursor = after
         while True:
             with self._storage.reader() as tx:
-                cps = tx.checkpoints(cursor, until, PAGE)
+                cps = tx.checkpoints(cursor, None, PAGE)
             if not cps:
                 break
             for cp in cps:
@@ -115,7 +116,7 @@ class AuditExports:
             "principals": [{"principal": k, **v} for k, v in sorted(per["principals"].items())],
         }
 
-    def archive(self, through: int, out: IO[str], reopen: Callable[[], IO[str]]) -> ArchiveResult:
+    def archive(self, through: int, out: IO[str], reopen: Callable[[], IO[Any]]) -> ArchiveResult:
         """Write records up to checkpoint ``through`` to ``out``, verify what ``reopen()``
         reads back, then delete them from the live database (local operator command)."""
         caller = Caller(request_id="kms-cli", principal=None)
@@ -129,7 +130,7 @@ class AuditExports:
                     f"through must be the seq of a checkpoint after {head.archived_seq}"
                 )
             digest = hashlib.sha256()
-            for text in self._lines(head.archived_seq, through):
+            for text in self._lines(head.archived_seq, through, head.seq):
                 out.write(text)
                 digest.update(text.encode())
             out.flush()

@@ -91,7 +91,7 @@ def verify_bundle(
         report.errors.append("the bundle's public key is not the trusted public key")
 
     hashes = _check_chain(records, expected_seq, prev_hash, report)
-    _check_checkpoints(checkpoints, hashes, key, fingerprint, report)
+    _check_checkpoints(checkpoints, hashes, key, fingerprint, report, header)
     return report
 
 
@@ -168,8 +168,12 @@ def _check_checkpoints(
     key: Any,
     fingerprint: str,
     report: Report,
+    header: dict[str, Any] | None,
 ) -> None:
+    chain_ok = not report.errors
     last_in_bundle = report.last_seq or 0
+    until = header.get("until") if header else None
+    head = header.get("head") if header else None
     for cp in checkpoints:
         seq = cp.get("seq")
         try:
@@ -180,15 +184,21 @@ def _check_checkpoints(
         if cp["key_sha256"] != fingerprint:
             report.errors.append(f"checkpoint at seq {seq}: names another signing key")
             continue
-        if not isinstance(seq, int):
-            continue  # verify() above already refused a non-integer seq
-        if seq > last_in_bundle and not report.errors:
+        assert isinstance(seq, int)  # verify() checked the type
+        if isinstance(head, int) and seq > head:
             report.errors.append(
-                f"checkpoint at seq {seq}: the bundle ends at seq {last_in_bundle}; "
-                "records the checkpoint covers are missing (truncated)"
+                f"checkpoint at seq {seq}: beyond the chain head {head} the bundle declares; "
+                "records were removed from the end of the chain (truncated)"
             )
-            continue
-        if seq in hashes:
+        elif isinstance(until, int) and seq > until:
+            continue  # signs records outside this segment
+        elif seq > last_in_bundle:
+            if chain_ok:
+                report.errors.append(
+                    f"checkpoint at seq {seq}: the bundle ends at seq {last_in_bundle}; "
+                    "records the checkpoint covers are missing (truncated)"
+                )
+        elif seq in hashes:
             if hashes[seq] != cp["record_hash"]:
                 report.errors.append(
                     f"checkpoint at seq {seq}: does not match the records (history rewritten)"
