@@ -26,7 +26,7 @@ class VerifyInputError(ValueError):
 class Report:
     records: int = 0
     first_seq: int | None = None
-    last_seq: int | None = None
+    last_seq: int | None = None  # of the last record whose chain verified
     checkpoints_verified: int = 0
     last_signed_seq: int | None = None
     errors: list[str] = field(default_factory=list)
@@ -43,13 +43,19 @@ class Report:
         return not self.errors
 
     def summary(self) -> str:
+        chain = (
+            f"chain verified: seq {self.first_seq}..{self.last_seq}"
+            if self.last_seq is not None and self.first_seq is not None
+            else "chain verified: no record"
+        )
         lines = [
-            f"records: {self.records}"
-            + (f" (seq {self.first_seq}..{self.last_seq})" if self.records else ""),
+            f"records: {self.records}",
+            chain,
             f"checkpoints verified: {self.checkpoints_verified}"
             + (f", last at seq {self.last_signed_seq}" if self.last_signed_seq else ""),
-            f"unsigned tail: {self.unsigned_tail} record(s) after the last checkpoint",
         ]
+        if self.ok:
+            lines.append(f"unsigned tail: {self.unsigned_tail} record(s) after the last checkpoint")
         lines += [f"ERROR: {e}" for e in self.errors]
         lines.append("VERIFIED" if self.ok else "FAILED")
         return "\n".join(lines)
@@ -128,8 +134,7 @@ def _check_chain(
     hashes: dict[int, str] = {}
     report.records = len(records)
     if records:
-        report.first_seq = records[0].get("seq") if isinstance(records[0].get("seq"), int) else None
-        report.last_seq = report.first_seq
+        report.first_seq = expected_seq
     if records and records[0].get("seq") != expected_seq:
         where = "the first record of the chain" if expected_seq == 1 else "the held checkpoint"
         report.errors.append(

@@ -121,3 +121,23 @@ def test_database_down_gives_503_and_recovers(api: Api, db_path: Path, storage: 
     db_path.rmdir()
     moved.rename(db_path)
     assert api.call("POST", "/v1/keys/k/datakey", svc, json={}).status_code == 200
+
+
+def test_refused_audit_appends_are_logged(api: Api, db_path: Path) -> None:
+    """Refusals for want of an audit record are counted in the structured log."""
+    import logging
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("kms.api")
+    logger.addHandler(handler)
+    try:
+        svc = api.principal("service", "svc")
+        api.key("k", grant=svc)
+        _refuse_audit(db_path)
+        assert api.call("POST", "/v1/keys/k/datakey", svc, json={}).status_code == 503
+        _accept_audit(db_path)
+    finally:
+        logger.removeHandler(handler)
+    assert [getattr(r, "code", None) for r in seen] == ["storage_unavailable"]
