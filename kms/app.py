@@ -9,24 +9,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, g, request
 
 from kms import config as config_mod
 from kms import logs
-from kms.api import admin, audit, crypto, errors
+from kms.api import admin, audit, crypto, errors, escrow
 from kms.api.context import request_id
 from kms.backends.hsm import HsmConfig, Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
 from kms.backends.storage.migrate import check_current
+from kms.backends.webhook import RequestsWebhookSender
 from kms.services.audit import AuditTrail, CheckpointPolicy
 from kms.services.audit_export import AuditExports
 from kms.services.clock import SystemClock
 from kms.services.crypto import CryptoService
+from kms.services.escrow import EscrowService, EscrowSettings
 from kms.services.health import HealthService
 from kms.services.keys import KeyService
+from kms.services.model import EscrowPolicy
+from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
 from kms.services.principals import PrincipalService
 
@@ -40,43 +45,77 @@ class Services:
     crypto: CryptoService
     audit: AuditTrail
     exports: AuditExports
+    escrow: EscrowService
+    notifier: Notifier
     health: HealthService
+
+
+@dataclass(frozen=True)
+class Options:
+    """Service-layer settings (the parts of config.Settings the services need)."""
+
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    escrow: EscrowSettings = field(default_factory=EscrowSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+
+
+def options_from_settings(settings: config_mod.Settings) -> Options:
+    return Options(
+        CheckpointPolicy(settings.audit_checkpoint_records),
+        EscrowSettings(
+            EscrowPolicy(
+                settings.escrow_quorum,
+                settings.escrow_required_groups,
+                settings.escrow_veto_groups,
+            ),
+            settings.escrow_waiting_period_seconds,
+            settings.escrow_approval_ttl_seconds,
+        ),
+        WebhookSettings(settings.escrow_webhook_url, settings.escrow_webhook_secret),
+    )
 
 
 def build_services(
     storage: Storage,
     hsm: Hsm,
     clock: Clock | None = None,
-    checkpoint_every_records: int = 1000,
+    options: Options = Options(),
 ) -> Services:
     clock = clock or SystemClock()
-    trail = AuditTrail(storage, clock, hsm, CheckpointPolicy(checkpoint_every_records))
+    trail = AuditTrail(storage, clock, hsm, options.checkpoint)
+    sender = RequestsWebhookSender() if options.webhook.url else None
+    notifier = Notifier(storage, trail, clock, sender, options.webhook)
+    escrow = EscrowService(storage, trail, clock, notifier, options.escrow)
     return Services(
         principals=PrincipalService(storage, trail, clock),
         keys=KeyService(storage, hsm, trail, clock),
-        crypto=CryptoService(storage, hsm, trail),
+        crypto=CryptoService(storage, hsm, trail, escrow),
         audit=trail,
         exports=AuditExports(storage, trail),
+        escrow=escrow,
+        notifier=notifier,
         health=HealthService(storage, hsm),
     )
 
 
-def start_checkpoint_timer(services: Services, every_seconds: int) -> threading.Thread | None:
-    """Sign a checkpoint every ``every_seconds`` when records are unsigned (0: never).
+def start_background(services: Services, settings: config_mod.Settings) -> None:
+    """Per-worker loops (started after fork, by kms.wsgi): timed audit checkpoints and
+    webhook delivery. PKCS#11 calls go through the backend's process-wide lock."""
+    _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
+    if services.notifier.configured:
+        _every(1, services.notifier.deliver_quietly, "notifications")
 
-    Runs in a daemon thread of the worker that calls it (after fork); PKCS#11 calls go
-    through the backend's process-wide lock, so sharing the HSM with requests is safe."""
-    if every_seconds <= 0:
-        return None
+
+def _every(seconds: int, task: Callable[[], None], name: str) -> None:
+    if seconds <= 0:
+        return
 
     def loop() -> None:
         while True:
-            time.sleep(every_seconds)
-            services.audit.checkpoint_quietly()
+            time.sleep(seconds)
+            task()
 
-    thread = threading.Thread(target=loop, name="audit-checkpoints", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=loop, name=name, daemon=True).start()
 
 
 def hsm_config(settings: config_mod.Settings) -> HsmConfig:
@@ -115,9 +154,9 @@ def create_app(
         storage or storage_from_settings(settings),
         hsm or Pkcs11Hsm(hsm_config(settings)),
         clock,
-        settings.audit_checkpoint_records,
+        options_from_settings(settings),
     )
-    for bp in (admin.bp, crypto.bp, audit.bp):
+    for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp):
         app.register_blueprint(bp)
     errors.register(app)
 

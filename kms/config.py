@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CONF_FILE = "kms.conf"
@@ -35,6 +36,13 @@ class Settings:
     log_level: str = "INFO"
     audit_checkpoint_records: int = 1000
     audit_checkpoint_seconds: int = 60
+    escrow_quorum: int = 2
+    escrow_required_groups: frozenset[str] = frozenset()
+    escrow_veto_groups: frozenset[str] = frozenset()
+    escrow_waiting_period_seconds: int = 86400
+    escrow_approval_ttl_seconds: int = 7 * 86400
+    escrow_webhook_url: str | None = None
+    escrow_webhook_secret: bytes = field(default=b"", repr=False)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -117,4 +125,33 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_level=level,
         audit_checkpoint_records=_int(env, "KMS_AUDIT_CHECKPOINT_RECORDS", 1000, 0, 10**9),
         audit_checkpoint_seconds=_int(env, "KMS_AUDIT_CHECKPOINT_SECONDS", 60, 0, 86400),
+        escrow_quorum=_int(env, "KMS_ESCROW_QUORUM", 2, 1, 16),
+        escrow_required_groups=_groups(env, "KMS_ESCROW_REQUIRED_GROUPS"),
+        escrow_veto_groups=_groups(env, "KMS_ESCROW_VETO_GROUPS"),
+        escrow_waiting_period_seconds=_int(
+            env, "KMS_ESCROW_WAITING_PERIOD_SECONDS", 86400, 0, 90 * 86400
+        ),
+        escrow_approval_ttl_seconds=_int(
+            env, "KMS_ESCROW_APPROVAL_TTL_SECONDS", 7 * 86400, 60, 90 * 86400
+        ),
+        **_webhook(env),
     )
+
+
+def _groups(env: Mapping[str, str], name: str) -> frozenset[str]:
+    return frozenset(g.strip() for g in env.get(name, "").split(",") if g.strip())
+
+
+def _webhook(env: Mapping[str, str]) -> dict[str, Any]:
+    url = env.get("KMS_ESCROW_WEBHOOK_URL") or None
+    if url is None:
+        return {}
+    if not url.startswith(("https://", "http://")):
+        raise ConfigError("KMS_ESCROW_WEBHOOK_URL must be an http(s) URL")
+    secret_file = env.get("KMS_ESCROW_WEBHOOK_SECRET_FILE")
+    if not secret_file or not Path(secret_file).exists():
+        raise ConfigError("KMS_ESCROW_WEBHOOK_URL needs KMS_ESCROW_WEBHOOK_SECRET_FILE")
+    secret = Path(secret_file).read_bytes().strip()
+    if len(secret) < 16:
+        raise ConfigError("the webhook secret must be at least 16 bytes")
+    return {"escrow_webhook_url": url, "escrow_webhook_secret": secret}

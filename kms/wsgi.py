@@ -1,9 +1,9 @@
 """WSGI entry point for gunicorn: ``kms.wsgi:app``. Loaded in each worker (no preload),
-so the PKCS#11 module is initialised after fork; the checkpoint timer runs per worker."""
+so the PKCS#11 module is initialised after fork; the background loops run per worker."""
 
 from kms import config
-from kms.app import create_app, start_checkpoint_timer
+from kms.app import create_app, start_background
 
 settings = config.from_env()
 app = create_app(settings)
-start_checkpoint_timer(app.extensions["kms"], settings.audit_checkpoint_seconds)
+start_background(app.extensions["kms"], settings)

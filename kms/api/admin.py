@@ -9,6 +9,7 @@ from flask import Blueprint
 from kms.api import parsing as p
 from kms.api import serialize
 from kms.api.context import caller, operation, services
+from kms.services.model import EscrowPolicy
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")
 Json = tuple[dict[str, Any], int] | dict[str, Any]
@@ -65,16 +66,40 @@ def describe_key(ref: str) -> Json:
 @bp.post("/keys/<path:ref>/grants")
 @operation("grant")
 def grant(ref: str) -> Json:
-    """``{principal, operations}``; replaces the principal's operations on the key
-    (an empty list revokes)."""
-    body = p.json_body({"principal", "operations"}, frozenset({"principal", "operations"}))
-    ops = services().keys.grant(
+    """``{principal, operations, justifications?}``; replaces the principal's grant on the
+    key (empty operations revoke; justifications default to ["service_processing"])."""
+    body = p.json_body(
+        {"principal", "operations", "justifications"}, frozenset({"principal", "operations"})
+    )
+    granted = services().keys.grant(
         caller(),
         ref,
         p.required_string(body, "principal", max_len=64),
         p.string_list(body, "operations", max_items=8),
+        p.string_list(body, "justifications", max_items=8) if "justifications" in body else None,
     )
-    return {"principal": body["principal"], "operations": sorted(ops)}
+    return {
+        "principal": body["principal"],
+        "operations": sorted(granted.operations),
+        "justifications": sorted(granted.justifications),
+    }
+
+
+@bp.post("/keys/<path:ref>/escrow-policy")
+@operation("set_escrow_policy")
+def escrow_policy(ref: str) -> Json:
+    """``{quorum, required_groups?, veto_groups?}``: what escrow cases over this key need."""
+    body = p.json_body({"quorum", "required_groups", "veto_groups"}, frozenset({"quorum"}))
+    policy = EscrowPolicy(
+        p.integer(body, "quorum"),
+        frozenset(p.string_list(body, "required_groups", max_items=16))
+        if "required_groups" in body
+        else frozenset(),
+        frozenset(p.string_list(body, "veto_groups", max_items=16))
+        if "veto_groups" in body
+        else frozenset(),
+    )
+    return serialize.key(services().keys.set_escrow_policy(caller(), ref, policy))
 
 
 @bp.post("/keys/<path:ref>/rotate")

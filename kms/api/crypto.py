@@ -91,14 +91,18 @@ def encrypt(ref: str) -> dict[str, Any]:
 @bp.post("/decrypt")
 @operation("decrypt")
 def decrypt() -> dict[str, Any]:
-    """``{ciphertext, context?, justification?}`` -> ``{key_id, key_version, plaintext}``"""
+    """``{ciphertext, context?, justification?, reference?, case_id?}`` ->
+    ``{key_id, key_version, plaintext}``; ``case_id`` is for requesters with an active
+    escrow case."""
     return _single_or_batch(
-        {"ciphertext", "context", "justification"},
+        {"ciphertext", "context", "justification", "reference", "case_id"},
         frozenset({"ciphertext"}),
         lambda b: DecryptRequest(
             p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
             p.context(b),
             _justification(b),
+            p.string(b, "reference", max_len=200),
+            p.string(b, "case_id", max_len=64),
         ),
         lambda items: services().crypto.decrypt(caller(), items),
     )
@@ -107,16 +111,17 @@ def decrypt() -> dict[str, Any]:
 @bp.post("/rewrap")
 @operation("rewrap")
 def rewrap() -> dict[str, Any]:
-    """``{ciphertext, context?, destination_key?, justification?}`` ->
+    """``{ciphertext, context?, destination_key?, justification?, reference?}`` ->
     ``{key_id, key_version, ciphertext}``"""
     return _single_or_batch(
-        {"ciphertext", "context", "destination_key", "justification"},
+        {"ciphertext", "context", "destination_key", "justification", "reference"},
         frozenset({"ciphertext"}),
         lambda b: RewrapRequest(
             p.b64(b, "ciphertext", max_bytes=MAX_BLOB_BYTES),
             p.context(b),
             p.string(b, "destination_key", max_len=64),
             _justification(b),
+            p.string(b, "reference", max_len=200),
         ),
         lambda items: services().crypto.rewrap(caller(), items),
     )

@@ -9,7 +9,7 @@ from kms.api.errors import error_body
 from kms.api.parsing import encode
 from kms.errors import ClientError
 from kms.services.crypto import Opened, Sealed
-from kms.services.model import Key, Principal
+from kms.services.model import EscrowPolicy, Key, Principal
 
 
 def iso(when: datetime | None) -> str | None:
@@ -25,6 +25,15 @@ def key(k: Key) -> dict[str, Any]:
         "current_version": k.current_version,
         "created_at": iso(k.created_at),
         "deletion_date": iso(k.deletion_date),
+        "escrow_policy": policy(k.escrow_policy) if k.escrow_policy else None,
+    }
+
+
+def policy(x: EscrowPolicy) -> dict[str, Any]:
+    return {
+        "quorum": x.quorum,
+        "required_groups": sorted(x.required_groups),
+        "veto_groups": sorted(x.veto_groups),
     }
 
 

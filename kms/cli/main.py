@@ -6,41 +6,14 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
-from kms.client import KmsClient, KmsClientError
+from kms.cli.common import clear_errors, client, data_dir_option, print_json, remote
+from kms.cli.escrow import escrow
 
-DEFAULT_URL = "http://127.0.0.1:8200"
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
-
-
-@contextmanager
-def _clear_errors() -> Iterator[None]:
-    """Turn every expected failure into one line on stderr and exit status 1."""
-    from kms.config import ConfigError
-    from kms.errors import KmsError
-
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except KmsClientError as e:
-        raise click.ClickException(str(e)) from None
-    except (ConfigError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    except KmsError as e:
-        raise click.ClickException(f"{e.code}: {e.message}") from None
-    except Exception as e:
-        raise click.ClickException(f"{type(e).__name__}: {e}") from None
-
-
-def _print(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 @click.group()
@@ -49,15 +22,10 @@ def main() -> None:
     """Keyholder KMS: HSM-backed envelope encryption with an audit trail."""
 
 
-# -- local commands ---------------------------------------------------------------------
+main.add_command(escrow)
 
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="KMS_DATA_DIR",
-    required=True,
-    help="Data directory (env KMS_DATA_DIR).",
-)
+
+# -- local commands ---------------------------------------------------------------------
 
 
 @main.command()
@@ -76,7 +44,7 @@ def init(
     """Create or complete a data directory (idempotent)."""
     if pkcs11_module and not pin_file:
         raise click.UsageError("--pkcs11-module needs --pin-file")
-    with _clear_errors():
+    with clear_errors():
         from kms.bootstrap import init_data_dir
 
         report = init_data_dir(
@@ -98,7 +66,7 @@ def init(
 @data_dir_option
 def migrate(data_dir: Path) -> None:
     """Upgrade the database schema in place."""
-    with _clear_errors():
+    with clear_errors():
         from kms.bootstrap import migrate_database
 
         migrate_database(data_dir)
@@ -136,25 +104,6 @@ def serve(data_dir: Path, bind: str, workers: int, gunicorn_conf: str) -> None:
 # -- remote commands --------------------------------------------------------------------
 
 
-def _client(url: str, token_file: Path | None) -> KmsClient:
-    token = os.environ.get("KMS_TOKEN")
-    if token_file is not None:
-        token = token_file.read_text().strip()
-    if not token:
-        raise click.UsageError("give --token-file or set KMS_TOKEN / KMS_TOKEN_FILE")
-    return KmsClient(url, token)
-
-
-def remote(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--url", envvar="KMS_URL", default=DEFAULT_URL, show_default=True)(fn)
-    return click.option(
-        "--token-file",
-        envvar="KMS_TOKEN_FILE",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        help="File holding a bearer token (env KMS_TOKEN_FILE, or KMS_TOKEN).",
-    )(fn)
-
-
 @main.group()
 def principals() -> None:
     """Create and list principals."""
@@ -170,15 +119,15 @@ def principals() -> None:
 @remote
 def principals_create(name: str, role: str, url: str, token_file: Path | None) -> None:
     """Create a principal and print its token (shown once)."""
-    with _clear_errors():
-        _print(_client(url, token_file).create_principal(name, role))
+    with clear_errors():
+        print_json(client(url, token_file).create_principal(name, role))
 
 
 @principals.command("list")
 @remote
 def principals_list(url: str, token_file: Path | None) -> None:
-    with _clear_errors():
-        _print(_client(url, token_file).list_principals())
+    with clear_errors():
+        print_json(client(url, token_file).list_principals())
 
 
 @main.group()
@@ -191,23 +140,23 @@ def keys() -> None:
 @click.option("--description", default="")
 @remote
 def keys_create(alias: str | None, description: str, url: str, token_file: Path | None) -> None:
-    with _clear_errors():
-        _print(_client(url, token_file).create_key(alias, description))
+    with clear_errors():
+        print_json(client(url, token_file).create_key(alias, description))
 
 
 @keys.command("list")
 @remote
 def keys_list(url: str, token_file: Path | None) -> None:
-    with _clear_errors():
-        _print(_client(url, token_file).list_keys())
+    with clear_errors():
+        print_json(client(url, token_file).list_keys())
 
 
 @keys.command("show")
 @click.argument("ref")
 @remote
 def keys_show(ref: str, url: str, token_file: Path | None) -> None:
-    with _clear_errors():
-        _print(_client(url, token_file).get_key(ref))
+    with clear_errors():
+        print_json(client(url, token_file).get_key(ref))
 
 
 def _key_action(action: str, doc: str) -> None:
@@ -215,8 +164,8 @@ def _key_action(action: str, doc: str) -> None:
     @click.argument("ref")
     @remote
     def command(ref: str, url: str, token_file: Path | None) -> None:
-        with _clear_errors():
-            _print(_client(url, token_file).key_action(ref, action))
+        with clear_errors():
+            print_json(client(url, token_file).key_action(ref, action))
 
 
 for _action, _doc in (
@@ -234,9 +183,9 @@ for _action, _doc in (
 @remote
 def keys_schedule_deletion(ref: str, pending_days: int, url: str, token_file: Path | None) -> None:
     """Schedule deletion after a waiting period of 7 to 30 days."""
-    with _clear_errors():
-        _print(
-            _client(url, token_file).key_action(
+    with clear_errors():
+        print_json(
+            client(url, token_file).key_action(
                 ref, "schedule-deletion", {"pending_days": pending_days}
             )
         )
@@ -260,8 +209,8 @@ def grants_set(
     ref: str, principal: str, operations: str, url: str, token_file: Path | None
 ) -> None:
     ops = [o.strip() for o in operations.split(",") if o.strip()]
-    with _clear_errors():
-        _print(_client(url, token_file).grant(ref, principal, ops))
+    with clear_errors():
+        print_json(client(url, token_file).grant(ref, principal, ops))
 
 
 @main.group()
@@ -283,8 +232,8 @@ def audit() -> None:
 def audit_list(after: int, limit: int, url: str, token_file: Path | None, **filters: str) -> None:
     """Print records as JSON lines, in chain order."""
     chosen = {k: v for k, v in filters.items() if v is not None}
-    with _clear_errors():
-        for record in _client(url, token_file).audit(after, limit, **chosen):
+    with clear_errors():
+        for record in client(url, token_file).audit(after, limit, **chosen):
             click.echo(json.dumps(record, sort_keys=True))
 
 
@@ -299,8 +248,8 @@ def audit_export(
     after: int | None, until: int | None, out: Path | None, url: str, token_file: Path | None
 ) -> None:
     """Write a self-contained bundle (records, checkpoints, public key) as JSON Lines."""
-    with _clear_errors():
-        lines = _client(url, token_file).export_audit(after, until)
+    with clear_errors():
+        lines = client(url, token_file).export_audit(after, until)
         if out is None:
             for line in lines:
                 click.echo(line.decode(), nl=False)
@@ -316,8 +265,8 @@ def audit_export(
 @remote
 def audit_public_key(out: Path | None, url: str, token_file: Path | None) -> None:
     """The audit signing key (PEM). Fetch it once and keep it: verify against your copy."""
-    with _clear_errors():
-        pem = _client(url, token_file).audit_public_key()
+    with clear_errors():
+        pem = client(url, token_file).audit_public_key()
         if out is None:
             click.echo(pem.decode(), nl=False)
         else:
@@ -328,8 +277,8 @@ def audit_public_key(out: Path | None, url: str, token_file: Path | None) -> Non
 @remote
 def audit_checkpoint(url: str, token_file: Path | None) -> None:
     """Ask the server to sign a checkpoint of the chain head now (admin)."""
-    with _clear_errors():
-        _print(_client(url, token_file).create_checkpoint())
+    with clear_errors():
+        print_json(client(url, token_file).create_checkpoint())
 
 
 @audit.command("checkpoints")
@@ -338,8 +287,8 @@ def audit_checkpoint(url: str, token_file: Path | None) -> None:
 @remote
 def audit_checkpoints(after: int, limit: int, url: str, token_file: Path | None) -> None:
     """Print signed checkpoints as JSON lines (each usable as --since-checkpoint)."""
-    with _clear_errors():
-        for cp in _client(url, token_file).audit_checkpoints(after, limit):
+    with clear_errors():
+        for cp in client(url, token_file).audit_checkpoints(after, limit):
             click.echo(json.dumps(cp, sort_keys=True))
 
 
@@ -350,10 +299,10 @@ def audit_checkpoints(after: int, limit: int, url: str, token_file: Path | None)
 @remote
 def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | None) -> None:
     """Per key and per principal: operations, failures, unwraps by justification."""
-    with _clear_errors():
-        result = _client(url, token_file).audit_report(since, until, fmt)
+    with clear_errors():
+        result = client(url, token_file).audit_report(since, until, fmt)
     if fmt == "json":
-        _print(result)
+        print_json(result)
     else:
         click.echo(result, nl=False)
 
@@ -406,7 +355,7 @@ def audit_verify(bundle: Path, public_key: Path, since_checkpoint: Path | None) 
 def audit_archive(data_dir: Path, through: int, out: Path) -> None:
     """Export records up to a checkpoint to a bundle file, verify it, then remove them
     from the live database (run on the server host; the rest still verifies)."""
-    with _clear_errors():
+    with clear_errors():
         from kms.bootstrap import open_services
 
         with open_services(data_dir) as services, out.open("x") as f:

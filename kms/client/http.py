@@ -223,11 +223,52 @@ class KmsClient:
         ciphertext: bytes,
         context: Mapping[str, str] | None = None,
         justification: str | None = None,
+        *,
+        reference: str | None = None,
+        case_id: str | None = None,
     ) -> bytes:
+        """Unwrap a blob. ``justification`` defaults to service_processing on the server;
+        a requester passes the ``case_id`` of an active escrow case."""
         body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "context": dict(context or {})}
-        if justification is not None:
-            body["justification"] = justification
+        for name, value in (
+            ("justification", justification),
+            ("reference", reference),
+            ("case_id", case_id),
+        ):
+            if value is not None:
+                body[name] = value
         return _unb64(self.call("POST", "/v1/decrypt", body)["plaintext"])
+
+    # -- escrow ---------------------------------------------------------------------------
+
+    def register_custodian(self, name: str, group: str, public_key: bytes) -> dict[str, Any]:
+        body = {"name": name, "group": group, "public_key": _b64(public_key)}
+        return dict(self.call("POST", "/v1/custodians", body))
+
+    def revoke_custodian(self, name: str) -> dict[str, Any]:
+        return dict(self.call("DELETE", f"/v1/custodians/{quote(name, safe='')}"))
+
+    def file_case(self, case: Mapping[str, Any]) -> dict[str, Any]:
+        """``{legal_basis, reference, justification, scope: {keys, context?, blobs?},
+        max_unwraps, expires_in_seconds}``; blobs as base64."""
+        return dict(self.call("POST", "/v1/escrow/cases", case))
+
+    def amend_case(self, case_id: str, case: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.call("PUT", f"/v1/escrow/cases/{_ref(case_id)}", case))
+
+    def get_case(self, case_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/v1/escrow/cases/{_ref(case_id)}"))
+
+    def decide_case(
+        self, case_id: str, custodian: str, signature: bytes, decision: str = "approve"
+    ) -> dict[str, Any]:
+        path = "approvals" if decision == "approve" else "rejections"
+        body = {"custodian": custodian, "signature": _b64(signature)}
+        return dict(self.call("POST", f"/v1/escrow/cases/{_ref(case_id)}/{path}", body))
+
+    def end_case(self, case_id: str, action: str) -> dict[str, Any]:
+        """``revoke`` or ``close``."""
+        return dict(self.call("POST", f"/v1/escrow/cases/{_ref(case_id)}/{action}", {}))
 
     def rewrap(
         self,

@@ -31,11 +31,14 @@ from kms.errors import (
 from kms.formats import blob as blobfmt
 from kms.formats import context as ctxfmt
 from kms.services.audit import AuditTrail, Caller, Operation
+from kms.services.escrow import EscrowService
 from kms.services.keys import require_enabled, resolve
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
+    ESCROW_ONLY_JUSTIFICATIONS,
     JUSTIFICATIONS,
     AuditEvent,
+    Grant,
     KekRef,
     Key,
     Principal,
@@ -47,8 +50,6 @@ from kms.services.ports import Hsm, Storage, Tx
 MAX_PLAINTEXT = 4096
 MAX_BATCH = 1000
 DEK_BYTES = 32
-# Justifications a service may give through a grant; the others need an escrow case.
-GRANT_JUSTIFICATIONS = frozenset({DEFAULT_JUSTIFICATION})
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class DecryptRequest:
     ciphertext: bytes
     context: dict[str, str]
     justification: str = DEFAULT_JUSTIFICATION
+    reference: str | None = None  # free text kept with the justification in the audit trail
+    case_id: str | None = None  # an escrow case (requesters only)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class RewrapRequest:
     context: dict[str, str]
     destination: str | None = None
     justification: str = DEFAULT_JUSTIFICATION
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,17 @@ class _Keys:
         self._principal = principal
         self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
-        self._grants: dict[str, frozenset[str]] = {}
+        self._grants: dict[str, Grant] = {}
         self.used: set[tuple[str, Op]] = set()
+        self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @property
+    def tx(self) -> Tx:
+        return self._tx
 
     def by_ref(self, ref: str, operation: Op) -> Key:
         """The key a caller named (id or alias), if the caller may use it for ``operation``."""
@@ -139,10 +152,21 @@ class _Keys:
             raise DecryptionFailed(detail=f"unknown key version {version}")
         return KekRef(key.key_id, version, kv.wrapped, kv.root_label)
 
+    def _grant(self, key_id: str) -> Grant:
+        if key_id not in self._grants:
+            self._grants[key_id] = self._tx.grant(key_id, self._principal.id)
+        return self._grants[key_id]
+
+    def justified(self, key_id: str, code: str) -> None:
+        """Forbidden unless the grant on the key allows this justification."""
+        if code not in self._grant(key_id).justifications:
+            raise Forbidden(
+                f"justification {code!r} is not allowed by your grant on this key",
+                detail=f"justification {code} not granted",
+            )
+
     def allowed(self, key: Key, operation: Op) -> Key:
-        if key.key_id not in self._grants:
-            self._grants[key.key_id] = self._tx.grant_operations(key.key_id, self._principal.id)
-        if operation.value not in self._grants[key.key_id]:
+        if operation.value not in self._grant(key.key_id).operations:
             raise Forbidden(f"no {operation.value} grant on this key", detail="no grant")
         require_enabled(key)
         self.used.add((key.key_id, operation))
@@ -165,11 +189,13 @@ class CryptoService:
         storage: Storage,
         hsm: Hsm,
         audit: AuditTrail,
+        escrow: EscrowService | None = None,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit = audit
+        self._escrow = escrow
         self._random = random  # IVs; injectable so tests can reproduce exact blobs
 
     def datakey(
@@ -208,12 +234,44 @@ class CryptoService:
         """Open blobs; the key and version are read from each blob."""
 
         def one(keys: _Keys, op: Operation, item: DecryptRequest) -> Opened:
-            op.note(context_sha256=ctxfmt.digest(item.context), justification=item.justification)
-            _check_justification(item.justification)
+            _note_unwrap(op, item.context, item.justification, item.reference, item.case_id)
+            if item.case_id is not None:
+                return self._open_under_case(keys, op, caller, item)
+            if keys.principal.role is not Role.SERVICE:
+                raise Forbidden("a requester unwraps only within an escrow case")
             parsed, kek = self._parse(keys, op, item.ciphertext, Op.DECRYPT)
+            keys.justified(kek.key_id, item.justification)
             return Opened(kek.key_id, kek.version, self._open(kek, parsed, item.context))
 
-        return self._run(caller, "decrypt", items, one)
+        return self._run(caller, "decrypt", items, one, (Role.SERVICE, Role.REQUESTER))
+
+    def _open_under_case(
+        self, keys: _Keys, op: Operation, caller: Caller, item: DecryptRequest
+    ) -> Opened:
+        assert item.case_id is not None
+        if keys.principal.role is not Role.REQUESTER or self._escrow is None:
+            raise Forbidden("escrow cases are for requesters")
+        parsed = _parse_blob(item.ciphertext)
+        op.note(key_id=parsed.key_id, key_version=parsed.key_version)
+        key = keys.by_id(parsed.key_id)
+        if key is None:
+            raise DecryptionFailed(detail="blob names an unknown key")
+        used = keys.case_uses.get(item.case_id, 0)
+        self._escrow.check_unwrap(
+            keys.tx,
+            caller,
+            item.case_id,
+            parsed,
+            item.ciphertext,
+            item.context,
+            item.justification,
+            used,
+        )
+        require_enabled(key)
+        kek = keys.kek(key, parsed.key_version)
+        plaintext = self._open(kek, parsed, item.context)
+        keys.case_uses[item.case_id] = used + 1
+        return Opened(kek.key_id, kek.version, plaintext)
 
     def rewrap(self, caller: Caller, items: Sequence[RewrapRequest]) -> list[Sealed | ClientError]:
         """Re-encrypt a blob under the current version of its key (or ``destination``);
@@ -222,9 +280,9 @@ class CryptoService:
         rewrap on the destination, since whoever can decrypt there could read it."""
 
         def one(keys: _Keys, op: Operation, item: RewrapRequest) -> Sealed:
-            op.note(context_sha256=ctxfmt.digest(item.context), justification=item.justification)
-            _check_justification(item.justification)
+            _note_unwrap(op, item.context, item.justification, item.reference, None)
             parsed, kek = self._parse(keys, op, item.ciphertext, Op.REWRAP)
+            keys.justified(kek.key_id, item.justification)
             dest = keys.by_ref(item.destination or kek.key_id, Op.REWRAP)
             if dest.key_id != kek.key_id:
                 source = keys.by_id(kek.key_id)
@@ -245,9 +303,10 @@ class CryptoService:
         name: str,
         items: Sequence[I],
         one: Callable[[_Keys, Operation, I], R],
+        roles: tuple[Role, ...] = (Role.SERVICE,),
     ) -> list[R | ClientError]:
         with self._audit.operation(caller, name):
-            principal = caller.require(Role.SERVICE)
+            principal = caller.require(*roles)
             if not 1 <= len(items) <= MAX_BATCH:
                 raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
         results: list[R | ClientError] = []
@@ -267,11 +326,17 @@ class CryptoService:
                     self._abort(caller, name, len(items), [*events, op.event], e)
                     raise
         try:
-            self._audit.record(events, precheck=keys.recheck)
+            self._audit.record(events, precheck=lambda tx: self._recheck(keys, tx))
         except ClientError as e:
             self._abort(caller, name, len(items), events, e)
             raise
         return results
+
+    def _recheck(self, keys: _Keys, tx: Tx) -> None:
+        keys.recheck(tx)
+        for case_id, count in keys.case_uses.items():
+            assert self._escrow is not None
+            self._escrow.consume(tx, case_id, count)
 
     def _abort(
         self, caller: Caller, name: str, total: int, events: list[AuditEvent], error: Exception
@@ -298,10 +363,7 @@ class CryptoService:
     def _parse(
         self, keys: _Keys, op: Operation, data: bytes, operation: Op
     ) -> tuple[blobfmt.Blob, KekRef]:
-        try:
-            parsed = blobfmt.parse(data)
-        except blobfmt.BlobError as e:
-            raise DecryptionFailed(detail=f"malformed blob: {e}") from e
+        parsed = _parse_blob(data)
         op.note(key_id=parsed.key_id, key_version=parsed.key_version)
         _, kek = keys.by_blob(parsed, operation)
         return parsed, kek
@@ -313,11 +375,26 @@ class CryptoService:
             raise DecryptionFailed(detail=f"authentication failed ({e})") from e
 
 
-def _check_justification(code: str) -> None:
+def _parse_blob(data: bytes) -> blobfmt.Blob:
+    try:
+        return blobfmt.parse(data)
+    except blobfmt.BlobError as e:
+        raise DecryptionFailed(detail=f"malformed blob: {e}") from e
+
+
+def _note_unwrap(
+    op: Operation, context: dict[str, str], code: str, reference: str | None, case_id: str | None
+) -> None:
+    op.note(
+        context_sha256=ctxfmt.digest(context),
+        justification=code,
+        case_id=case_id,
+        detail=f"reference={reference}" if reference else None,
+    )
     if code not in JUSTIFICATIONS:
         raise InvalidRequest("justification must be one of: " + ", ".join(sorted(JUSTIFICATIONS)))
-    if code not in GRANT_JUSTIFICATIONS:
+    if case_id is None and code in ESCROW_ONLY_JUSTIFICATIONS:
         raise Forbidden(
-            f"justification {code!r} is not allowed through a grant",
+            f"justification {code!r} needs an escrow case",
             detail=f"justification {code} needs an escrow case",
         )

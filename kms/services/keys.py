@@ -22,7 +22,18 @@ from datetime import timedelta
 
 from kms.errors import InvalidRequest, KeyStateError, NotFound
 from kms.services.audit import AuditTrail, Caller
-from kms.services.model import Key, KeyState, KeyVersion, Operation, Role
+from kms.services.model import (
+    DEFAULT_JUSTIFICATION,
+    ESCROW_ONLY_JUSTIFICATIONS,
+    JUSTIFICATIONS,
+    EscrowPolicy,
+    Grant,
+    Key,
+    KeyState,
+    KeyVersion,
+    Operation,
+    Role,
+)
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
 ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
@@ -37,6 +48,19 @@ def resolve(tx: Tx, ref: str) -> Key:
     if key is None:
         raise NotFound("no such key")
     return key
+
+
+def parse_grant_justifications(values: list[str] | None) -> frozenset[str]:
+    if values is None:
+        return frozenset({DEFAULT_JUSTIFICATION})
+    bad = [v for v in values if v not in JUSTIFICATIONS]
+    if bad or not values:
+        raise InvalidRequest("justifications must be among: " + ", ".join(sorted(JUSTIFICATIONS)))
+    if set(values) & ESCROW_ONLY_JUSTIFICATIONS:
+        raise InvalidRequest(
+            "legal_request and break_glass are never granted; they need an escrow case"
+        )
+    return frozenset(values)
 
 
 def parse_operations(values: list[str]) -> frozenset[str]:
@@ -152,26 +176,55 @@ class KeyService:
         )
 
     def grant(
-        self, caller: Caller, ref: str, principal_name: str, operations: list[str]
-    ) -> frozenset[str]:
-        """Set the operations ``principal_name`` may perform on the key (empty revokes)."""
+        self,
+        caller: Caller,
+        ref: str,
+        principal_name: str,
+        operations: list[str],
+        justifications: list[str] | None = None,
+    ) -> Grant:
+        """Set what ``principal_name`` may do with the key (empty operations revoke) and
+        with which justifications (default service_processing; never the escrow-only
+        codes legal_request and break_glass)."""
         with self._audit.operation(caller, "grant") as op:
             caller.require(Role.ADMIN)
-            ops = parse_operations(operations)
+            grant = Grant(parse_operations(operations), parse_grant_justifications(justifications))
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(
                     key_id=key.key_id,
-                    detail=f"principal={principal_name} ops={','.join(sorted(ops))}",
+                    detail=f"principal={principal_name} ops={','.join(sorted(grant.operations))}"
+                    f" justifications={','.join(sorted(grant.justifications))}",
                 )
                 grantee = tx.principal_by_name(principal_name)
                 if grantee is None:
                     raise NotFound("no such principal")
                 if grantee.role is not Role.SERVICE:
                     raise InvalidRequest("grants can only be given to principals with role service")
-                tx.put_grant(key.key_id, grantee.id, ops)
+                tx.put_grant(key.key_id, grantee.id, grant)
                 self._audit.append(tx, [op.ok()])
-            return ops
+            return grant
+
+    def set_escrow_policy(self, caller: Caller, ref: str, policy: EscrowPolicy) -> Key:
+        """The quorum escrow cases over this key need (instead of the global default)."""
+        with self._audit.operation(caller, "set_escrow_policy") as op:
+            caller.require(Role.ADMIN)
+            if not 1 <= policy.quorum <= 16:
+                raise InvalidRequest("quorum must be between 1 and 16")
+            if policy.quorum < len(policy.required_groups):
+                raise InvalidRequest("quorum must be at least the number of required groups")
+            with self._storage.transaction() as tx:
+                key = resolve(tx, ref)
+                op.note(
+                    key_id=key.key_id,
+                    detail=f"quorum={policy.quorum} "
+                    f"required={','.join(sorted(policy.required_groups))} "
+                    f"veto={','.join(sorted(policy.veto_groups))}",
+                )
+                new = replace(key, escrow_policy=policy)
+                tx.update_key(new)
+                self._audit.append(tx, [op.ok()])
+            return new
 
     def _transition(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 class Role(enum.StrEnum):
@@ -34,6 +35,8 @@ JUSTIFICATIONS = frozenset(
     {"service_processing", "customer_initiated", "backup_restore", "legal_request", "break_glass"}
 )
 DEFAULT_JUSTIFICATION = "service_processing"
+# Only ever through an approved escrow case, never through a grant.
+ESCROW_ONLY_JUSTIFICATIONS = frozenset({"legal_request", "break_glass"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Key:
     current_version: int
     created_at: datetime
     deletion_date: datetime | None = None
+    escrow_policy: EscrowPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -121,3 +125,94 @@ class AuditQuery:
     case_id: str | None = None
     since: str | None = None
     until: str | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a service may do with a key, and with which justifications."""
+
+    operations: frozenset[str] = frozenset()
+    justifications: frozenset[str] = frozenset({DEFAULT_JUSTIFICATION})
+
+
+@dataclass(frozen=True)
+class EscrowPolicy:
+    """Who must approve an escrow case: ``quorum`` distinct custodians, at least one from
+    each of ``required_groups``; one rejection from a ``veto_groups`` member blocks."""
+
+    quorum: int = 2
+    required_groups: frozenset[str] = frozenset()
+    veto_groups: frozenset[str] = frozenset()
+
+    def merge(self, other: EscrowPolicy) -> EscrowPolicy:
+        """The stricter of two policies (a case over several keys needs all of them)."""
+        return EscrowPolicy(
+            max(self.quorum, other.quorum),
+            self.required_groups | other.required_groups,
+            self.veto_groups | other.veto_groups,
+        )
+
+
+class CaseState(enum.StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"  # quorum reached, waiting period running
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    CLOSED = "closed"
+
+
+OPEN_CASE_STATES = frozenset({CaseState.PENDING, CaseState.APPROVED, CaseState.ACTIVE})
+
+
+@dataclass(frozen=True)
+class Custodian:
+    name: str
+    group: str
+    public_key: bytes
+    state: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class EscrowCase:
+    """An escrow case. Times are record-time strings ("YYYY-MM-DDTHH:MM:SS.mmmZ");
+    ``scope`` is {"keys": [...], "context": {...} | None, "blobs": [sha256 hex] | None}."""
+
+    case_id: str
+    version: int
+    requester: str
+    legal_basis: str
+    reference: str
+    justification: str
+    scope: dict[str, Any]
+    max_unwraps: int
+    unwraps_used: int
+    expires_at: str
+    state: CaseState
+    digest: str
+    created_at: str
+    active_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    custodian: str
+    decision: str  # approve | reject
+    version: int
+    signature: bytes = field(repr=False)
+    recorded_at: str = ""
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    case_id: str
+    event: str
+    payload: str
+    state: str
+    attempts: int
+    next_attempt_at: str
+    expires_at: str
+    last_error: str | None = None

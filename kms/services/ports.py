@@ -10,9 +10,14 @@ from typing import Any, Protocol
 from kms.services.model import (
     AuditHead,
     AuditQuery,
+    Custodian,
+    Decision,
+    EscrowCase,
+    Grant,
     KekRef,
     Key,
     KeyVersion,
+    Notification,
     Principal,
     Role,
     WrappedKek,
@@ -66,8 +71,30 @@ class Tx(Protocol):
     def key_version(self, key_id: str, version: int) -> KeyVersion | None: ...
 
     # grants
-    def put_grant(self, key_id: str, principal_id: int, operations: frozenset[str]) -> None: ...
-    def grant_operations(self, key_id: str, principal_id: int) -> frozenset[str]: ...
+    def put_grant(self, key_id: str, principal_id: int, grant: Grant) -> None: ...
+    def grant(self, key_id: str, principal_id: int) -> Grant:
+        """The principal's grant on the key (empty if none)."""
+
+    # escrow
+    def add_custodian(self, custodian: Custodian) -> None: ...
+    def custodian(self, name: str) -> Custodian | None: ...
+    def list_custodians(self) -> list[Custodian]: ...
+    def set_custodian_state(self, name: str, state: str) -> None: ...
+    def add_case(self, case: EscrowCase) -> None: ...
+    def update_case(self, case: EscrowCase) -> None: ...
+    def case(self, case_id: str) -> EscrowCase | None:
+        """The case, locked until the transaction ends."""
+
+    def add_decision(self, case_id: str, decision: Decision) -> None:
+        """Conflict if that custodian already decided the same way on that version."""
+
+    def decisions(self, case_id: str) -> list[Decision]: ...
+    def add_notification(self, notification: Notification) -> None: ...
+    def claim_notifications(self, now: str, lease_until: str, limit: int) -> list[Notification]:
+        """Due pending notifications, each leased to the caller until ``lease_until``."""
+
+    def update_notification(self, notification: Notification) -> None: ...
+    def notifications(self, case_id: str) -> list[Notification]: ...
 
     # audit (the chain logic lives in services.audit)
     def audit_head(self) -> AuditHead:

@@ -8,10 +8,11 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from kms import config
 from kms.app import create_app
-from kms.backends.storage import SchemaNotCurrent, make_engine, upgrade
+from kms.backends.storage import SchemaNotCurrent, make_engine, migrate, upgrade
 from kms.backends.storage.schema import metadata
 
 EXTRA = """
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9001"
-down_revision = "0002"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -50,7 +51,8 @@ def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
         conn.execute(sa.text("UPDATE audit_head SET seq = 7, hash = :h"), {"h": "ab" * 32})
     versions = tmp_path / "versions"
     versions.mkdir()
-    (versions / "9001_owner.py").write_text(EXTRA)
+    head = ScriptDirectory.from_config(migrate._config()).get_current_head()
+    (versions / "9001_owner.py").write_text(EXTRA.replace("{head}", str(head)))
     upgrade(engine, extra_versions=[versions])  # 0002 (real) and 9001 (made here)
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT description, owner FROM keys")).one()

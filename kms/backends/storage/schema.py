@@ -48,6 +48,7 @@ keys = Table(
     Column("current_version", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("deletion_date", DateTime(timezone=True), nullable=True),
+    Column("escrow_policy", Text, nullable=True),  # JSON EscrowPolicy, None: the default
 )
 
 aliases = Table(
@@ -74,6 +75,8 @@ grants = Table(
     Column("key_id", String(64), ForeignKey("keys.key_id"), primary_key=True),
     Column("principal_id", Integer, ForeignKey("principals.id"), primary_key=True),
     Column("operations", String(64), nullable=False),  # comma-separated, sorted
+    # justification codes the grant allows, comma-separated
+    Column("justifications", String(200), nullable=False, server_default="service_processing"),
 )
 
 audit_records = Table(
@@ -122,4 +125,63 @@ audit_head = Table(
     # seq of the newest checkpoint, and of the last record archived (removed) from here
     Column("checkpoint_seq", _SEQ, nullable=False, server_default="0"),
     Column("archived_seq", _SEQ, nullable=False, server_default="0"),
+)
+
+
+# -- escrow (kms/services/escrow.py) ------------------------------------------------------
+_TIME = String(24)  # "YYYY-MM-DDTHH:MM:SS.mmmZ", compares in time order
+
+custodians = Table(
+    "custodians",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("custodian_group", String(64), nullable=False),
+    Column("public_key", LargeBinary, nullable=False),  # raw Ed25519 public key
+    Column("state", String(16), nullable=False),  # active | revoked
+    Column("created_at", _TIME, nullable=False),
+)
+
+escrow_cases = Table(
+    "escrow_cases",
+    metadata,
+    Column("case_id", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("requester", String(64), nullable=False),
+    Column("legal_basis", Text, nullable=False),
+    Column("reference", String(200), nullable=False),
+    Column("justification", String(32), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("max_unwraps", Integer, nullable=False),
+    Column("unwraps_used", Integer, nullable=False),
+    Column("expires_at", _TIME, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("created_at", _TIME, nullable=False),
+    Column("active_from", _TIME, nullable=True),
+)
+
+escrow_decisions = Table(
+    "escrow_decisions",
+    metadata,
+    Column("case_id", String(64), ForeignKey("escrow_cases.case_id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("custodian", String(64), primary_key=True),
+    Column("decision", String(8), primary_key=True),  # approve | reject
+    Column("signature", LargeBinary, nullable=False),
+    Column("recorded_at", _TIME, nullable=False),
+)
+
+# Outbox of webhook notifications to the data owner, delivered with retries.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | expired
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", _TIME, nullable=False),
+    Column("expires_at", _TIME, nullable=False),
+    Column("last_error", String(200), nullable=True),
 )

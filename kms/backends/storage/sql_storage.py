@@ -9,6 +9,7 @@ nothing half-done stays behind because the transaction rolls back.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,9 +25,16 @@ from kms.errors import Conflict, StorageUnavailable
 from kms.services.model import (
     AuditHead,
     AuditQuery,
+    CaseState,
+    Custodian,
+    Decision,
+    EscrowCase,
+    EscrowPolicy,
+    Grant,
     Key,
     KeyState,
     KeyVersion,
+    Notification,
     Principal,
     Role,
 )
@@ -111,6 +119,7 @@ class SqlTx:
                 current_version=key.current_version,
                 created_at=key.created_at,
                 deletion_date=key.deletion_date,
+                escrow_policy=_policy_json(key.escrow_policy),
             )
         )
         if key.alias is not None:
@@ -139,6 +148,7 @@ class SqlTx:
                 current_version=key.current_version,
                 deletion_date=key.deletion_date,
                 description=key.description,
+                escrow_policy=_policy_json(key.escrow_policy),
             )
         )
 
@@ -173,23 +183,136 @@ class SqlTx:
 
     # -- grants ---------------------------------------------------------------------------
 
-    def put_grant(self, key_id: str, principal_id: int, operations: frozenset[str]) -> None:
-        ops = ",".join(sorted(operations))
+    def put_grant(self, key_id: str, principal_id: int, grant: Grant) -> None:
+        values = {
+            "operations": ",".join(sorted(grant.operations)),
+            "justifications": ",".join(sorted(grant.justifications)),
+        }
         where = (t.grants.c.key_id == key_id, t.grants.c.principal_id == principal_id)
         if self._c.execute(select(t.grants.c.key_id).where(*where)).first():
-            self._c.execute(update(t.grants).where(*where).values(operations=ops))
+            self._c.execute(update(t.grants).where(*where).values(**values))
         else:
             self._c.execute(
-                insert(t.grants).values(key_id=key_id, principal_id=principal_id, operations=ops)
+                insert(t.grants).values(key_id=key_id, principal_id=principal_id, **values)
             )
 
-    def grant_operations(self, key_id: str, principal_id: int) -> frozenset[str]:
-        ops = self._c.execute(
-            select(t.grants.c.operations).where(
+    def grant(self, key_id: str, principal_id: int) -> Grant:
+        row = self._c.execute(
+            select(t.grants.c.operations, t.grants.c.justifications).where(
                 t.grants.c.key_id == key_id, t.grants.c.principal_id == principal_id
             )
-        ).scalar()
-        return frozenset(ops.split(",")) if ops else frozenset()
+        ).first()
+        if row is None:
+            return Grant()
+        return Grant(_split(row.operations), _split(row.justifications))
+
+    # -- escrow ---------------------------------------------------------------------------
+
+    def add_custodian(self, custodian: Custodian) -> None:
+        try:
+            self._c.execute(
+                insert(t.custodians).values(
+                    name=custodian.name,
+                    custodian_group=custodian.group,
+                    public_key=custodian.public_key,
+                    state=custodian.state,
+                    created_at=custodian.created_at,
+                )
+            )
+        except sa_exc.IntegrityError as e:
+            raise Conflict(f"custodian {custodian.name!r} is already registered") from e
+
+    def custodian(self, name: str) -> Custodian | None:
+        row = self._c.execute(select(t.custodians).where(t.custodians.c.name == name)).first()
+        return _custodian(row) if row else None
+
+    def list_custodians(self) -> list[Custodian]:
+        return [_custodian(r) for r in self._c.execute(select(t.custodians))]
+
+    def set_custodian_state(self, name: str, state: str) -> None:
+        self._c.execute(update(t.custodians).where(t.custodians.c.name == name).values(state=state))
+
+    def add_case(self, case: EscrowCase) -> None:
+        self._c.execute(insert(t.escrow_cases).values(**_case_row(case)))
+
+    def update_case(self, case: EscrowCase) -> None:
+        self._c.execute(
+            update(t.escrow_cases)
+            .where(t.escrow_cases.c.case_id == case.case_id)
+            .values(**_case_row(case))
+        )
+
+    def case(self, case_id: str) -> EscrowCase | None:
+        row = self._c.execute(
+            select(t.escrow_cases).where(t.escrow_cases.c.case_id == case_id).with_for_update()
+        ).first()
+        if row is None:
+            return None
+        values = row._asdict()
+        values["scope"] = json.loads(values["scope"])
+        values["state"] = CaseState(values["state"])
+        return EscrowCase(**values)
+
+    def add_decision(self, case_id: str, decision: Decision) -> None:
+        try:
+            self._c.execute(
+                insert(t.escrow_decisions).values(
+                    case_id=case_id,
+                    version=decision.version,
+                    custodian=decision.custodian,
+                    decision=decision.decision,
+                    signature=decision.signature,
+                    recorded_at=decision.recorded_at,
+                )
+            )
+        except sa_exc.IntegrityError as e:
+            raise Conflict("this custodian already decided on this version of the case") from e
+
+    def decisions(self, case_id: str) -> list[Decision]:
+        d = t.escrow_decisions.c
+        rows = self._c.execute(
+            select(t.escrow_decisions).where(d.case_id == case_id).order_by(d.recorded_at)
+        )
+        return [
+            Decision(r.custodian, r.decision, r.version, bytes(r.signature), r.recorded_at)
+            for r in rows
+        ]
+
+    def add_notification(self, notification: Notification) -> None:
+        values = {k: v for k, v in notification.__dict__.items() if k != "id"}
+        self._c.execute(insert(t.notifications).values(**values))
+
+    def claim_notifications(self, now: str, lease_until: str, limit: int) -> list[Notification]:
+        """Pending notifications due at ``now``, leased to the caller until ``lease_until``
+        (a worker that dies mid-delivery leaves them due again after the lease)."""
+        n = t.notifications.c
+        rows = self._c.execute(
+            select(t.notifications)
+            .where(n.state == "pending", n.next_attempt_at <= now)
+            .order_by(n.id)
+            .limit(limit)
+        ).all()
+        claimed = []
+        for row in rows:
+            done = self._c.execute(
+                update(t.notifications)
+                .where(n.id == row.id, n.next_attempt_at == row.next_attempt_at)
+                .values(next_attempt_at=lease_until)
+            )
+            if done.rowcount == 1:
+                claimed.append(Notification(**row._asdict()))
+        return claimed
+
+    def update_notification(self, notification: Notification) -> None:
+        values = {k: v for k, v in notification.__dict__.items() if k != "id"}
+        self._c.execute(
+            update(t.notifications).where(t.notifications.c.id == notification.id).values(**values)
+        )
+
+    def notifications(self, case_id: str) -> list[Notification]:
+        n = t.notifications.c
+        rows = self._c.execute(select(t.notifications).where(n.case_id == case_id).order_by(n.id))
+        return [Notification(**r._asdict()) for r in rows]
 
     # -- audit ----------------------------------------------------------------------------
 
@@ -275,6 +398,44 @@ class SqlTx:
         return int(deleted)
 
 
+def _split(text: str | None) -> frozenset[str]:
+    return frozenset(x for x in (text or "").split(",") if x)
+
+
+def _policy_json(policy: EscrowPolicy | None) -> str | None:
+    if policy is None:
+        return None
+    return json.dumps(
+        {
+            "quorum": policy.quorum,
+            "required_groups": sorted(policy.required_groups),
+            "veto_groups": sorted(policy.veto_groups),
+        }
+    )
+
+
+def _policy(text: str | None) -> EscrowPolicy | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return EscrowPolicy(
+        data["quorum"], frozenset(data["required_groups"]), frozenset(data["veto_groups"])
+    )
+
+
+def _custodian(row: Row[Any]) -> Custodian:
+    return Custodian(
+        row.name, row.custodian_group, bytes(row.public_key), row.state, row.created_at
+    )
+
+
+def _case_row(case: EscrowCase) -> dict[str, Any]:
+    values = dict(case.__dict__)
+    values["scope"] = json.dumps(case.scope, sort_keys=True)
+    values["state"] = case.state.value
+    return values
+
+
 def _key_select() -> Any:
     return select(t.keys, t.aliases.c.alias).outerjoin(
         t.aliases, t.aliases.c.key_id == t.keys.c.key_id
@@ -290,6 +451,7 @@ def _key(row: Row[Any]) -> Key:
         current_version=row.current_version,
         created_at=_utc(row.created_at),  # type: ignore[arg-type]
         deletion_date=_utc(row.deletion_date),
+        escrow_policy=_policy(row.escrow_policy),
     )
 
 

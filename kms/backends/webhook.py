@@ -1,0 +1,21 @@
+"""HTTP delivery of webhook notifications (the WebhookSender port)."""
+
+from __future__ import annotations
+
+import requests
+
+from kms.services.notify import WebhookError
+
+
+class RequestsWebhookSender:
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._session = requests.Session()
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        try:
+            response = self._session.post(url, data=body, headers=headers, timeout=self._timeout)
+        except requests.RequestException as e:
+            raise WebhookError(type(e).__name__) from None
+        response.close()
+        return response.status_code

@@ -1,0 +1,469 @@
+"""Escrow cases: access outside normal grants, only with an M-of-N custodian quorum.
+
+A requester files a case (legal basis, justification, scope, unwrap budget, expiry).
+Custodians approve or reject it offline with their own Ed25519 keys, signing the case
+digest (kms/formats/escrow.py), so the server's database alone cannot forge a decision.
+When the quorum of the case's policy is reached, a waiting period lets the data owner
+(notified by webhook) contest through a veto custodian; then the case is active and its
+requester may unwrap blobs within its scope, at most ``max_unwraps`` times, until it
+expires, is revoked or closed. Every transition, decision and unwrap is audited with the
+case id.
+
+States::
+
+    pending --quorum--> approved --waiting period--> active --> closed
+       |                   |                           |
+       +--veto rejection---+--------> rejected <-------+
+    any open state --revoke--> revoked;  any open state --expiry--> expired
+    an amendment (new version) puts an open case back to pending; older approvals lapse.
+
+Transitions that depend on time (active, expired) are applied when the case is next
+read or used, in a write transaction, and audited then.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from kms.formats import escrow as escrowfmt
+from kms.formats.blob import Blob
+from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.keys import resolve
+from kms.services.model import (
+    JUSTIFICATIONS,
+    OPEN_CASE_STATES,
+    CaseState,
+    Custodian,
+    Decision,
+    EscrowCase,
+    EscrowPolicy,
+    Role,
+)
+from kms.services.notify import Notifier
+from kms.services.ports import Clock, Storage, Tx
+
+MAX_LEGAL_BASIS = 4000
+MAX_REFERENCE = 200
+MAX_UNWRAPS = 100_000
+MAX_SCOPE_KEYS = 100
+MAX_SCOPE_BLOBS = 1000
+CASE_JUSTIFICATIONS = JUSTIFICATIONS - {"service_processing"}
+
+
+@dataclass(frozen=True)
+class EscrowSettings:
+    policy: EscrowPolicy = field(default_factory=EscrowPolicy)
+    waiting_period_seconds: int = 86400
+    approval_ttl_seconds: int = 7 * 86400
+    max_case_seconds: int = 90 * 86400
+
+
+@dataclass(frozen=True)
+class CaseRequest:
+    """What a requester files (or amends a case to)."""
+
+    legal_basis: str
+    reference: str
+    justification: str
+    keys: list[str]
+    context: dict[str, str] | None
+    blobs: list[bytes] | None
+    max_unwraps: int
+    expires_in_seconds: int
+
+
+@dataclass(frozen=True)
+class CaseView:
+    case: EscrowCase
+    policy: EscrowPolicy
+    approvals: list[str]  # custodians whose approval counts now
+    rejections: list[str]
+    notifications: list[dict[str, Any]]
+
+
+class EscrowService:
+    def __init__(
+        self,
+        storage: Storage,
+        audit: AuditTrail,
+        clock: Clock,
+        notifier: Notifier,
+        settings: EscrowSettings,
+    ) -> None:
+        self._storage = storage
+        self._audit = audit
+        self._clock = clock
+        self._notifier = notifier
+        self._settings = settings
+
+    # -- custodians -------------------------------------------------------------------------
+
+    def register_custodian(
+        self, caller: Caller, name: str, group: str, public_key: bytes
+    ) -> Custodian:
+        """Register the Ed25519 public key of a principal with role custodian."""
+        with self._audit.operation(caller, "register_custodian") as op:
+            caller.require(Role.ADMIN)
+            if (
+                not group
+                or len(group) > 64
+                or not group.replace("_", "").replace("-", "").isalnum()
+            ):
+                raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
+            if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
+                raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
+            op.note(
+                detail=f"custodian={name} group={group} key_sha256="
+                + hashlib.sha256(public_key).hexdigest()[:16]
+            )
+            with self._storage.transaction() as tx:
+                principal = tx.principal_by_name(name)
+                if principal is None or principal.role is not Role.CUSTODIAN:
+                    raise InvalidRequest("a custodian must be a principal with role custodian")
+                custodian = Custodian(name, group, public_key, "active", self._now())
+                tx.add_custodian(custodian)
+                self._audit.append(tx, [op.ok()])
+            return custodian
+
+    def revoke_custodian(self, caller: Caller, name: str) -> None:
+        """From now on the custodian's decisions no longer count, past ones included."""
+        with self._audit.operation(caller, "revoke_custodian") as op:
+            caller.require(Role.ADMIN)
+            op.note(detail=f"custodian={name}")
+            with self._storage.transaction() as tx:
+                if tx.custodian(name) is None:
+                    raise NotFound("no such custodian")
+                tx.set_custodian_state(name, "revoked")
+                self._audit.append(tx, [op.ok()])
+
+    # -- cases ------------------------------------------------------------------------------
+
+    def file(self, caller: Caller, request: CaseRequest) -> EscrowCase:
+        with self._audit.operation(caller, "file_case") as op:
+            requester = caller.require(Role.REQUESTER)
+            case_id = str(uuid.uuid4())
+            op.note(case_id=case_id, justification=request.justification)
+            with self._storage.transaction() as tx:
+                case = self._build(tx, case_id, 1, requester.name, request)
+                tx.add_case(case)
+                self._notifier.enqueue(tx, case, "case_filed")
+                self._audit.append(tx, [op.ok(detail=f"digest={case.digest[:16]}")])
+            return case
+
+    def amend(self, caller: Caller, case_id: str, request: CaseRequest) -> EscrowCase:
+        """A new version of an open case: back to pending, earlier approvals lapse."""
+        with self._audit.operation(caller, "amend_case") as op:
+            caller.require(Role.REQUESTER)
+            op.note(case_id=case_id, justification=request.justification)
+            with self._storage.transaction() as tx:
+                case = self._owned(tx, caller, case_id)
+                case = self._settle(tx, case)
+                if case.state not in OPEN_CASE_STATES:
+                    raise Conflict(f"the case is {case.state.value}")
+                new = replace(
+                    self._build(tx, case_id, case.version + 1, case.requester, request),
+                    created_at=case.created_at,
+                    unwraps_used=case.unwraps_used,
+                )
+                tx.update_case(new)
+                self._notifier.enqueue(tx, new, "case_amended")
+                self._audit.append(tx, [op.ok(detail=f"version={new.version}")])
+            return new
+
+    def view(self, caller: Caller, case_id: str) -> CaseView:
+        """The case as it stands now (time-driven transitions applied), with who approved."""
+        with self._audit.operation(caller, "read_case") as op:
+            caller.require(Role.ADMIN, Role.AUDITOR, Role.CUSTODIAN, Role.REQUESTER)
+            op.note(case_id=case_id)
+            with self._storage.transaction() as tx:
+                case = tx.case(case_id)
+                if case is None or (
+                    caller.principal is not None
+                    and caller.principal.role is Role.REQUESTER
+                    and case.requester != caller.name
+                ):
+                    raise NotFound("no such case")
+                case = self._settle(tx, case)
+                policy = self._policy(tx, case)
+                approvers, rejecters = self._tally(tx, case)
+                notes = [
+                    {
+                        "event": n.event,
+                        "state": n.state,
+                        "attempts": n.attempts,
+                        "last_error": n.last_error,
+                    }
+                    for n in tx.notifications(case_id)
+                ]
+            return CaseView(case, policy, sorted(approvers), sorted(rejecters), notes)
+
+    def decide(
+        self, caller: Caller, case_id: str, custodian_name: str, signature: bytes, decision: str
+    ) -> EscrowCase:
+        """Record a custodian's signed approval or rejection, then re-evaluate the case."""
+        name = "approve_case" if decision == "approve" else "reject_case"
+        with self._audit.operation(caller, name) as op:
+            caller.require(Role.CUSTODIAN)
+            op.note(case_id=case_id, detail=f"custodian={custodian_name}")
+            if caller.name != custodian_name:
+                raise Forbidden("a custodian submits only their own decisions")
+            with self._storage.transaction() as tx:
+                case = tx.case(case_id)
+                if case is None:
+                    raise NotFound("no such case")
+                case = self._settle(tx, case)
+                if case.state not in OPEN_CASE_STATES:
+                    raise Conflict(f"the case is {case.state.value}")
+                custodian = tx.custodian(custodian_name)
+                if custodian is None or custodian.state != "active":
+                    raise Forbidden(
+                        "not a registered, active custodian key",
+                        detail="unregistered or revoked custodian",
+                    )
+                if custodian.name == case.requester:
+                    raise Forbidden("the requester cannot decide on their own case")
+                digest = bytes.fromhex(case.digest)
+                if not escrowfmt.verify(custodian.public_key, signature, digest, decision):
+                    raise Forbidden(
+                        "the signature does not match this version of the case",
+                        detail="bad signature (other case, older version or other key)",
+                    )
+                tx.add_decision(
+                    case_id,
+                    Decision(custodian.name, decision, case.version, signature, self._now()),
+                )
+                self._audit.append(
+                    tx, [op.ok(detail=f"custodian={custodian.name} v{case.version}")]
+                )
+                case = self._evaluate(tx, case, caller)
+            return case
+
+    def revoke(self, caller: Caller, case_id: str) -> EscrowCase:
+        """Stop a case at once (admin, or its requester)."""
+        return self._end(
+            caller, case_id, "revoke_case", CaseState.REVOKED, (Role.ADMIN, Role.REQUESTER)
+        )
+
+    def close(self, caller: Caller, case_id: str) -> EscrowCase:
+        """The requester is done with the case."""
+        return self._end(caller, case_id, "close_case", CaseState.CLOSED, (Role.REQUESTER,))
+
+    # -- unwrapping under a case ----------------------------------------------------------------
+
+    def check_unwrap(
+        self,
+        tx: Tx,
+        caller: Caller,
+        case_id: str,
+        blob: Blob,
+        raw: bytes,
+        context: dict[str, str],
+        justification: str,
+        already: int,
+    ) -> EscrowCase:
+        """Refuse unless ``caller`` may unwrap this blob under the case now; ``already`` is
+        how many unwraps this request has used so far. Reads only."""
+        case = tx.case(case_id)
+        if case is None or case.requester != caller.name:
+            raise Forbidden("no such case of yours", detail="unknown case or not the requester")
+        now = self._now()
+        state = self._time_state(case, now)
+        if state is not CaseState.ACTIVE:
+            raise Forbidden(f"the case is {state.value}", detail=f"case {state.value}")
+        if justification != case.justification:
+            raise Forbidden(
+                "the justification differs from the case's",
+                detail=f"justification {justification} vs case {case.justification}",
+            )
+        if blob.key_id not in case.scope["keys"]:
+            raise Forbidden("the blob's key is outside the case scope", detail="key out of scope")
+        wanted = case.scope.get("context") or {}
+        if any(context.get(k) != v for k, v in wanted.items()):
+            raise Forbidden("the context is outside the case scope", detail="context out of scope")
+        blobs = case.scope.get("blobs")
+        if blobs is not None and hashlib.sha256(raw).hexdigest() not in blobs:
+            raise Forbidden("the blob is not one the case names", detail="blob out of scope")
+        if case.unwraps_used + already >= case.max_unwraps:
+            raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
+        return case
+
+    def consume(self, tx: Tx, case_id: str, count: int) -> None:
+        """Inside the audit transaction: spend ``count`` unwraps, refusing if the case
+        stopped being active or the budget ran out meanwhile."""
+        case = tx.case(case_id)
+        assert case is not None
+        case = self._settle(tx, case)
+        if case.state is not CaseState.ACTIVE:
+            raise Forbidden(f"the case is {case.state.value}", detail="case ended during request")
+        if case.unwraps_used + count > case.max_unwraps:
+            raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
+        tx.update_case(replace(case, unwraps_used=case.unwraps_used + count))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _now(self) -> str:
+        return format_time(self._clock.now())
+
+    def _build(
+        self, tx: Tx, case_id: str, version: int, requester: str, r: CaseRequest
+    ) -> EscrowCase:
+        if r.justification not in CASE_JUSTIFICATIONS:
+            raise InvalidRequest(
+                "justification must be one of: " + ", ".join(sorted(CASE_JUSTIFICATIONS))
+            )
+        if not r.legal_basis.strip() or len(r.legal_basis) > MAX_LEGAL_BASIS:
+            raise InvalidRequest(f"legal_basis must be 1..{MAX_LEGAL_BASIS} characters")
+        if not r.reference.strip() or len(r.reference) > MAX_REFERENCE:
+            raise InvalidRequest(f"reference must be 1..{MAX_REFERENCE} characters")
+        if not 1 <= r.max_unwraps <= MAX_UNWRAPS:
+            raise InvalidRequest(f"max_unwraps must be 1..{MAX_UNWRAPS}")
+        if not 60 <= r.expires_in_seconds <= self._settings.max_case_seconds:
+            raise InvalidRequest(
+                f"expires_in_seconds must be 60..{self._settings.max_case_seconds}"
+            )
+        if not 1 <= len(r.keys) <= MAX_SCOPE_KEYS:
+            raise InvalidRequest(f"scope.keys must name 1..{MAX_SCOPE_KEYS} keys")
+        if r.blobs is not None and not 1 <= len(r.blobs) <= MAX_SCOPE_BLOBS:
+            raise InvalidRequest(f"scope.blobs must hold 1..{MAX_SCOPE_BLOBS} blobs")
+        key_ids = sorted({resolve(tx, ref).key_id for ref in r.keys})
+        scope = {
+            "keys": key_ids,
+            "context": r.context or None,
+            "blobs": sorted({hashlib.sha256(b).hexdigest() for b in r.blobs}) if r.blobs else None,
+        }
+        now = self._clock.now()
+        fields: dict[str, Any] = {
+            "case_id": case_id,
+            "version": version,
+            "requester": requester,
+            "legal_basis": r.legal_basis,
+            "reference": r.reference,
+            "justification": r.justification,
+            "scope": scope,
+            "max_unwraps": r.max_unwraps,
+            "expires_at": format_time(now + timedelta(seconds=r.expires_in_seconds)),
+        }
+        return EscrowCase(
+            **fields,
+            unwraps_used=0,
+            state=CaseState.PENDING,
+            digest=escrowfmt.case_digest(fields).hex(),
+            created_at=format_time(now),
+        )
+
+    def _owned(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
+        case = tx.case(case_id)
+        if case is None or case.requester != caller.name:
+            raise NotFound("no such case")
+        return case
+
+    def _policy(self, tx: Tx, case: EscrowCase) -> EscrowPolicy:
+        policy = self._settings.policy
+        for key_id in case.scope["keys"]:
+            key = tx.key_by_id(key_id)
+            if key is not None and key.escrow_policy is not None:
+                policy = policy.merge(key.escrow_policy)
+        return policy
+
+    def _tally(self, tx: Tx, case: EscrowCase) -> tuple[set[str], set[str]]:
+        """Custodians whose approval counts now, and those who rejected this version."""
+        cutoff = format_time(
+            self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
+        )
+        approvers, rejecters = set(), set()
+        for d in tx.decisions(case.case_id):
+            custodian = tx.custodian(d.custodian)
+            if d.version != case.version or custodian is None or custodian.state != "active":
+                continue
+            if d.custodian == case.requester:
+                continue
+            if d.decision == "approve" and d.recorded_at >= cutoff:
+                approvers.add(d.custodian)
+            elif d.decision == "reject":
+                rejecters.add(d.custodian)
+        return approvers, rejecters
+
+    def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
+        policy = self._policy(tx, case)
+        approvers, rejecters = self._tally(tx, case)
+        groups = {c.name: c.group for c in tx.list_custodians()}
+        if any(groups.get(r) in policy.veto_groups for r in rejecters):
+            return self._transition(tx, case, CaseState.REJECTED, caller, "veto")
+        approved_groups = {groups.get(a) for a in approvers}
+        if (
+            case.state is CaseState.PENDING
+            and len(approvers) >= policy.quorum
+            and policy.required_groups <= approved_groups
+        ):
+            waiting = timedelta(seconds=self._settings.waiting_period_seconds)
+            case = replace(case, active_from=format_time(self._clock.now() + waiting))
+            case = self._transition(
+                tx, case, CaseState.APPROVED, caller, f"by {','.join(sorted(approvers))}"
+            )
+            self._notifier.enqueue(tx, case, "case_approved")
+            return self._settle(tx, case)
+        return case
+
+    def _time_state(self, case: EscrowCase, now: str) -> CaseState:
+        if case.state in OPEN_CASE_STATES and now >= case.expires_at:
+            return CaseState.EXPIRED
+        if case.state is CaseState.APPROVED and case.active_from and now >= case.active_from:
+            return CaseState.ACTIVE
+        return case.state
+
+    def _settle(self, tx: Tx, case: EscrowCase) -> EscrowCase:
+        """Apply time-driven transitions (active, expired) and audit them."""
+        state = self._time_state(case, self._now())
+        if state is case.state:
+            return case
+        return self._transition(tx, case, state, Caller("escrow-clock", None), "time")
+
+    def _transition(
+        self, tx: Tx, case: EscrowCase, state: CaseState, caller: Caller, why: str
+    ) -> EscrowCase:
+        new = replace(case, state=state)
+        tx.update_case(new)
+        event = Operation(caller, f"case_{state.value}").ok(
+            case_id=case.case_id, detail=f"{case.state.value}->{state.value} ({why})"
+        )
+        self._audit.append(tx, [event])
+        return new
+
+    def _end(
+        self, caller: Caller, case_id: str, name: str, state: CaseState, roles: tuple[Role, ...]
+    ) -> EscrowCase:
+        with self._audit.operation(caller, name) as op:
+            caller.require(*roles)
+            op.note(case_id=case_id)
+            with self._storage.transaction() as tx:
+                case = tx.case(case_id)
+                if case is None or (
+                    caller.principal is not None
+                    and caller.principal.role is Role.REQUESTER
+                    and case.requester != caller.name
+                ):
+                    raise NotFound("no such case")
+                case = self._settle(tx, case)
+                if case.state not in OPEN_CASE_STATES:
+                    raise Conflict(f"the case is {case.state.value}")
+                new = replace(case, state=state)
+                tx.update_case(new)
+                self._audit.append(tx, [op.ok(detail=f"{case.state.value}->{state.value}")])
+            return new
+
+
+def decode_signature(text: str) -> bytes:
+    try:
+        sig = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("signature must be base64") from None
+    if len(sig) != 64:
+        raise InvalidRequest("signature must be a 64-byte Ed25519 signature")
+    return sig

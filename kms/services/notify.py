@@ -1,0 +1,173 @@
+"""Webhook notifications to the data owner, through a database outbox.
+
+An event is queued in the same transaction as the change it announces, so it is never
+lost; a delivery loop (a thread in each worker, or ``kms escrow deliver``) sends due
+notifications and retries failures with exponential backoff (1 s, 2 s, 4 s ... at most
+5 min) until delivered or expired (when the case expires). A receiver that is down never
+blocks the KMS. Every attempt is audited with the case id.
+
+Wire format: ``POST <url>`` with a JSON body ``{"event", "notification_id", "sent_at",
+"case": {...}}`` and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix seconds) and
+``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``. The receiver
+recomputes the HMAC with the shared secret, compares in constant time, and rejects
+timestamps older than a few minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Protocol
+
+from kms.errors import KmsError
+from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.model import EscrowCase, Notification
+from kms.services.ports import Clock, Storage, Tx
+
+log = logging.getLogger("kms.notify")
+MAX_BACKOFF_SECONDS = 300
+LEASE_SECONDS = 60
+
+
+class WebhookError(Exception):
+    """The receiver could not be reached (no HTTP status)."""
+
+
+class WebhookSender(Protocol):
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST and return the HTTP status; WebhookError if there is none."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    url: str | None = None
+    secret: bytes = field(default=b"", repr=False)
+
+
+def signature(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The ``X-KMS-Signature`` value for a body sent at ``timestamp``."""
+    mac = hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def case_payload(case: EscrowCase) -> dict[str, Any]:
+    """What the data owner learns about a case (everything but internal counters)."""
+    return {
+        "case_id": case.case_id,
+        "version": case.version,
+        "state": case.state.value,
+        "requester": case.requester,
+        "legal_basis": case.legal_basis,
+        "reference": case.reference,
+        "justification": case.justification,
+        "scope": case.scope,
+        "max_unwraps": case.max_unwraps,
+        "expires_at": case.expires_at,
+        "active_from": case.active_from,
+        "digest": case.digest,
+    }
+
+
+class Notifier:
+    def __init__(
+        self,
+        storage: Storage,
+        audit: AuditTrail,
+        clock: Clock,
+        sender: WebhookSender | None,
+        settings: WebhookSettings,
+    ) -> None:
+        self._storage = storage
+        self._audit = audit
+        self._clock = clock
+        self._sender = sender
+        self._settings = settings
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._settings.url and self._sender is not None)
+
+    def enqueue(self, tx: Tx, case: EscrowCase, event: str) -> None:
+        """Queue ``event`` about ``case`` inside the caller's transaction (no-op without a
+        webhook URL)."""
+        if not self.configured:
+            return
+        now = format_time(self._clock.now())
+        tx.add_notification(
+            Notification(
+                id=0,
+                case_id=case.case_id,
+                event=event,
+                payload=json.dumps(case_payload(case), sort_keys=True),
+                state="pending",
+                attempts=0,
+                next_attempt_at=now,
+                expires_at=case.expires_at,
+            )
+        )
+
+    def deliver_due(self, limit: int = 20) -> int:
+        """Send what is due; returns how many were delivered. Never raises for a failed
+        delivery (it is rescheduled); database errors propagate."""
+        if not self.configured:
+            return 0
+        now = self._clock.now()
+        with self._storage.transaction() as tx:
+            due = tx.claim_notifications(
+                format_time(now), format_time(now + timedelta(seconds=LEASE_SECONDS)), limit
+            )
+        return sum(self._attempt(n) for n in due)
+
+    def deliver_quietly(self) -> None:
+        try:
+            self.deliver_due()
+        except KmsError as e:
+            log.warning("notification delivery failed", extra={"code": e.code})
+
+    def _attempt(self, n: Notification) -> bool:
+        assert self._settings.url is not None and self._sender is not None
+        now = self._clock.now()
+        body = json.dumps(
+            {
+                "event": n.event,
+                "notification_id": n.id,
+                "sent_at": format_time(now),
+                "case": json.loads(n.payload),
+            },
+            sort_keys=True,
+        ).encode()
+        timestamp = str(int(now.timestamp()))
+        headers = {
+            "Content-Type": "application/json",
+            "X-KMS-Event": n.event,
+            "X-KMS-Timestamp": timestamp,
+            "X-KMS-Signature": signature(self._settings.secret, timestamp, body),
+        }
+        try:
+            status = self._sender.post(self._settings.url, body, headers)
+            error = None if 200 <= status < 300 else f"HTTP {status}"
+        except WebhookError as e:
+            error = str(e)[:200]
+        attempts = n.attempts + 1
+        if error is None:
+            updated = replace(n, state="delivered", attempts=attempts, last_error=None)
+        else:
+            delay = min(2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
+            retry_at = format_time(now + timedelta(seconds=delay))
+            state = "expired" if retry_at >= n.expires_at else "pending"
+            updated = replace(
+                n, state=state, attempts=attempts, next_attempt_at=retry_at, last_error=error
+            )
+        event = Operation(Caller(f"notification-{n.id}", None), "webhook_delivery").ok(
+            case_id=n.case_id,
+            outcome="ok" if error is None else "delivery_failed",
+            detail=f"{n.event} attempt {attempts}" + (f": {error}" if error else ""),
+        )
+        with self._storage.transaction() as tx:
+            tx.update_notification(updated)
+            self._audit.append(tx, [event])
+        return error is None
