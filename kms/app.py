@@ -113,7 +113,10 @@ def _every(seconds: int, task: Callable[[], None], name: str) -> None:
     def loop() -> None:
         while True:
             time.sleep(seconds)
-            task()
+            try:
+                task()
+            except Exception:  # a background loop must outlive any one failure
+                logging.getLogger("kms.background").exception("task failed", extra={"op": name})
 
     threading.Thread(target=loop, name=name, daemon=True).start()
 

@@ -162,7 +162,8 @@ class Notifier:
             updated = replace(
                 n, state=state, attempts=attempts, next_attempt_at=retry_at, last_error=error
             )
-        event = Operation(Caller(f"notification-{n.id}", None), "webhook_delivery").ok(
+        event = replace(
+            Operation(Caller(f"notification-{n.id}", None), "webhook_delivery").event,
             case_id=n.case_id,
             outcome="ok" if error is None else "delivery_failed",
             detail=f"{n.event} attempt {attempts}" + (f": {error}" if error else ""),

@@ -1,0 +1,528 @@
+"""The escrow procedure end to end (real SoftHSM, real Ed25519 signatures, a settable
+clock for waiting periods and expiry), and every refusal the issue lists."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kms import config
+from kms.app import create_app
+from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.storage import SqlStorage
+from kms.formats import escrow as escrowfmt
+from kms.services.principals import PrincipalService
+from tests.helpers import Api, unb64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_ = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.now_
+
+    def advance(self, seconds: float) -> None:
+        self.now_ += timedelta(seconds=seconds)
+
+
+@dataclasses.dataclass
+class World:
+    api: Api
+    clock: Clock
+    svc: dict[str, str]
+    police: dict[str, str]
+    custodians: dict[str, tuple[dict[str, str], Ed25519PrivateKey]]
+    blobs: list[dict[str, Any]]  # datakey answers under key "records", context patient=p<i>
+    key_id: str
+
+    def file(self, **changes: Any) -> dict[str, Any]:
+        body = {
+            "legal_basis": "Court order 2026/117, art. 57 code of criminal procedure",
+            "reference": "INV-2026-117",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"], "context": {"patient": "p0"}},
+            "max_unwraps": 2,
+            "expires_in_seconds": 7 * 86400,
+            **changes,
+        }
+        r = self.api.call("POST", "/v1/escrow/cases", self.police, json=body)
+        assert r.status_code == 201, r.json
+        return dict(r.json)
+
+    def case(self, case_id: str) -> dict[str, Any]:
+        r = self.api.call("GET", f"/v1/escrow/cases/{case_id}", self.api.admin)
+        assert r.status_code == 200, r.json
+        return dict(r.json)
+
+    def decide(
+        self,
+        case_id: str,
+        who: str,
+        decision: str = "approve",
+        case: dict[str, Any] | None = None,
+        key: Ed25519PrivateKey | None = None,
+    ) -> Any:
+        headers, own_key = self.custodians[who]
+        digest = escrowfmt.case_digest(case or self.case(case_id))
+        signature = (key or own_key).sign(escrowfmt.signed_message(digest, decision))
+        path = "approvals" if decision == "approve" else "rejections"
+        return self.api.call(
+            "POST",
+            f"/v1/escrow/cases/{case_id}/{path}",
+            headers,
+            json={"custodian": who, "signature": base64.b64encode(signature).decode()},
+        )
+
+    def unwrap(self, case_id: str, i: int = 0, **changes: Any) -> Any:
+        body = {
+            "ciphertext": self.blobs[i]["ciphertext"],
+            "context": {"patient": f"p{i}"},
+            "justification": "legal_request",
+            "case_id": case_id,
+            **changes,
+        }
+        return self.api.call("POST", "/v1/decrypt", self.police, json=body)
+
+    def refused(self, response: Any, status: int = 403) -> None:
+        assert response.status_code == status, response.json
+        assert "plaintext" not in response.json
+
+
+@pytest.fixture
+def world(settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage) -> Iterator[World]:
+    clock = Clock()
+    escrow_settings = dataclasses.replace(
+        settings,
+        escrow_quorum=2,
+        escrow_required_groups=frozenset({"keyholder", "data_owner"}),
+        escrow_veto_groups=frozenset({"data_owner"}),
+        escrow_waiting_period_seconds=3600,
+        escrow_approval_ttl_seconds=86400,
+    )
+    app = create_app(escrow_settings, hsm=hsm, storage=storage, clock=clock)
+    principals: PrincipalService = app.extensions["kms"].principals
+    token = principals.bootstrap_admin("admin")
+    assert token
+    api = Api(app.test_client(), token)
+    svc = api.principal("service", "svc")
+    key_id = api.key("records", grant=svc)
+    api.key("other", grant=svc)
+    blobs = [
+        api.call(
+            "POST", "/v1/keys/records/datakey", svc, json={"context": {"patient": f"p{i}"}}
+        ).json
+        for i in range(3)
+    ]
+    police = api.principal("requester", "police")
+    custodians = {}
+    for name, group in (("kh-officer", "keyholder"), ("dpo", "data_owner"), ("legal", "legal")):
+        headers = api.principal("custodian", name)
+        key = Ed25519PrivateKey.generate()
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        r = api.call(
+            "POST",
+            "/v1/custodians",
+            api.admin,
+            json={"name": name, "group": group, "public_key": base64.b64encode(raw).decode()},
+        )
+        assert r.status_code == 201, r.json
+        custodians[name] = (headers, key)
+    yield World(api, clock, svc, police, custodians, blobs, key_id)
+
+
+def test_the_whole_procedure(world: World) -> None:
+    case = world.file()
+    assert case["state"] == "pending" and len(base64.b64decode(case["digest"])) == 32
+    cid = case["case_id"]
+    world.refused(world.unwrap(cid))  # zero approvals
+    assert world.decide(cid, "kh-officer").json["state"] == "pending"
+    world.refused(world.unwrap(cid))  # one approval is not a quorum
+    approved = world.decide(cid, "dpo").json
+    assert approved["state"] == "approved" and approved["active_from"] > approved["created_at"]
+    world.refused(world.unwrap(cid))  # waiting period: the data owner may still contest
+    world.clock.advance(3601)
+    assert world.case(cid)["state"] == "active"
+    ok = world.unwrap(cid)
+    assert ok.status_code == 200 and ok.json["plaintext"] == world.blobs[0]["plaintext"]
+    record = world.api.audit()[-1]
+    assert (record["operation"], record["case_id"], record["justification"]) == (
+        "decrypt",
+        cid,
+        "legal_request",
+    )
+    assert world.unwrap(cid).status_code == 200
+    world.refused(world.unwrap(cid))  # max_unwraps = 2
+    assert world.case(cid)["unwraps_used"] == 2
+    closed = world.api.call("POST", f"/v1/escrow/cases/{cid}/close", world.police, json={})
+    assert closed.json["state"] == "closed"
+    world.refused(world.unwrap(cid))
+    ops = [r["operation"] for r in world.api.audit() if r["case_id"] == cid]
+    for op in (
+        "file_case",
+        "approve_case",
+        "case_approved",
+        "case_active",
+        "decrypt",
+        "close_case",
+    ):
+        assert op in ops, op
+
+
+def test_quorum_needs_every_required_group(world: World) -> None:
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    assert world.decide(cid, "legal").json["state"] == "pending"  # no data_owner approval yet
+    assert world.decide(cid, "dpo").json["state"] == "approved"
+
+
+def test_duplicate_approval_counts_once(world: World) -> None:
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    again = world.decide(cid, "kh-officer")
+    assert again.status_code == 409
+    assert world.case(cid)["approvals"] == ["kh-officer"]
+
+
+def test_amendment_invalidates_earlier_approvals(world: World) -> None:
+    cid = world.file()["case_id"]
+    v1 = world.case(cid)
+    world.decide(cid, "kh-officer")
+    amended = world.api.call(
+        "PUT",
+        f"/v1/escrow/cases/{cid}",
+        world.police,
+        json={
+            "legal_basis": "Court order 2026/117",
+            "reference": "INV-2026-117",
+            "justification": "legal_request",
+            "scope": {"keys": ["records", "other"]},
+            "max_unwraps": 5,
+            "expires_in_seconds": 86400,
+        },
+    )
+    assert amended.json["version"] == 2 and amended.json["digest"] != v1["digest"]
+    stale = world.decide(cid, "dpo", case=v1)  # signed over version 1
+    world.refused(stale)
+    assert world.case(cid)["approvals"] == []  # kh-officer approved v1 only
+    world.decide(cid, "kh-officer")
+    assert world.decide(cid, "dpo").json["state"] == "approved"
+
+
+def test_unregistered_wrong_and_revoked_keys(world: World) -> None:
+    cid = world.file()["case_id"]
+    stranger = world.api.principal("custodian", "stranger")
+    world.custodians["stranger"] = (stranger, Ed25519PrivateKey.generate())
+    world.refused(world.decide(cid, "stranger"))  # never registered
+    world.refused(world.decide(cid, "dpo", key=Ed25519PrivateKey.generate()))  # not dpo's key
+    world.decide(cid, "kh-officer")
+    assert world.api.call("DELETE", "/v1/custodians/kh-officer", world.api.admin).status_code == 200
+    assert world.case(cid)["approvals"] == []  # the revoked custodian's approval lapsed
+    world.refused(world.decide(cid, "kh-officer"))
+    assert world.decide(cid, "dpo").json["state"] == "pending"
+
+
+def test_replayed_approval_from_another_case(world: World) -> None:
+    a, b = world.file()["case_id"], world.file()["case_id"]
+    headers, key = world.custodians["dpo"]
+    signature = key.sign(escrowfmt.case_digest(world.case(a)))
+    replay = world.api.call(
+        "POST",
+        f"/v1/escrow/cases/{b}/approvals",
+        headers,
+        json={"custodian": "dpo", "signature": base64.b64encode(signature).decode()},
+    )
+    world.refused(replay)
+    assert "signature" in world.api.audit()[-1]["detail"]
+
+
+def test_expired_approval_does_not_count(world: World) -> None:
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    world.clock.advance(86401)  # the approval TTL
+    assert world.decide(cid, "dpo").json["state"] == "pending"
+    assert world.case(cid)["approvals"] == ["dpo"]
+
+
+def test_requester_cannot_approve_and_services_cannot_use_cases(world: World) -> None:
+    cid = world.file()["case_id"]
+    digest = escrowfmt.case_digest(world.case(cid))
+    sig = base64.b64encode(Ed25519PrivateKey.generate().sign(digest)).decode()
+    r = world.api.call(
+        "POST",
+        f"/v1/escrow/cases/{cid}/approvals",
+        world.police,
+        json={"custodian": "police", "signature": sig},
+    )
+    world.refused(r)
+    headers, _ = world.custodians["dpo"]
+    impersonate = world.api.call(
+        "POST",
+        f"/v1/escrow/cases/{cid}/approvals",
+        headers,
+        json={"custodian": "kh-officer", "signature": sig},
+    )
+    world.refused(impersonate)  # a custodian submits only their own decision
+    body = {
+        "ciphertext": world.blobs[0]["ciphertext"],
+        "context": {"patient": "p0"},
+        "justification": "legal_request",
+        "case_id": cid,
+    }
+    world.refused(world.api.call("POST", "/v1/decrypt", world.svc, json=body))
+    without_case = {k: v for k, v in body.items() if k != "case_id"}
+    world.refused(world.api.call("POST", "/v1/decrypt", world.svc, json=without_case))
+    world.refused(world.api.call("POST", "/v1/decrypt", world.police, json=without_case))
+    valid_case = {
+        "legal_basis": "x",
+        "reference": "r",
+        "justification": "legal_request",
+        "scope": {"keys": ["records"]},
+        "max_unwraps": 1,
+        "expires_in_seconds": 600,
+    }
+    world.refused(world.api.call("POST", "/v1/escrow/cases", world.svc, json=valid_case))
+
+
+def _active(world: World, **changes: Any) -> str:
+    cid = world.file(**changes)["case_id"]
+    world.decide(cid, "kh-officer")
+    world.decide(cid, "dpo")
+    world.clock.advance(3601)
+    return cid
+
+
+def test_unwraps_outside_the_scope(world: World) -> None:
+    cid = _active(world)
+    world.refused(world.unwrap(cid, 1))  # patient p1 is outside the context filter
+    other = world.api.call(
+        "POST", "/v1/keys/other/datakey", world.svc, json={"context": {"patient": "p0"}}
+    ).json
+    world.refused(world.unwrap(cid, ciphertext=other["ciphertext"]))  # key outside the scope
+    world.refused(world.unwrap(cid, justification="break_glass"))  # not the case's code
+    assert world.unwrap(cid).status_code == 200
+
+
+def test_unwraps_limited_to_named_blobs(world: World) -> None:
+    cid = _active(world, scope={"keys": ["records"], "blobs": [world.blobs[2]["ciphertext"]]})
+    world.refused(world.unwrap(cid, 0))
+    assert unb64(world.unwrap(cid, 2).json["plaintext"]) == unb64(world.blobs[2]["plaintext"])
+
+
+def test_expiry_and_revocation(world: World) -> None:
+    cid = _active(world, expires_in_seconds=7200)
+    assert world.unwrap(cid).status_code == 200
+    world.clock.advance(3600)
+    world.refused(world.unwrap(cid))
+    assert world.case(cid)["state"] == "expired"
+    cid2 = _active(world)
+    assert (
+        world.api.call("POST", f"/v1/escrow/cases/{cid2}/revoke", world.api.admin, json={}).json[
+            "state"
+        ]
+        == "revoked"
+    )
+    world.refused(world.unwrap(cid2))
+    world.refused(world.decide(cid2, "legal"), 409)
+
+
+def test_data_owner_veto_during_the_waiting_period(world: World) -> None:
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    assert world.decide(cid, "dpo").json["state"] == "approved"
+    vetoed = world.decide(cid, "dpo", decision="reject")
+    assert vetoed.status_code == 201 and vetoed.json["state"] == "rejected"
+    world.clock.advance(3601)
+    world.refused(world.unwrap(cid))
+    assert world.case(cid)["state"] == "rejected"
+
+
+def test_rejection_from_a_non_veto_group_does_not_block(world: World) -> None:
+    cid = world.file()["case_id"]
+    assert world.decide(cid, "legal", decision="reject").json["state"] == "pending"
+    world.decide(cid, "kh-officer")
+    assert world.decide(cid, "dpo").json["state"] == "approved"
+
+
+def test_per_key_policy_raises_the_quorum(world: World) -> None:
+    r = world.api.call(
+        "POST", "/v1/keys/records/escrow-policy", world.api.admin, json={"quorum": 3}
+    )
+    assert r.status_code == 200 and r.json["escrow_policy"]["quorum"] == 3
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    assert world.decide(cid, "dpo").json["state"] == "pending"
+    assert world.decide(cid, "legal").json["state"] == "approved"
+    for bad in ({"quorum": 0}, {"quorum": 1, "required_groups": ["a", "b"]}, {"quorum": "2"}):
+        assert (
+            world.api.call(
+                "POST", "/v1/keys/records/escrow-policy", world.api.admin, json=bad
+            ).status_code
+            == 400
+        )
+
+
+def test_grant_justifications(world: World) -> None:
+    api, svc = world.api, world.svc
+    ct = world.blobs[0]["ciphertext"]
+    ctx = {"patient": "p0"}
+    for code in ("customer_initiated", "backup_restore"):
+        world.refused(
+            api.call(
+                "POST",
+                "/v1/decrypt",
+                svc,
+                json={"ciphertext": ct, "context": ctx, "justification": code},
+            )
+        )
+    r = api.call(
+        "POST",
+        "/v1/keys/records/grants",
+        api.admin,
+        json={
+            "principal": "svc",
+            "operations": ["decrypt"],
+            "justifications": ["service_processing", "backup_restore"],
+        },
+    )
+    assert r.json["justifications"] == ["backup_restore", "service_processing"]
+    ok = api.call(
+        "POST",
+        "/v1/decrypt",
+        svc,
+        json={
+            "ciphertext": ct,
+            "context": ctx,
+            "justification": "backup_restore",
+            "reference": "restore #12",
+        },
+    )
+    assert ok.status_code == 200
+    assert api.audit()[-1]["detail"] == "reference=restore #12"
+    for forbidden in (["legal_request"], ["break_glass"], ["made_up"], []):
+        r = api.call(
+            "POST",
+            "/v1/keys/records/grants",
+            api.admin,
+            json={"principal": "svc", "operations": ["decrypt"], "justifications": forbidden},
+        )
+        assert r.status_code == 400, forbidden
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "service_processing",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": []},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["nope"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 0,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 10,
+        },
+        {
+            "legal_basis": "",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"], "blobs": ["!!"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+        {
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": "records",
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+    ],
+)
+def test_bad_cases_are_refused_clearly(world: World, body: dict[str, Any]) -> None:
+    r = world.api.call("POST", "/v1/escrow/cases", world.police, json=body)
+    assert r.status_code in (400, 404) and r.json["error"]["code"] in (
+        "invalid_request",
+        "not_found",
+    )
+
+
+def test_bad_custodian_registrations(world: World) -> None:
+    api = world.api
+    raw = base64.b64encode(b"\x01" * 31).decode()
+    for body in (
+        {"name": "dpo", "group": "x", "public_key": raw},
+        {"name": "svc", "group": "x", "public_key": base64.b64encode(b"\x02" * 32).decode()},
+        {"name": "dpo", "group": "bad group!", "public_key": raw},
+    ):
+        assert api.call("POST", "/v1/custodians", api.admin, json=body).status_code == 400
+    key = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    dup = api.call(
+        "POST",
+        "/v1/custodians",
+        api.admin,
+        json={"name": "dpo", "group": "data_owner", "public_key": base64.b64encode(key).decode()},
+    )
+    assert dup.status_code == 409
+    assert (
+        api.call(
+            "POST",
+            "/v1/escrow/cases/nope/approvals",
+            world.custodians["dpo"][0],
+            json={"custodian": "dpo", "signature": "AAAA"},
+        ).status_code
+        == 400
+    )
