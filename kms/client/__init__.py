@@ -8,11 +8,13 @@
 Every failure is a KmsClientError.
 """
 
+from kms.client.cache import DataKeyCache
 from kms.client.envelope import decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file
 from kms.client.http import DataKey, KmsClient, KmsClientError
 
 __all__ = [
     "DataKey",
+    "DataKeyCache",
     "KmsClient",
     "KmsClientError",
     "decrypt_bytes",

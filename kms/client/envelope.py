@@ -37,6 +37,7 @@ from typing import BinaryIO, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kms.client.cache import DataKeyCache
 from kms.client.http import DataKey, KmsClientError
 from kms.formats import context as ctx
 from kms.formats import envelope as env
@@ -69,8 +70,9 @@ def seal_stream(
 ) -> None:
     """Encrypt everything ``src`` yields into ``dst`` as one envelope.
 
-    ``dek`` must be fresh for this envelope: never seal twice with one DEK. ``nonce_prefix``
-    is for test vectors only; by default it is 7 random bytes. Arguments are checked before
+    ``dek`` must be fresh for this envelope, or ``nonce_prefix`` must differ from that of
+    every other envelope under the same DEK (DataKeyCache assigns such prefixes; test
+    vectors fix one); by default it is 7 random bytes. Arguments are checked before
     anything is written (``invalid_request``). After a failure ``dst`` may hold a partial
     envelope, which will never decrypt.
     """
@@ -121,27 +123,37 @@ def open_stream(
 
 
 def encrypt_bytes(
-    client: EnvelopeClient, key: str, plaintext: bytes, context: Mapping[str, str] | None = None
+    client: EnvelopeClient,
+    key: str,
+    plaintext: bytes,
+    context: Mapping[str, str] | None = None,
+    *,
+    cache: DataKeyCache | None = None,
 ) -> bytes:
-    """One envelope of ``plaintext`` under a fresh DEK of ``key`` (one ``datakey`` call)."""
+    """One envelope of ``plaintext`` under a fresh DEK of ``key`` (one ``datakey`` call),
+    or under a cached DEK if a ``cache`` is given and has room."""
     if not isinstance(plaintext, bytes):
         raise _invalid("plaintext must be bytes")
     _check_key(key)
     values = _context(context)
     out = io.BytesIO()
-    _seal_datakey(client.datakey(key, values), io.BytesIO(plaintext), out, values)
+    _seal_with(client, key, values, len(plaintext), cache, io.BytesIO(plaintext), out)
     return out.getvalue()
 
 
 def decrypt_bytes(
-    client: EnvelopeClient, data: bytes, context: Mapping[str, str] | None = None
+    client: EnvelopeClient,
+    data: bytes,
+    context: Mapping[str, str] | None = None,
+    *,
+    cache: DataKeyCache | None = None,
 ) -> bytes:
     """The plaintext of an envelope, returned only if every segment verified."""
     if not isinstance(data, bytes):
         raise _invalid("data must be bytes")
     values = _context(context)
     out = io.BytesIO()
-    open_stream(io.BytesIO(data), out, values, lambda wrapped: client.decrypt(wrapped, values))
+    open_stream(io.BytesIO(data), out, values, _unwrapper(client, values, cache))
     return out.getvalue()
 
 
@@ -151,16 +163,17 @@ def encrypt_file(
     src_path: StrPath,
     dst_path: StrPath,
     context: Mapping[str, str] | None = None,
+    *,
+    cache: DataKeyCache | None = None,
 ) -> None:
     """Encrypt the file ``src_path`` to ``dst_path``, replaced atomically on success only."""
     _check_key(key)
     values = _context(context)
     try:
         with open(src_path, "rb") as src:
-            datakey = client.datakey(key, values)
+            size = os.fstat(src.fileno()).st_size
             with _atomic_output(dst_path) as dst:
-                _seal_datakey(datakey, src, dst, values)
-            del datakey
+                _seal_with(client, key, values, size, cache, src, dst)
     except OSError as e:
         raise _io_error(e) from None
 
@@ -170,13 +183,15 @@ def decrypt_file(
     src_path: StrPath,
     dst_path: StrPath,
     context: Mapping[str, str] | None = None,
+    *,
+    cache: DataKeyCache | None = None,
 ) -> None:
     """Decrypt the envelope in ``src_path`` to ``dst_path``, which appears (atomically) only
     once the whole envelope verified."""
     values = _context(context)
     try:
         with open(src_path, "rb") as src, _atomic_output(dst_path) as dst:
-            open_stream(src, dst, values, lambda wrapped: client.decrypt(wrapped, values))
+            open_stream(src, dst, values, _unwrapper(client, values, cache))
     except OSError as e:
         raise _io_error(e) from None
 
@@ -235,13 +250,35 @@ def _open_segments(
         chunk, index = following, index + 1
 
 
-def _seal_datakey(datakey: DataKey, src: BinaryIO, dst: BinaryIO, values: dict[str, str]) -> None:
+def _seal_with(
+    client: EnvelopeClient,
+    key: str,
+    values: dict[str, str],
+    size: int,
+    cache: DataKeyCache | None,
+    src: BinaryIO,
+    dst: BinaryIO,
+) -> None:
+    """Seal under a fresh data key, or a cached one with the nonce prefix the cache
+    assigns (unique per envelope under that key)."""
+    if cache is None:
+        datakey, prefix = client.datakey(key, values), None
+    else:
+        datakey, prefix = cache.for_sealing(key, values, size, lambda: client.datakey(key, values))
     dek, wrapped = datakey.plaintext, datakey.ciphertext
     if not isinstance(dek, bytes) or len(dek) != DEK_BYTES:
         raise KmsClientError("bad_response", "the server returned an unusable data key")
     if not isinstance(wrapped, bytes) or not 1 <= len(wrapped) <= env.MAX_WRAPPED_DEK_BYTES:
         raise KmsClientError("bad_response", "the server returned an unusable wrapped key")
-    seal_stream(dek, wrapped, src, dst, values)
+    seal_stream(dek, wrapped, src, dst, values, nonce_prefix=prefix)
+
+
+def _unwrapper(
+    client: EnvelopeClient, values: dict[str, str], cache: DataKeyCache | None
+) -> Callable[[bytes], bytes]:
+    if cache is None:
+        return lambda wrapped: client.decrypt(wrapped, values)
+    return lambda wrapped: cache.for_opening(wrapped, values, lambda w: client.decrypt(w, values))
 
 
 @contextlib.contextmanager

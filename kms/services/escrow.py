@@ -163,8 +163,7 @@ class EscrowService:
             caller.require(Role.REQUESTER)
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
-                case = self._owned(tx, caller, case_id)
-                case = self._settle(tx, case)
+                case = self._settle(tx, self._visible(tx, caller, case_id))
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
                 new = replace(
@@ -183,14 +182,7 @@ class EscrowService:
             caller.require(Role.ADMIN, Role.AUDITOR, Role.CUSTODIAN, Role.REQUESTER)
             op.note(case_id=case_id)
             with self._storage.transaction() as tx:
-                case = tx.case(case_id)
-                if case is None or (
-                    caller.principal is not None
-                    and caller.principal.role is Role.REQUESTER
-                    and case.requester != caller.name
-                ):
-                    raise NotFound("no such case")
-                case = self._settle(tx, case)
+                case = self._settle(tx, self._visible(tx, caller, case_id))
                 policy = self._policy(tx, case)
                 approvers, rejecters = self._tally(tx, case)
                 notes = [
@@ -358,9 +350,14 @@ class EscrowService:
             created_at=format_time(now),
         )
 
-    def _owned(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
+    def _visible(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
+        """The case, locked; a requester sees only their own (others get NotFound)."""
         case = tx.case(case_id)
-        if case is None or case.requester != caller.name:
+        if case is None or (
+            caller.principal is not None
+            and caller.principal.role is Role.REQUESTER
+            and case.requester != caller.name
+        ):
             raise NotFound("no such case")
         return case
 
@@ -443,14 +440,7 @@ class EscrowService:
             caller.require(*roles)
             op.note(case_id=case_id)
             with self._storage.transaction() as tx:
-                case = tx.case(case_id)
-                if case is None or (
-                    caller.principal is not None
-                    and caller.principal.role is Role.REQUESTER
-                    and case.requester != caller.name
-                ):
-                    raise NotFound("no such case")
-                case = self._settle(tx, case)
+                case = self._settle(tx, self._visible(tx, caller, case_id))
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
                 new = replace(case, state=state)

@@ -3,6 +3,7 @@ command, with a real local HTTP receiver standing for the data owner's webhook."
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -208,7 +209,7 @@ def test_public_authority_access_with_webhook(
             "--justification",
             "legal_request",
         ).strip()
-        assert plaintext == __import__("base64").b64encode(dk.plaintext).decode()
+        assert plaintext == base64.b64encode(dk.plaintext).decode()
         view = admin.get_case(cid)
         assert view["state"] == "active" and view["unwraps_used"] == 1
         assert {n["event"]: n["state"] for n in view["notifications"]} == {
