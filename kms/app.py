@@ -54,6 +54,7 @@ class Services:
 class Options:
     """Service-layer settings (the parts of config.Settings the services need)."""
 
+    auth_cache_seconds: float = 0.0
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     escrow: EscrowSettings = field(default_factory=EscrowSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
@@ -61,6 +62,7 @@ class Options:
 
 def options_from_settings(settings: config_mod.Settings) -> Options:
     return Options(
+        settings.auth_cache_seconds,
         CheckpointPolicy(settings.audit_checkpoint_records),
         EscrowSettings(
             EscrowPolicy(
@@ -87,7 +89,7 @@ def build_services(
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow)
     return Services(
-        principals=PrincipalService(storage, trail, clock),
+        principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),
         keys=KeyService(storage, hsm, trail, clock),
         crypto=CryptoService(storage, hsm, trail, escrow),
         audit=trail,

@@ -115,11 +115,17 @@ class AuditTrail:
         with self._storage.transaction() as tx:
             if precheck is not None:
                 precheck(tx)
-            seqs = self.append(tx, events)
-            unsigned = seqs[-1] - tx.audit_head().checkpoint_seq if seqs else 0
-        every = self._policy.every_records
-        if every and unsigned >= every:
+            self.append(tx, events)
+            due = self.checkpoint_due(tx)
+        if due:
             self.checkpoint_quietly()
+
+    def checkpoint_due(self, tx: Tx) -> bool:
+        """Whether the count policy wants a checkpoint (call after appending; sign it with
+        checkpoint_quietly() once the transaction committed)."""
+        head = tx.audit_head()
+        every = self._policy.every_records
+        return bool(every) and head.seq - head.checkpoint_seq >= every
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -311,25 +311,36 @@ class CryptoService:
                 raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
         results: list[R | ClientError] = []
         events: list[AuditEvent] = []
-        with self._storage.reader() as tx:
-            keys = _Keys(tx, principal)
-            for item in items:
-                op = Operation(caller, name)
-                try:
-                    results.append(one(keys, op, item))
-                    events.append(op.ok())
-                except ClientError as e:
-                    e.audited = True  # recorded with the others below
-                    results.append(e)
-                    events.append(replace(op.event, outcome=e.code, detail=e.detail or e.message))
-                except Exception as e:
-                    self._abort(caller, name, len(items), [*events, op.event], e)
-                    raise
+        op = Operation(caller, name)
+        # One write transaction per request: look-ups, the HSM work and the audit records.
+        # Writers are serialised, so nothing the request relied on can change under it
+        # (the re-check at the end covers databases with weaker isolation); the results
+        # leave only after the records committed.
         try:
-            self._audit.record(events, precheck=lambda tx: self._recheck(keys, tx))
-        except ClientError as e:
-            self._abort(caller, name, len(items), events, e)
+            with self._storage.transaction() as tx:
+                keys = _Keys(tx, principal)
+                for item in items:
+                    op = Operation(caller, name)
+                    try:
+                        results.append(one(keys, op, item))
+                        events.append(op.ok())
+                    except ClientError as e:
+                        e.audited = True  # recorded with the others below
+                        results.append(e)
+                        events.append(
+                            replace(op.event, outcome=e.code, detail=e.detail or e.message)
+                        )
+                op = Operation(caller, name)  # failures past this point are request-wide
+                self._recheck(keys, tx)
+                self._audit.append(tx, events)
+                due = self._audit.checkpoint_due(tx)
+        except Exception as e:
+            # Rolled back: nothing is returned, so every item is recorded as failed.
+            failed = events if len(events) == len(items) else [*events, op.event]
+            self._abort(caller, name, len(items), failed, e)
             raise
+        if due:
+            self._audit.checkpoint_quietly()
         return results
 
     def _recheck(self, keys: _Keys, tx: Tx) -> None:

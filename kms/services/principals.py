@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 
 from kms.errors import InvalidRequest, Unauthenticated
 from kms.services.audit import AuditTrail, Caller, Operation
@@ -19,6 +22,7 @@ from kms.services.ports import Clock, Storage
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
 MAX_TOKEN_CHARS = 128
+AUTH_CACHE_SIZE = 10_000
 
 
 def new_token() -> str:
@@ -30,19 +34,41 @@ def token_hash(token: str) -> str:
 
 
 class PrincipalService:
-    def __init__(self, storage: Storage, audit: AuditTrail, clock: Clock) -> None:
+    def __init__(
+        self, storage: Storage, audit: AuditTrail, clock: Clock, cache_seconds: float = 0.0
+    ) -> None:
         self._storage = storage
         self._audit = audit
         self._clock = clock
+        # token hash -> (principal, monotonic expiry); only successful look-ups are cached
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._cache_seconds = cache_seconds
+        self._lock = threading.Lock()
 
     def authenticate(self, token: str | None) -> Principal:
-        """The principal holding ``token``; Unauthenticated for anything else."""
+        """The principal holding ``token``; Unauthenticated for anything else.
+
+        A successful look-up is remembered for ``cache_seconds`` (per worker, at most
+        AUTH_CACHE_SIZE tokens), so a change to a principal reaches every worker within
+        that time; unknown tokens are never cached."""
         if not token or len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
             raise Unauthenticated()
+        digest = token_hash(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[1] > now:
+                self._cache.move_to_end(digest)
+                return hit[0]
         with self._storage.reader() as tx:
-            principal = tx.principal_by_token_hash(token_hash(token))
+            principal = tx.principal_by_token_hash(digest)
         if principal is None:
             raise Unauthenticated()
+        if self._cache_seconds > 0:
+            with self._lock:
+                self._cache[digest] = (principal, now + self._cache_seconds)
+                while len(self._cache) > AUTH_CACHE_SIZE:
+                    self._cache.popitem(last=False)
         return principal
 
     def create(self, caller: Caller, name: str, role: str) -> tuple[Principal, str]:

@@ -131,21 +131,29 @@ def test_rewrap_cannot_launder_a_blob_into_a_decryptable_key(api: Api) -> None:
     assert refused.status_code == 403
 
 
-def test_a_refusal_after_the_fact_returns_nothing(api: Api, app) -> None:  # type: ignore[no-untyped-def]
-    """A key disabled while a request runs: the re-check in the audit transaction refuses
-    the request and no plaintext is returned."""
+def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite the request's single write transaction already excludes concurrent
+    changes; the re-check is for databases with weaker isolation: a key disabled or a
+    grant revoked after the look-ups refuses the request."""
+    from kms.errors import Forbidden, KeyStateError
+    from kms.services.crypto import _Keys
+    from kms.services.model import Operation as Op
+
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
-    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
-    services = app.extensions["kms"]
-    real_decrypt = services.crypto._hsm.decrypt
-
-    def decrypt_then_disable(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = real_decrypt(*args, **kwargs)
-        assert api.call("POST", "/v1/keys/k/disable", api.admin).status_code == 200
-        return out
-
-    services.crypto._hsm = type("H", (), {"decrypt": staticmethod(decrypt_then_disable)})()
-    r = api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob})
-    assert r.status_code == 409 and "plaintext" not in r.json
-    assert [x["outcome"] for x in api.audit()[-2:]] == ["ok", "key_state"]  # disable, decrypt
+    storage = app.extensions["kms"].crypto._storage
+    principal = app.extensions["kms"].principals.authenticate(svc["Authorization"][7:])
+    with storage.reader() as tx:
+        keys = _Keys(tx, principal)
+        keys.by_ref("k", Op.DECRYPT)
+    with storage.reader() as tx:
+        keys.recheck(tx)  # nothing changed
+    api.call("POST", "/v1/keys/k/disable", api.admin)
+    with storage.reader() as tx, pytest.raises(KeyStateError):
+        keys.recheck(tx)
+    api.call("POST", "/v1/keys/k/enable", api.admin)
+    api.call(
+        "POST", "/v1/keys/k/grants", api.admin, json={"principal": "svc", "operations": ["datakey"]}
+    )
+    with storage.reader() as tx, pytest.raises(Forbidden):
+        keys.recheck(tx)
