@@ -54,7 +54,18 @@ def string(data: Body, name: str, *, max_len: int, default: str | None = None) -
         raise InvalidRequest(f"{name} must be a string")
     if len(value) > max_len:
         raise InvalidRequest(f"{name} must be at most {max_len} characters")
+    _check_text(value, name)
     return value
+
+
+def _check_text(value: str, name: str) -> None:
+    """Refuse strings that are not valid Unicode text (lone surrogates, NUL)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} must be valid UTF-8 text") from None
+    if "\x00" in value:
+        raise InvalidRequest(f"{name} must not contain NUL")
 
 
 def required_string(data: Body, name: str, *, max_len: int) -> str:
@@ -107,6 +118,10 @@ def string_list(data: Body, name: str, *, max_items: int) -> list[str]:
         raise InvalidRequest(f"{name} must be a list of strings")
     if len(value) > max_items:
         raise InvalidRequest(f"{name} has more than {max_items} items")
+    for item in value:
+        if len(item) > 4 * 4096:
+            raise InvalidRequest(f"{name} holds an oversized item")
+        _check_text(item, name)
     return value
 
 

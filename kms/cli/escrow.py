@@ -230,12 +230,19 @@ def unwrap(
 ) -> None:
     """Unwrap one blob under an active case (requester)."""
     with clear_errors():
-        plaintext = client(url, token_file).decrypt(
-            blob.read_bytes(), _pairs(context), justification, case_id=case_id
-        )
-    if out is None:
+        # Open the output first: an unwrap spends the case's budget and must not be lost.
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) if out else None
+        try:
+            plaintext = client(url, token_file).decrypt(
+                blob.read_bytes(), _pairs(context), justification, case_id=case_id
+            )
+        except BaseException:
+            if fd is not None and out is not None:
+                os.close(fd)
+                out.unlink()
+            raise
+    if fd is None:
         click.echo(base64.b64encode(plaintext).decode())
     else:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(plaintext)

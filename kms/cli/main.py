@@ -321,21 +321,34 @@ def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | 
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="A checkpoint you already hold (JSON); the bundle must continue from it.",
 )
-def audit_verify(bundle: Path, public_key: Path, since_checkpoint: Path | None) -> None:
+@click.option(
+    "--through-checkpoint",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A later checkpoint you hold (JSON); the bundle must reach and match it.",
+)
+def audit_verify(
+    bundle: Path, public_key: Path, since_checkpoint: Path | None, through_checkpoint: Path | None
+) -> None:
     """Verify a bundle offline. Exit 0 only if everything verifies (an unsigned tail is
     reported, not failed); 1 if anything is wrong; 2 if the inputs are unusable."""
     from kms.services.audit_verify import VerifyInputError, verify_bundle
 
-    try:
-        anchor = json.loads(since_checkpoint.read_text()) if since_checkpoint else None
-        if anchor is not None and not isinstance(anchor, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        click.echo(f"Error: --since-checkpoint: {e}", err=True)
-        sys.exit(2)
+    anchors = []
+    for option, path in (
+        ("--since-checkpoint", since_checkpoint),
+        ("--through-checkpoint", through_checkpoint),
+    ):
+        try:
+            anchor = json.loads(path.read_text()) if path else None
+            if anchor is not None and not isinstance(anchor, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            click.echo(f"Error: {option}: {e}", err=True)
+            sys.exit(2)
+        anchors.append(anchor)
     try:
         with bundle.open("rb") as lines:
-            report = verify_bundle(lines, public_key.read_bytes(), anchor)
+            report = verify_bundle(lines, public_key.read_bytes(), *anchors)
     except (VerifyInputError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)

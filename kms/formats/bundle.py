@@ -5,13 +5,14 @@ checkpoint whose ``seq`` falls inside the segment, in order::
 
     {"type": "header", "v": 1, "after": A, "until": U, "head": H, "public_key": "<PEM>"}
     {"type": "record", <every audit record field>, "hash": "<hex>"}      (seq A+1 .. U)
-    {"type": "checkpoint", <every checkpoint field>}                    (every seq > A)
+    {"type": "checkpoint", <every checkpoint field>}                    (A < seq <= U)
 
 ``after`` is the seq the segment continues from (0 = the start of the chain), ``until``
-the last seq it holds and ``head`` the chain head when it was exported. Every checkpoint
-after ``after`` is included, also those past ``until``: a checkpoint past ``head`` proves
-that records were removed from the end of the chain. Record fields are those of
-kms/formats/audit_record.py, checkpoint fields those of kms/formats/checkpoint.py.
+the last seq it holds and ``head`` the chain head when it was exported. The header is not
+signed: the verifier takes the segment's bounds from the records and trusts nothing in
+the header but compares its public key with the one the auditor trusts. Record fields
+are those of kms/formats/audit_record.py, checkpoint fields those of
+kms/formats/checkpoint.py.
 """
 
 from __future__ import annotations

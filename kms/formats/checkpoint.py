@@ -5,6 +5,8 @@ A checkpoint states "the chain had ``seq`` records and the last one hashed to
 
     v            int   format version = 1
     seq          int   number of records covered (the seq of the last one)
+    prev_seq     int   seq of the previous checkpoint (0 for the first): checkpoints form
+                       a chain, so one dropped from the middle of a bundle is noticed
     record_hash  str   hex hash of record ``seq`` (which covers every earlier record)
     time         str   UTC signing time, "YYYY-MM-DDTHH:MM:SS.mmmZ"
     key_sha256   str   hex SHA-256 of the DER SubjectPublicKeyInfo of the signing key
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 FORMAT_VERSION = 1
 PREFIX = b"KMS-CHECKPOINT-1\n"
-SIGNED_FIELDS = ("v", "seq", "record_hash", "time", "key_sha256")
+SIGNED_FIELDS = ("v", "seq", "prev_seq", "record_hash", "time", "key_sha256")
 FIELDS = (*SIGNED_FIELDS, "signature")
 
 
@@ -80,13 +82,13 @@ def check_shape(checkpoint: Mapping[str, Any], *, signed: bool = True) -> None:
         raise CheckpointError("checkpoint has unexpected fields: " + ", ".join(sorted(extra)))
     for name in want:
         value = checkpoint[name]
-        expected = int if name in ("v", "seq") else str
+        expected = int if name in ("v", "seq", "prev_seq") else str
         if type(value) is not expected:
             raise CheckpointError(f"checkpoint field {name!r} must be {expected.__name__}")
     if checkpoint["v"] != FORMAT_VERSION:
         raise CheckpointError("unknown checkpoint format version")
-    if checkpoint["seq"] < 1:
-        raise CheckpointError("checkpoint seq must be >= 1")
+    if not 0 <= checkpoint["prev_seq"] < checkpoint["seq"]:
+        raise CheckpointError("checkpoint needs 0 <= prev_seq < seq")
 
 
 def verify(checkpoint: Mapping[str, Any], public_key: ec.EllipticCurvePublicKey) -> None:

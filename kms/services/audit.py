@@ -159,6 +159,7 @@ class AuditTrail:
             cp: dict[str, Any] = {
                 "v": cpfmt.FORMAT_VERSION,
                 "seq": head.seq,
+                "prev_seq": head.checkpoint_seq,
                 "record_hash": head.hash,
                 "time": format_time(self._clock.now()),
                 "key_sha256": fingerprint,

@@ -34,9 +34,9 @@ def parse_time(text: str, name: str) -> str:
     """An ISO 8601 date or time as a record time string (UTC, milliseconds)."""
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{name} must be an ISO 8601 date or time") from None
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
     return format_time(when)
 
 
@@ -86,7 +86,7 @@ class AuditExports:
         cursor = after
         while True:
             with self._storage.reader() as tx:
-                cps = tx.checkpoints(cursor, None, PAGE)
+                cps = tx.checkpoints(cursor, until, PAGE)
             if not cps:
                 break
             for cp in cps:

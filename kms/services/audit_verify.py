@@ -3,9 +3,13 @@
 Given the bundle and the audit public key the auditor trusts, it recomputes the hash
 chain and checks every checkpoint signature, and says precisely what is wrong and where:
 an edited, deleted, inserted, duplicated or reordered record; a truncated tail that a
-checkpoint covers; a forged checkpoint; a bundle signed by another key; a bundle that does
-not connect to a checkpoint the auditor already holds. Records after the last checkpoint
-(the unsigned tail) are reported but do not fail verification: nothing can prove them yet.
+checkpoint covers; a forged checkpoint; a checkpoint dropped from the middle (checkpoints
+name their predecessor); a bundle signed by another key; a bundle that does not connect
+to a checkpoint the auditor already holds (``since_checkpoint``) or does not reach one
+(``through_checkpoint``). Nothing in the bundle's header is trusted but its public key,
+which must be the trusted one. Records after the last checkpoint (the unsigned tail) are
+reported but do not fail verification: nothing can prove them yet. Dropping the newest
+records together with their checkpoints is detectable only with ``through_checkpoint``.
 """
 
 from __future__ import annotations
@@ -65,13 +69,15 @@ def verify_bundle(
     lines: Iterable[str | bytes],
     trusted_public_key_pem: bytes,
     since_checkpoint: Mapping[str, Any] | None = None,
+    through_checkpoint: Mapping[str, Any] | None = None,
 ) -> Report:
     """Verify a bundle (see kms/formats/bundle.py) against the trusted public key.
 
     Without ``since_checkpoint`` the bundle must start at the first record of the chain;
-    with it, the bundle must continue exactly from that (verified) checkpoint.
-    Raises VerifyInputError only for unusable inputs; every finding about the bundle is
-    in the returned Report."""
+    with it, the bundle must continue exactly from that (verified) checkpoint. With
+    ``through_checkpoint`` (a later checkpoint the auditor holds) the bundle must reach it
+    and agree with it. Raises VerifyInputError only for unusable inputs; every finding
+    about the bundle is in the returned Report."""
     try:
         key = cpfmt.load_public_key(trusted_public_key_pem)
         fingerprint = cpfmt.key_fingerprint(trusted_public_key_pem)
@@ -86,18 +92,27 @@ def verify_bundle(
             raise VerifyInputError(f"the --since-checkpoint checkpoint: {e}") from None
         expected_seq = since_checkpoint["seq"] + 1
         prev_hash = since_checkpoint["record_hash"]
+    if through_checkpoint is not None:
+        try:
+            cpfmt.verify(through_checkpoint, key)
+        except cpfmt.CheckpointError as e:
+            raise VerifyInputError(f"the --through-checkpoint checkpoint: {e}") from None
 
     header, records, checkpoints = _parse(lines, report)
     if header is None:
         report.errors.append("line 1: the bundle has no header")
-    elif (
-        header.get("public_key", "").encode() != trusted_public_key_pem
-        and _fingerprint_of(header.get("public_key")) != fingerprint
-    ):
+    elif _fingerprint_of(header.get("public_key")) != fingerprint:
         report.errors.append("the bundle's public key is not the trusted public key")
 
     hashes = _check_chain(records, expected_seq, prev_hash, report)
-    _check_checkpoints(checkpoints, hashes, key, fingerprint, report, header)
+    _check_checkpoints(checkpoints, hashes, key, fingerprint, report, expected_seq - 1)
+    if through_checkpoint is not None:
+        seq = through_checkpoint["seq"]
+        if hashes.get(seq) != through_checkpoint["record_hash"]:
+            report.errors.append(
+                f"the bundle does not reach or agree with your checkpoint at seq {seq}: "
+                "records were removed or rewritten (truncated or rolled back)"
+            )
     return report
 
 
@@ -173,12 +188,13 @@ def _check_checkpoints(
     key: Any,
     fingerprint: str,
     report: Report,
-    header: dict[str, Any] | None,
+    start: int,
 ) -> None:
+    """Each checkpoint must be signed, name the trusted key, match the records it covers,
+    and name its predecessor; ``start`` is the seq the segment continues from."""
     chain_ok = not report.errors
     last_in_bundle = report.last_seq or 0
-    until = header.get("until") if header else None
-    head = header.get("head") if header else None
+    by_seq: dict[int, dict[str, Any]] = {}
     for cp in checkpoints:
         seq = cp.get("seq")
         try:
@@ -189,32 +205,39 @@ def _check_checkpoints(
         if cp["key_sha256"] != fingerprint:
             report.errors.append(f"checkpoint at seq {seq}: names another signing key")
             continue
-        assert isinstance(seq, int)  # verify() checked the type
-        if isinstance(head, int) and seq > head:
+        seq = int(cp["seq"])
+        if seq in by_seq and by_seq[seq] != cp:
+            report.errors.append(f"checkpoint at seq {seq}: two different checkpoints")
+        by_seq[seq] = cp
+    expected_prev = start
+    for seq in sorted(by_seq):
+        cp = by_seq[seq]
+        if seq <= start:
+            continue  # before the segment: nothing here to check it against
+        if cp["prev_seq"] != expected_prev:
             report.errors.append(
-                f"checkpoint at seq {seq}: beyond the chain head {head} the bundle declares; "
-                "records were removed from the end of the chain (truncated)"
+                f"checkpoint at seq {seq}: follows the checkpoint at seq {cp['prev_seq']}, "
+                f"but the bundle's previous one is at seq {expected_prev} (checkpoints dropped)"
             )
-        elif isinstance(until, int) and seq > until:
-            continue  # signs records outside this segment
-        elif seq > last_in_bundle:
+        expected_prev = seq
+        if seq > last_in_bundle:
             if chain_ok:
                 report.errors.append(
                     f"checkpoint at seq {seq}: the bundle ends at seq {last_in_bundle}; "
                     "records the checkpoint covers are missing (truncated)"
                 )
-        elif seq in hashes:
-            if hashes[seq] != cp["record_hash"]:
+        elif hashes.get(seq) != cp["record_hash"]:
+            if seq in hashes:
                 report.errors.append(
                     f"checkpoint at seq {seq}: does not match the records (history rewritten)"
                 )
-                continue
+        else:
             report.checkpoints_verified += 1
             report.last_signed_seq = max(report.last_signed_seq or 0, seq)
 
 
 def _fingerprint_of(pem: object) -> str | None:
-    if not isinstance(pem, str):
+    if not isinstance(pem, str) or len(pem) > 10_000:
         return None
     try:
         return cpfmt.key_fingerprint(pem.encode())

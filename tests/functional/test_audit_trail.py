@@ -62,8 +62,13 @@ def export(api: Api, query: str = "") -> Lines:
     return [json.loads(line) for line in r.get_data().splitlines()]
 
 
-def verify(lines: Lines, pem: bytes, since: dict[str, Any] | None = None) -> Report:
-    return verify_bundle([json.dumps(x) for x in lines], pem, since)
+def verify(
+    lines: Lines,
+    pem: bytes,
+    since: dict[str, Any] | None = None,
+    through: dict[str, Any] | None = None,
+) -> Report:
+    return verify_bundle([json.dumps(x) for x in lines], pem, since, through)
 
 
 def records(lines: Lines) -> Lines:
@@ -147,6 +152,8 @@ def _battery(api: Api, svc: dict[str, str]) -> tuple[Lines, bytes]:
     checkpoint(api)
     traffic(api, svc, 2)
     checkpoint(api)
+    traffic(api, svc, 2)
+    checkpoint(api)
     return export(api), public_key(api)
 
 
@@ -221,6 +228,16 @@ def _swap_public_key(lines: Lines) -> Lines:
     return out
 
 
+def _drop_middle_checkpoint(lines: Lines) -> Lines:
+    cps = [x for x in lines if x["type"] == "checkpoint"]
+    return [x for x in lines if x is not cps[1]]
+
+
+def _forge_header(lines: Lines) -> Lines:
+    """An unsigned header claiming a short segment must not make checkpoints disappear."""
+    return [{**lines[0], "until": 0, "head": 0, "after": 0}, *_rewrite_consistently(lines)[1:]]
+
+
 TAMPER: dict[str, tuple[Callable[[Lines], Lines], str]] = {
     "edit a field": (_edit, "seq 4: record edited"),
     "delete a record": (_delete, "seq 4: record(s) 4..4 deleted"),
@@ -231,7 +248,15 @@ TAMPER: dict[str, tuple[Callable[[Lines], Lines], str]] = {
     "rewrite the chain consistently": (_rewrite_consistently, "does not match the records"),
     "replace a checkpoint signature": (_forge_signature, "signature does not verify"),
     "swap the public key": (_swap_public_key, "not the trusted public key"),
+    "drop a checkpoint from the middle": (_drop_middle_checkpoint, "(checkpoints dropped)"),
+    "forge the header and rewrite": (_forge_header, "does not match the records"),
 }
+
+
+def test_duplicate_checkpoint_lines_count_once(api: Api, svc: dict[str, str]) -> None:
+    lines, pem = _battery(api, svc)
+    cps = [x for x in lines if x["type"] == "checkpoint"]
+    assert verify([*lines, cps[0], cps[0]], pem).checkpoints_verified == 3
 
 
 @pytest.mark.parametrize("case", sorted(TAMPER))
@@ -265,7 +290,7 @@ LIVE: dict[str, tuple[tuple[str, ...], str]] = {
             "UPDATE audit_records SET seq = seq - 999 WHERE seq >= 1004",
             "INSERT INTO audit_records (seq, v, time, request_id, principal, operation, outcome,"
             " prev_hash, hash) SELECT 4, 1, time, 'forged', principal, 'decrypt', 'ok',"
-            " 'e' || substr(hash, 2), 'f' || substr(hash, 2) FROM audit_records WHERE seq = 3",
+            " 'forged-prev', 'forged-hash' FROM audit_records WHERE seq = 3",
         ),
         "seq 4: a record before this one was edited",
     ),
@@ -277,13 +302,15 @@ LIVE: dict[str, tuple[tuple[str, ...], str]] = {
         ),
         "seq 4:",
     ),
-    "truncate the tail": (
+    "roll back the tail with its checkpoint": (
         (
             "DELETE FROM audit_records WHERE seq > (SELECT max(seq) - 3 FROM audit_records)",
+            "DELETE FROM audit_checkpoints WHERE seq = (SELECT max(seq) FROM audit_checkpoints)",
             "UPDATE audit_head SET seq = (SELECT max(seq) FROM audit_records),"
-            " hash = (SELECT hash FROM audit_records ORDER BY seq DESC LIMIT 1)",
+            " hash = (SELECT hash FROM audit_records ORDER BY seq DESC LIMIT 1),"
+            " checkpoint_seq = (SELECT max(seq) FROM audit_checkpoints)",
         ),
-        "beyond the chain head",
+        "does not reach or agree with your checkpoint",
     ),
     "replace a checkpoint signature": (
         (
@@ -303,10 +330,12 @@ LIVE: dict[str, tuple[tuple[str, ...], str]] = {
 def test_tamper_battery_on_the_live_database(
     api: Api, svc: dict[str, str], db_path: Path, case: str
 ) -> None:
-    _, pem = _battery(api, svc)
+    lines, pem = _battery(api, svc)
+    newest = [x for x in lines if x["type"] == "checkpoint"][-1]
+    held = {k: v for k, v in newest.items() if k != "type"}  # the auditor kept it
     statements, expected = LIVE[case]
     _db(db_path, *statements)
-    report = verify(export(api), pem)
+    report = verify(export(api), pem, through=held)
     assert not report.ok
     assert any(expected in e for e in report.errors), report.errors
 

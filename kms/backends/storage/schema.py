@@ -108,6 +108,7 @@ audit_checkpoints = Table(
     "audit_checkpoints",
     metadata,
     Column("seq", _SEQ, primary_key=True, autoincrement=False),
+    Column("prev_seq", _SEQ, nullable=False),
     Column("record_hash", String(64), nullable=False),
     Column("time", String(24), nullable=False),
     Column("key_sha256", String(64), nullable=False),

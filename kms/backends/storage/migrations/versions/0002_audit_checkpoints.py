@@ -20,6 +20,7 @@ def upgrade() -> None:
     op.create_table(
         "audit_checkpoints",
         sa.Column("seq", _SEQ, primary_key=True, autoincrement=False),
+        sa.Column("prev_seq", _SEQ, nullable=False),
         sa.Column("record_hash", sa.String(64), nullable=False),
         sa.Column("time", sa.String(24), nullable=False),
         sa.Column("key_sha256", sa.String(64), nullable=False),
