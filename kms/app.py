@@ -88,6 +88,7 @@ def build_services(
     sender = RequestsWebhookSender() if options.webhook.url else None
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow)
+    notifier.on_delivered = escrow.delivered
     return Services(
         principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),
         keys=KeyService(storage, hsm, trail, clock),

@@ -108,6 +108,14 @@ class KeyUnusable(ServerError):
     public_message = "the key cannot be used on this server"
 
 
+class EscrowUnavailable(ServerError):
+    """Escrow cannot run safely as configured (no way to notify the data owner)."""
+
+    status = 503
+    code = "escrow_unavailable"
+    public_message = "escrow is not available on this server"
+
+
 class HsmUnavailable(ServerError):
     status = 503
     code = "hsm_unavailable"

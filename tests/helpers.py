@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +183,61 @@ class Api:
             if not r.json["records"]:
                 return out
             out.extend(r.json["records"])
+
+
+SECRET = b"data-owner-shared-webhook-secret"
+
+
+class Receiver:
+    """The data owner's endpoint: refuses the first ``fail_first`` deliveries (of
+    ``fail_event`` only, if given) with 503, and any with a bad signature."""
+
+    def __init__(self, fail_first: int = 0, fail_event: str | None = None) -> None:
+        self.fail_first = fail_first
+        self.fail_event = fail_event
+        self.attempts: list[dict[str, Any]] = []
+        self.accepted: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ts = self.headers["X-KMS-Timestamp"]
+                expected = (
+                    "v1=" + hmac.new(SECRET, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+                )
+                valid = hmac.compare_digest(expected, self.headers["X-KMS-Signature"])
+                entry = {
+                    "valid": valid,
+                    "event": self.headers["X-KMS-Event"],
+                    "body": json.loads(body),
+                    "at": time.monotonic(),
+                }
+                receiver.attempts.append(entry)
+                watched = [
+                    a for a in receiver.attempts if receiver.fail_event in (None, a["event"])
+                ]
+                failing = entry in watched and len(watched) <= receiver.fail_first
+                ok = valid and not failing
+                if ok:
+                    receiver.accepted.append(entry)
+                self.send_response(200 if ok else 503)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/kms-events"
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def wait_for(self, event: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.accepted:
+                if entry["event"] == event:
+                    return entry
+            time.sleep(0.1)
+        raise AssertionError(f"{event} not delivered; attempts: {self.attempts}")

@@ -10,10 +10,11 @@ from flask import Blueprint
 
 from kms.api import parsing as p
 from kms.api.context import caller, operation, services
+from kms.api.parsing import decode_signature
 from kms.errors import InvalidRequest
 from kms.formats import context as ctxfmt
 from kms.formats.blob import MAX_BLOB_BYTES
-from kms.services.escrow import CaseRequest, CaseView, decode_signature
+from kms.services.escrow import CaseRequest, CaseView
 from kms.services.model import EscrowCase
 from kms.services.notify import case_payload
 
@@ -27,13 +28,30 @@ CASE_FIELDS = {
 @bp.post("/custodians")
 @operation("register_custodian")
 def register_custodian() -> Json:
-    """``{name, group, public_key}`` (raw Ed25519 public key, base64) -> 201."""
-    body = p.json_body({"name", "group", "public_key"}, frozenset({"name", "group", "public_key"}))
+    """``{name, group, public_key, endorsement?: {custodian, signature}}`` (raw Ed25519
+    public key and signature, base64) -> 201. A group's second and later custodians need
+    an endorsement by a member (kms/formats/escrow.py)."""
+    body = p.json_body(
+        {"name", "group", "public_key", "endorsement"}, frozenset({"name", "group", "public_key"})
+    )
+    endorsement = None
+    if "endorsement" in body:
+        e = p.fields(
+            body["endorsement"],
+            {"custodian", "signature"},
+            frozenset({"custodian", "signature"}),
+            "endorsement",
+        )
+        endorsement = (
+            p.required_string(e, "custodian", max_len=64),
+            decode_signature(p.required_string(e, "signature", max_len=200)),
+        )
     custodian = services().escrow.register_custodian(
         caller(),
         p.required_string(body, "name", max_len=64),
         p.required_string(body, "group", max_len=64),
         p.b64(body, "public_key", max_bytes=64),
+        endorsement,
     )
     return {"name": custodian.name, "group": custodian.group, "state": custodian.state}, 201
 

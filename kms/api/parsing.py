@@ -136,3 +136,14 @@ def query_int(name: str, default: int) -> int:
 
 def encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def decode_signature(text: str) -> bytes:
+    """A base64 Ed25519 signature (64 bytes)."""
+    try:
+        sig = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("signature must be base64") from None
+    if len(sig) != 64:
+        raise InvalidRequest("signature must be a 64-byte Ed25519 signature")
+    return sig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,58 @@ def keygen(out: Path) -> None:
 @click.argument("name")
 @click.option("--group", required=True, help="e.g. keyholder, data_owner, legal")
 @click.option("--public-key", required=True, help="Base64 raw Ed25519 key (from keygen).")
+@click.option(
+    "--endorsement",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="JSON from `kms escrow endorse` by a member (needed once the group has one).",
+)
 @remote
 def register_custodian(
-    name: str, group: str, public_key: str, url: str, token_file: Path | None
+    name: str,
+    group: str,
+    public_key: str,
+    endorsement: Path | None,
+    url: str,
+    token_file: Path | None,
 ) -> None:
     """Register a custodian's public key (admin; NAME is a principal with role custodian)."""
+    raw = _b64_option(public_key, "--public-key")
     with clear_errors():
-        try:
-            raw = base64.b64decode(public_key, validate=True)
-        except ValueError:
-            raise click.BadParameter("not base64", param_hint="--public-key") from None
-        print_json(client(url, token_file).register_custodian(name, group, raw))
+        endorsed = json.loads(endorsement.read_text()) if endorsement else None
+        print_json(client(url, token_file).register_custodian(name, group, raw, endorsed))
+
+
+@escrow.command("endorse")
+@click.argument("name")
+@click.option("--group", required=True)
+@click.option("--public-key", required=True, help="The new custodian's key (base64).")
+@click.option(
+    "--key", "key_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@click.option("--custodian", required=True, help="Your custodian name (a member of GROUP).")
+def endorse(name: str, group: str, public_key: str, key_file: Path, custodian: str) -> None:
+    """Endorse a new custodian of your group offline; prints the endorsement (JSON) to hand
+    to the admin who registers them."""
+    raw = _b64_option(public_key, "--public-key")
+    signature = _private_key(key_file).sign(escrowfmt.enrolment_message(name, group, raw))
+    print_json({"custodian": custodian, "signature": base64.b64encode(signature).decode()})
+
+
+def _b64_option(value: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise click.BadParameter("not base64", param_hint=name) from None
+
+
+def _private_key(key_file: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as e:
+        raise click.ClickException(f"cannot read the custodian key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise click.ClickException("the custodian key is not an Ed25519 private key")
+    return key
 
 
 @escrow.command("revoke-custodian")
@@ -140,14 +182,15 @@ def show(case_id: str, url: str, token_file: Path | None) -> None:
 
 
 def _decide(
-    case_id: str, key_file: Path, custodian: str, decision: str, url: str, token_file: Path | None
+    case_id: str,
+    key_file: Path,
+    custodian: str,
+    decision: str,
+    yes: bool,
+    url: str,
+    token_file: Path | None,
 ) -> None:
-    try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as e:
-        raise click.ClickException(f"cannot read the custodian key: {e}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise click.ClickException("the custodian key is not an Ed25519 private key")
+    key = _private_key(key_file)
     with clear_errors():
         api = client(url, token_file)
         case = api.get_case(case_id)
@@ -155,13 +198,20 @@ def _decide(
         digest = escrowfmt.case_digest(case)
         if base64.b64encode(digest).decode() != case["digest"]:
             raise click.ClickException("the server's digest does not match the case: not signing")
+        scope = case["scope"]
         click.echo(
-            f"{decision} case {case['case_id']} v{case['version']} by {case['requester']}: "
-            f"{case['justification']}, ref {case['reference']!r}, "
-            f"{case['max_unwraps']} unwraps until {case['expires_at']}, "
-            f"keys {', '.join(case['scope']['keys'])}",
+            f"Case {case['case_id']} version {case['version']}, filed by {case['requester']}\n"
+            f"  legal basis:   {case['legal_basis']}\n"
+            f"  reference:     {case['reference']}\n"
+            f"  justification: {case['justification']}\n"
+            f"  keys:          {', '.join(scope['keys'])}\n"
+            f"  context:       {scope.get('context') or 'any (every record of these keys)'}\n"
+            f"  blobs:         {len(scope['blobs']) if scope.get('blobs') else 'any'}\n"
+            f"  unwraps:       at most {case['max_unwraps']}, until {case['expires_at']}",
             err=True,
         )
+        if not yes and not click.confirm(f"Sign this {decision}?", err=True):
+            raise click.ClickException("not signed")
         signature = key.sign(escrowfmt.signed_message(digest, decision))
         print_json(api.decide_case(case_id, custodian, signature, decision))
 
@@ -172,12 +222,13 @@ def _decide(
     "--key", "key_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
 )
 @click.option("--custodian", required=True, help="Your custodian name.")
+@click.option("--yes", is_flag=True, help="Sign without asking (after reviewing the case).")
 @remote
 def approve(
-    case_id: str, key_file: Path, custodian: str, url: str, token_file: Path | None
+    case_id: str, key_file: Path, custodian: str, yes: bool, url: str, token_file: Path | None
 ) -> None:
     """Sign the case (recomputed locally) with your key and submit the approval."""
-    _decide(case_id, key_file, custodian, "approve", url, token_file)
+    _decide(case_id, key_file, custodian, "approve", yes, url, token_file)
 
 
 @escrow.command("reject")
@@ -186,10 +237,13 @@ def approve(
     "--key", "key_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
 )
 @click.option("--custodian", required=True)
+@click.option("--yes", is_flag=True, help="Sign without asking (after reviewing the case).")
 @remote
-def reject(case_id: str, key_file: Path, custodian: str, url: str, token_file: Path | None) -> None:
+def reject(
+    case_id: str, key_file: Path, custodian: str, yes: bool, url: str, token_file: Path | None
+) -> None:
     """Sign a rejection (a veto if your group is a veto group)."""
-    _decide(case_id, key_file, custodian, "reject", url, token_file)
+    _decide(case_id, key_file, custodian, "reject", yes, url, token_file)
 
 
 @escrow.command("revoke")

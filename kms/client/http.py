@@ -241,8 +241,17 @@ class KmsClient:
 
     # -- escrow ---------------------------------------------------------------------------
 
-    def register_custodian(self, name: str, group: str, public_key: bytes) -> dict[str, Any]:
-        body = {"name": name, "group": group, "public_key": _b64(public_key)}
+    def register_custodian(
+        self,
+        name: str,
+        group: str,
+        public_key: bytes,
+        endorsement: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``endorsement``: ``{"custodian", "signature"}`` from a member of the group."""
+        body: dict[str, Any] = {"name": name, "group": group, "public_key": _b64(public_key)}
+        if endorsement is not None:
+            body["endorsement"] = dict(endorsement)
         return dict(self.call("POST", "/v1/custodians", body))
 
     def revoke_custodian(self, name: str) -> dict[str, Any]:

@@ -16,6 +16,10 @@ and ``:``, ASCII only) of::
     max_unwraps    int
     expires_at     str    "YYYY-MM-DDTHH:MM:SS.mmmZ" (UTC)
 
+Enrolling a custodian in a group that already has one needs an endorsement: a member's
+Ed25519 signature of ``b"KMS-ESCROW-ENROL-1\n"`` followed by the canonical JSON of
+``{"name", "group", "public_key" (base64)}``, so an admin cannot add custodians alone.
+
 An approval is the raw Ed25519 signature of the 32-byte digest. A rejection signs
 ``b"KMS-ESCROW-REJECT-1\\n" + digest``, so neither can be replayed as the other; the case
 id and version inside the digest stop replays across cases and amendments. The client
@@ -24,6 +28,7 @@ recomputes the digest from the case's fields rather than trusting the server's.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
@@ -92,5 +97,26 @@ def valid_public_key(public_key: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(public_key)
     except ValueError:
+        return False
+    return True
+
+
+ENROL_PREFIX = b"KMS-ESCROW-ENROL-1\n"
+
+
+def enrolment_message(name: str, group: str, public_key: bytes) -> bytes:
+    """What an existing custodian signs to endorse a new one in their group."""
+    body = {"group": group, "name": name, "public_key": base64.b64encode(public_key).decode()}
+    return ENROL_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_enrolment(
+    endorser_key: bytes, signature: bytes, name: str, group: str, public_key: bytes
+) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(endorser_key).verify(
+            signature, enrolment_message(name, group, public_key)
+        )
+    except (InvalidSignature, ValueError):
         return False
     return True

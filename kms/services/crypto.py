@@ -114,6 +114,7 @@ class _Keys:
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, Grant] = {}
         self.used: set[tuple[str, Op]] = set()
+        self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
 
     @property
@@ -181,6 +182,11 @@ class _Keys:
             if key is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
             fresh.allowed(key, operation)
+        for key_id in sorted(self.enabled):
+            key = fresh.by_id(key_id)
+            if key is None:
+                raise KeyStateError("the key no longer exists", detail="deleted during request")
+            require_enabled(key)
 
 
 class CryptoService:
@@ -268,6 +274,7 @@ class CryptoService:
             used,
         )
         require_enabled(key)
+        keys.enabled.add(key.key_id)
         kek = keys.kek(key, parsed.key_version)
         plaintext = self._open(kek, parsed, item.context)
         keys.case_uses[item.case_id] = used + 1

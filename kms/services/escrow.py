@@ -23,15 +23,15 @@ read or used, in a write transaction, and audited then.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
+import json
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from kms.errors import Conflict, EscrowUnavailable, Forbidden, InvalidRequest, NotFound
 from kms.formats import escrow as escrowfmt
 from kms.formats.blob import Blob
 from kms.services.audit import AuditTrail, Caller, Operation, format_time
@@ -44,6 +44,7 @@ from kms.services.model import (
     Decision,
     EscrowCase,
     EscrowPolicy,
+    Notification,
     Role,
 )
 from kms.services.notify import Notifier
@@ -55,6 +56,7 @@ MAX_UNWRAPS = 100_000
 MAX_SCOPE_KEYS = 100
 MAX_SCOPE_BLOBS = 1000
 CASE_JUSTIFICATIONS = JUSTIFICATIONS - {"service_processing"}
+GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -106,16 +108,20 @@ class EscrowService:
     # -- custodians -------------------------------------------------------------------------
 
     def register_custodian(
-        self, caller: Caller, name: str, group: str, public_key: bytes
+        self,
+        caller: Caller,
+        name: str,
+        group: str,
+        public_key: bytes,
+        endorsement: tuple[str, bytes] | None = None,
     ) -> Custodian:
-        """Register the Ed25519 public key of a principal with role custodian."""
+        """Register the Ed25519 public key of a principal with role custodian. The first
+        custodian of a group is the admin's word; every later one needs an ``endorsement``
+        (custodian name, signature) by an active member of that group. The data owner is
+        notified of every change to the custodians."""
         with self._audit.operation(caller, "register_custodian") as op:
             caller.require(Role.ADMIN)
-            if (
-                not group
-                or len(group) > 64
-                or not group.replace("_", "").replace("-", "").isalnum()
-            ):
+            if not GROUP_RE.fullmatch(group):
                 raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
             if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
                 raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
@@ -127,20 +133,41 @@ class EscrowService:
                 principal = tx.principal_by_name(name)
                 if principal is None or principal.role is not Role.CUSTODIAN:
                     raise InvalidRequest("a custodian must be a principal with role custodian")
+                existing = tx.list_custodians()
+                if any(c.name == name for c in existing):
+                    raise Conflict(f"custodian {name!r} is already registered")
+                if any(c.public_key == public_key for c in existing):
+                    raise Conflict("this public key belongs to another custodian")
+                members = {c.name: c for c in existing if c.group == group and c.state == "active"}
+                if members:
+                    who, signature = endorsement or ("", b"")
+                    endorser = members.get(who)
+                    if endorser is None or not escrowfmt.verify_enrolment(
+                        endorser.public_key, signature, name, group, public_key
+                    ):
+                        raise Forbidden(
+                            f"group {group!r} has custodians: one of them must endorse this key",
+                            detail="missing or invalid endorsement",
+                        )
                 custodian = Custodian(name, group, public_key, "active", self._now())
                 tx.add_custodian(custodian)
+                self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
                 self._audit.append(tx, [op.ok()])
             return custodian
 
     def revoke_custodian(self, caller: Caller, name: str) -> None:
-        """From now on the custodian's decisions no longer count, past ones included."""
+        """From now on the custodian's approvals no longer count, past ones included (its
+        rejections stand). The data owner is notified."""
         with self._audit.operation(caller, "revoke_custodian") as op:
             caller.require(Role.ADMIN)
             op.note(detail=f"custodian={name}")
             with self._storage.transaction() as tx:
-                if tx.custodian(name) is None:
+                custodian = tx.custodian(name)
+                if custodian is None:
                     raise NotFound("no such custodian")
                 tx.set_custodian_state(name, "revoked")
+                revoked = replace(custodian, state="revoked")
+                self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
                 self._audit.append(tx, [op.ok()])
 
     # -- cases ------------------------------------------------------------------------------
@@ -148,6 +175,7 @@ class EscrowService:
     def file(self, caller: Caller, request: CaseRequest) -> EscrowCase:
         with self._audit.operation(caller, "file_case") as op:
             requester = caller.require(Role.REQUESTER)
+            self._require_notifications()
             case_id = str(uuid.uuid4())
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
@@ -161,6 +189,7 @@ class EscrowService:
         """A new version of an open case: back to pending, earlier approvals lapse."""
         with self._audit.operation(caller, "amend_case") as op:
             caller.require(Role.REQUESTER)
+            self._require_notifications()
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
                 case = self._settle(tx, self._visible(tx, caller, case_id))
@@ -184,7 +213,7 @@ class EscrowService:
             with self._storage.transaction() as tx:
                 case = self._settle(tx, self._visible(tx, caller, case_id))
                 policy = self._policy(tx, case)
-                approvers, rejecters = self._tally(tx, case)
+                approvers, rejecters = self._tally(tx, case, fresh_only=True)
                 notes = [
                     {
                         "event": n.event,
@@ -284,6 +313,7 @@ class EscrowService:
             raise Forbidden("the blob is not one the case names", detail="blob out of scope")
         if case.unwraps_used + already >= case.max_unwraps:
             raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
+        self._assert_still_approved(tx, case)
         return case
 
     def consume(self, tx: Tx, case_id: str, count: int) -> None:
@@ -296,9 +326,17 @@ class EscrowService:
             raise Forbidden(f"the case is {case.state.value}", detail="case ended during request")
         if case.unwraps_used + count > case.max_unwraps:
             raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
+        self._assert_still_approved(tx, case)
         tx.update_case(replace(case, unwraps_used=case.unwraps_used + count))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _require_notifications(self) -> None:
+        if not self._notifier.configured:
+            raise EscrowUnavailable(
+                "escrow needs the data owner's webhook (KMS_ESCROW_WEBHOOK_URL)",
+                detail="no webhook configured",
+            )
 
     def _now(self) -> str:
         return format_time(self._clock.now())
@@ -369,44 +407,78 @@ class EscrowService:
                 policy = policy.merge(key.escrow_policy)
         return policy
 
-    def _tally(self, tx: Tx, case: EscrowCase) -> tuple[set[str], set[str]]:
-        """Custodians whose approval counts now, and those who rejected this version."""
+    def _tally(self, tx: Tx, case: EscrowCase, *, fresh_only: bool) -> tuple[set[str], set[str]]:
+        """Custodians whose approval of this version counts (active, not the requester,
+        signature valid over the digest recomputed from the case's fields, and with
+        ``fresh_only`` recorded within the approval TTL), and those who rejected it (a
+        rejection stands even if its custodian is revoked later)."""
+        digest = escrowfmt.case_digest(_digest_fields(case))
         cutoff = format_time(
             self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
         )
         approvers, rejecters = set(), set()
         for d in tx.decisions(case.case_id):
             custodian = tx.custodian(d.custodian)
-            if d.version != case.version or custodian is None or custodian.state != "active":
+            if d.version != case.version or custodian is None or d.custodian == case.requester:
                 continue
-            if d.custodian == case.requester:
+            if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
                 continue
-            if d.decision == "approve" and d.recorded_at >= cutoff:
-                approvers.add(d.custodian)
-            elif d.decision == "reject":
+            if d.decision == "reject":
                 rejecters.add(d.custodian)
+            elif custodian.state == "active" and (not fresh_only or d.recorded_at >= cutoff):
+                approvers.add(d.custodian)
         return approvers, rejecters
 
-    def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
+    def _verdict(
+        self, tx: Tx, case: EscrowCase, *, fresh_only: bool
+    ) -> tuple[bool, bool, set[str]]:
+        """(quorum reached, vetoed, approvers) under the case's current policy."""
         policy = self._policy(tx, case)
-        approvers, rejecters = self._tally(tx, case)
+        approvers, rejecters = self._tally(tx, case, fresh_only=fresh_only)
         groups = {c.name: c.group for c in tx.list_custodians()}
-        if any(groups.get(r) in policy.veto_groups for r in rejecters):
-            return self._transition(tx, case, CaseState.REJECTED, caller, "veto")
+        vetoed = any(groups.get(r) in policy.veto_groups for r in rejecters)
         approved_groups = {groups.get(a) for a in approvers}
-        if (
-            case.state is CaseState.PENDING
-            and len(approvers) >= policy.quorum
-            and policy.required_groups <= approved_groups
-        ):
-            waiting = timedelta(seconds=self._settings.waiting_period_seconds)
-            case = replace(case, active_from=format_time(self._clock.now() + waiting))
+        quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
+        return quorum, vetoed, approvers
+
+    def _assert_still_approved(self, tx: Tx, case: EscrowCase) -> None:
+        """At every unwrap: the stored case must match its digest and its signed approvals
+        must still make a quorum (revoked custodians no longer count), with no veto; so a
+        database edit cannot activate or widen a case."""
+        if escrowfmt.case_digest(_digest_fields(case)).hex() != case.digest:
+            raise Forbidden(
+                "the case record does not match its digest", detail="case altered in the database"
+            )
+        quorum, vetoed, _ = self._verdict(tx, case, fresh_only=False)
+        if vetoed or not quorum:
+            raise Forbidden(
+                "the case no longer has its approvals",
+                detail="vetoed" if vetoed else "quorum no longer holds",
+            )
+
+    def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
+        quorum, vetoed, approvers = self._verdict(tx, case, fresh_only=True)
+        if vetoed:
+            return self._transition(tx, case, CaseState.REJECTED, caller, "veto")
+        if case.state is CaseState.PENDING and quorum:
+            # The waiting period starts once the data owner has been told (see delivered()).
             case = self._transition(
                 tx, case, CaseState.APPROVED, caller, f"by {','.join(sorted(approvers))}"
             )
             self._notifier.enqueue(tx, case, "case_approved")
-            return self._settle(tx, case)
         return case
+
+    def delivered(self, tx: Tx, notification: Notification) -> None:
+        """The data owner received a notification: an approval starts the waiting period."""
+        if notification.event != "case_approved":
+            return
+        case = tx.case(notification.case_id)
+        version = json.loads(notification.payload).get("version")
+        if case is None or case.state is not CaseState.APPROVED or case.version != version:
+            return
+        if case.active_from is None:
+            waiting = timedelta(seconds=self._settings.waiting_period_seconds)
+            tx.update_case(replace(case, active_from=format_time(self._clock.now() + waiting)))
 
     def _time_state(self, case: EscrowCase, now: str) -> CaseState:
         if case.state in OPEN_CASE_STATES and now >= case.expires_at:
@@ -449,11 +521,14 @@ class EscrowService:
             return new
 
 
-def decode_signature(text: str) -> bytes:
-    try:
-        sig = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("signature must be base64") from None
-    if len(sig) != 64:
-        raise InvalidRequest("signature must be a 64-byte Ed25519 signature")
-    return sig
+def _custodian_payload(custodian: Custodian) -> dict[str, Any]:
+    return {
+        "name": custodian.name,
+        "group": custodian.group,
+        "state": custodian.state,
+        "public_key_sha256": hashlib.sha256(custodian.public_key).hexdigest(),
+    }
+
+
+def _digest_fields(case: EscrowCase) -> dict[str, Any]:
+    return {name: getattr(case, name) for name in escrowfmt.FIELDS}

@@ -206,7 +206,8 @@ class KeyService:
             return grant
 
     def set_escrow_policy(self, caller: Caller, ref: str, policy: EscrowPolicy) -> Key:
-        """The quorum escrow cases over this key need (instead of the global default)."""
+        """The quorum escrow cases over this key need; a case gets the stricter of this and
+        the global default (and of every key it covers)."""
         with self._audit.operation(caller, "set_escrow_policy") as op:
             caller.require(Role.ADMIN)
             if not 1 <= policy.quorum <= 16:

@@ -7,7 +7,8 @@ notifications and retries failures with exponential backoff (1 s, 2 s, 4 s ... a
 blocks the KMS. Every attempt is audited with the case id.
 
 Wire format: ``POST <url>`` with a JSON body ``{"event", "notification_id", "sent_at",
-"case": {...}}`` and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix seconds) and
+"case": {...}}`` (or ``"custodian": {...}`` for ``custodian_registered`` and
+``custodian_revoked``) and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix seconds) and
 ``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``. The receiver
 recomputes the HMAC with the shared secret, compares in constant time, and rejects
 timestamps older than a few minutes.
@@ -19,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
@@ -86,15 +88,39 @@ class Notifier:
         self._clock = clock
         self._sender = sender
         self._settings = settings
+        # called inside the transaction that marks a notification delivered
+        self.on_delivered: Callable[[Tx, Notification], None] | None = None
 
     @property
     def configured(self) -> bool:
         return bool(self._settings.url and self._sender is not None)
 
-    def enqueue(self, tx: Tx, case: EscrowCase, event: str) -> None:
-        """Queue ``event`` about ``case`` inside the caller's transaction (no-op without a
-        webhook URL)."""
+    def announce(self, tx: Tx, event: str, subject: dict[str, Any]) -> None:
+        """Queue an event that concerns no case (a custodian registered or revoked); it is
+        delivered like the others, for a week at most."""
         if not self.configured:
+            log.warning("no webhook configured; notification dropped", extra={"op": event})
+            return
+        now = self._clock.now()
+        tx.add_notification(
+            Notification(
+                id=0,
+                case_id="",
+                event=event,
+                payload=json.dumps(subject, sort_keys=True),
+                state="pending",
+                attempts=0,
+                next_attempt_at=format_time(now),
+                expires_at=format_time(now + timedelta(days=7)),
+            )
+        )
+
+    def enqueue(self, tx: Tx, case: EscrowCase, event: str) -> None:
+        """Queue ``event`` about ``case`` inside the caller's transaction. Without a webhook
+        nothing is queued; escrow then refuses new cases, and an approved case never starts
+        its waiting period, so nothing becomes active unannounced."""
+        if not self.configured:
+            log.warning("no webhook configured; notification dropped", extra={"op": event})
             return
         now = format_time(self._clock.now())
         tx.add_notification(
@@ -131,12 +157,13 @@ class Notifier:
     def _attempt(self, n: Notification) -> bool:
         assert self._settings.url is not None and self._sender is not None
         now = self._clock.now()
+        subject = "case" if n.case_id else "custodian"
         body = json.dumps(
             {
                 "event": n.event,
                 "notification_id": n.id,
                 "sent_at": format_time(now),
-                "case": json.loads(n.payload),
+                subject: json.loads(n.payload),
             },
             sort_keys=True,
         ).encode()
@@ -170,5 +197,7 @@ class Notifier:
         )
         with self._storage.transaction() as tx:
             tx.update_notification(updated)
+            if error is None and self.on_delivered is not None:
+                self.on_delivered(tx, updated)
             self._audit.append(tx, [event])
         return error is None

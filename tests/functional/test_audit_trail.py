@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import sqlite3
@@ -16,6 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from kms import config
+from kms.app import create_app
+from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.storage import SqlStorage
 from kms.errors import InvalidRequest
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
@@ -122,8 +127,15 @@ def test_only_admins_sign_and_only_auditors_and_admins_read(api: Api) -> None:
         assert api.call("GET", path, service).status_code == 403, path
 
 
-def test_checkpoint_every_n_records(api: Api, svc: dict[str, str], app) -> None:  # type: ignore[no-untyped-def]
-    app.extensions["kms"].audit._policy = type(app.extensions["kms"].audit._policy)(5)
+def test_checkpoint_every_n_records(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage
+) -> None:
+    app = create_app(
+        dataclasses.replace(settings, audit_checkpoint_records=5), hsm=hsm, storage=storage
+    )
+    api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
     traffic(api, svc, 4)  # 8 crypto records
     cps = api.call("GET", "/v1/audit/checkpoints", api.admin).json["checkpoints"]
     assert cps and all(cp["seq"] >= 5 for cp in cps)

@@ -19,7 +19,7 @@ from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
 from kms.formats import escrow as escrowfmt
 from kms.services.principals import PrincipalService
-from tests.helpers import Api, unb64
+from tests.helpers import SECRET, Api, Receiver, unb64
 
 
 class Clock:
@@ -42,6 +42,12 @@ class World:
     custodians: dict[str, tuple[dict[str, str], Ed25519PrivateKey]]
     blobs: list[dict[str, Any]]  # datakey answers under key "records", context patient=p<i>
     key_id: str
+    services: Any
+    receiver: Receiver
+
+    def deliver(self) -> None:
+        """Run the notification loop once (the server runs it every second)."""
+        self.services.notifier.deliver_due()
 
     def file(self, **changes: Any) -> dict[str, Any]:
         body = {
@@ -97,7 +103,17 @@ class World:
 
 
 @pytest.fixture
-def world(settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage) -> Iterator[World]:
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture
+def world(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage, receiver: Receiver
+) -> Iterator[World]:
     clock = Clock()
     escrow_settings = dataclasses.replace(
         settings,
@@ -106,6 +122,8 @@ def world(settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage) -> Ite
         escrow_veto_groups=frozenset({"data_owner"}),
         escrow_waiting_period_seconds=3600,
         escrow_approval_ttl_seconds=86400,
+        escrow_webhook_url=receiver.url,
+        escrow_webhook_secret=SECRET,
     )
     app = create_app(escrow_settings, hsm=hsm, storage=storage, clock=clock)
     principals: PrincipalService = app.extensions["kms"].principals
@@ -137,7 +155,7 @@ def world(settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage) -> Ite
         )
         assert r.status_code == 201, r.json
         custodians[name] = (headers, key)
-    yield World(api, clock, svc, police, custodians, blobs, key_id)
+    yield World(api, clock, svc, police, custodians, blobs, key_id, app.extensions["kms"], receiver)
 
 
 def test_the_whole_procedure(world: World) -> None:
@@ -148,7 +166,13 @@ def test_the_whole_procedure(world: World) -> None:
     assert world.decide(cid, "kh-officer").json["state"] == "pending"
     world.refused(world.unwrap(cid))  # one approval is not a quorum
     approved = world.decide(cid, "dpo").json
-    assert approved["state"] == "approved" and approved["active_from"] > approved["created_at"]
+    assert approved["state"] == "approved" and approved["active_from"] is None
+    world.clock.advance(7200)
+    assert world.case(cid)["state"] == "approved"  # the data owner was not told yet
+    world.deliver()
+    told = world.receiver.accepted[-1]["body"]["case"]
+    assert (told["case_id"], told["state"]) == (cid, "approved")
+    assert world.case(cid)["active_from"] > told["expires_at"][:0]  # the clock started
     world.refused(world.unwrap(cid))  # waiting period: the data owner may still contest
     world.clock.advance(3601)
     assert world.case(cid)["state"] == "active"
@@ -297,6 +321,7 @@ def _active(world: World, **changes: Any) -> str:
     cid = world.file(**changes)["case_id"]
     world.decide(cid, "kh-officer")
     world.decide(cid, "dpo")
+    world.deliver()
     world.clock.advance(3601)
     return cid
 
@@ -339,6 +364,7 @@ def test_data_owner_veto_during_the_waiting_period(world: World) -> None:
     cid = world.file()["case_id"]
     world.decide(cid, "kh-officer")
     assert world.decide(cid, "dpo").json["state"] == "approved"
+    world.deliver()
     vetoed = world.decide(cid, "dpo", decision="reject")
     assert vetoed.status_code == 201 and vetoed.json["state"] == "rejected"
     world.clock.advance(3601)
@@ -526,3 +552,117 @@ def test_bad_custodian_registrations(world: World) -> None:
         ).status_code
         == 400
     )
+
+
+def test_no_escrow_without_a_way_to_tell_the_data_owner(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage
+) -> None:
+    app = create_app(settings, hsm=hsm, storage=storage)  # no webhook configured
+    token = app.extensions["kms"].principals.bootstrap_admin("admin")
+    api = Api(app.test_client(), token)
+    api.key("records")
+    police = api.principal("requester", "police")
+    r = api.call(
+        "POST",
+        "/v1/escrow/cases",
+        police,
+        json={
+            "legal_basis": "x",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+    )
+    assert r.status_code == 503 and r.json["error"]["code"] == "escrow_unavailable"
+
+
+def test_an_undelivered_approval_never_activates(world: World) -> None:
+    world.receiver.fail_first = 10**6  # the data owner's endpoint is down
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    world.decide(cid, "dpo")
+    for _ in range(5):
+        world.deliver()
+        world.clock.advance(600)
+    view = world.case(cid)
+    assert view["state"] == "approved" and view["active_from"] is None
+    assert {n["state"] for n in view["notifications"]} == {"pending"}
+    world.refused(world.unwrap(cid))
+
+
+def test_revoking_a_custodian_after_the_quorum_stops_the_case(world: World) -> None:
+    cid = _active(world)
+    assert world.unwrap(cid).status_code == 200
+    world.api.call("DELETE", "/v1/custodians/kh-officer", world.api.admin)
+    world.refused(world.unwrap(cid))
+    assert "quorum no longer holds" in world.api.audit()[-1]["detail"]
+
+
+def test_a_database_edit_cannot_activate_or_widen_a_case(world: World, db_path: Any) -> None:
+    import sqlite3
+
+    pending = world.file()["case_id"]
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE escrow_cases SET state = 'active', active_from = '2000-01-01T00:00:00.000Z'"
+            " WHERE case_id = ?",
+            (pending,),
+        )
+    world.refused(world.unwrap(pending))  # no signed approvals behind it
+    active = _active(world)
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE escrow_cases SET max_unwraps = 1000, scope = replace(scope, "
+            '\'"patient": "p0"\', \'"patient": "p1"\') WHERE case_id = ?',
+            (active,),
+        )
+    world.refused(world.unwrap(active, 1))
+    assert "altered" in world.api.audit()[-1]["detail"]
+
+
+def test_enrolment_needs_an_endorsement_from_the_group(world: World) -> None:
+    api = world.api
+    api.principal("custodian", "dpo-2")
+    new_key = Ed25519PrivateKey.generate()
+    raw = new_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    body = {"name": "dpo-2", "group": "data_owner", "public_key": base64.b64encode(raw).decode()}
+    assert (
+        api.call("POST", "/v1/custodians", api.admin, json=body).status_code == 403
+    )  # admin alone
+    _, kh_key = world.custodians["kh-officer"]
+    wrong = kh_key.sign(escrowfmt.enrolment_message("dpo-2", "data_owner", raw))  # not a member
+    r = api.call(
+        "POST",
+        "/v1/custodians",
+        api.admin,
+        json={
+            **body,
+            "endorsement": {
+                "custodian": "kh-officer",
+                "signature": base64.b64encode(wrong).decode(),
+            },
+        },
+    )
+    assert r.status_code == 403
+    _, dpo_key = world.custodians["dpo"]
+    good = dpo_key.sign(escrowfmt.enrolment_message("dpo-2", "data_owner", raw))
+    r = api.call(
+        "POST",
+        "/v1/custodians",
+        api.admin,
+        json={
+            **body,
+            "endorsement": {"custodian": "dpo", "signature": base64.b64encode(good).decode()},
+        },
+    )
+    assert r.status_code == 201, r.json
+    api.principal("custodian", "copycat")
+    same_key = {"name": "copycat", "group": "brand_new", "public_key": body["public_key"]}
+    assert api.call("POST", "/v1/custodians", api.admin, json=same_key).status_code == 409
+    world.deliver()
+    events = [a["event"] for a in world.receiver.accepted]
+    assert events.count("custodian_registered") == 4  # three at set-up, dpo-2 now
