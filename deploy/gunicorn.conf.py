@@ -25,7 +25,12 @@ control_socket_disable = True
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]
-    """On a clean stop, sign a checkpoint so the unsigned tail is as short as possible."""
+    """On a clean stop, sign a checkpoint so the unsigned tail is as short as possible,
+    and log the worker's KEK cache counters."""
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kms")
     if services is not None:
         services.audit.checkpoint_quietly()
+        import json
+
+        print(json.dumps({"msg": "worker stats", "pid": worker.pid,
+                          **services.health.worker_stats()}), flush=True)

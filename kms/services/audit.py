@@ -16,7 +16,7 @@ import base64
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -57,13 +57,24 @@ class Operation:
     """Collects what is known about one operation while it runs."""
 
     def __init__(self, caller: Caller, name: str) -> None:
-        self.event = AuditEvent(request_id=caller.request_id, principal=caller.name, operation=name)
+        self._fields: dict[str, Any] = {
+            "request_id": caller.request_id,
+            "principal": caller.name,
+            "operation": name,
+        }
+
+    @property
+    def event(self) -> AuditEvent:
+        return AuditEvent(**self._fields)
 
     def note(self, **fields: Any) -> None:
-        self.event = replace(self.event, **fields)
+        self._fields.update(fields)
 
     def ok(self, **fields: Any) -> AuditEvent:
-        return replace(self.event, outcome="ok", **fields)
+        return AuditEvent(**{**self._fields, **fields, "outcome": "ok"})
+
+    def failed(self, code: str, detail: str | None) -> AuditEvent:
+        return AuditEvent(**{**self._fields, "outcome": code, "detail": detail})
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ class AuditTrail:
         for ev in events:
             seq += 1
             row: dict[str, Any] = {"v": audit_record.FORMAT_VERSION, "seq": seq, "time": now}
-            row.update(asdict(ev))
+            row.update(vars(ev))
             if row["detail"] is not None:
                 row["detail"] = row["detail"][:MAX_DETAIL]
             row["prev_hash"] = prev

@@ -113,6 +113,7 @@ class _Keys:
         self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, Grant] = {}
+        self._keks: dict[tuple[str, int], KekRef] = {}
         self.used: set[tuple[str, Op]] = set()
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
@@ -148,10 +149,13 @@ class _Keys:
         return key, self.kek(key, parsed.key_version)
 
     def kek(self, key: Key, version: int) -> KekRef:
-        kv = self._tx.key_version(key.key_id, version)
-        if kv is None:
-            raise DecryptionFailed(detail=f"unknown key version {version}")
-        return KekRef(key.key_id, version, kv.wrapped, kv.root_label)
+        ident = (key.key_id, version)
+        if ident not in self._keks:
+            kv = self._tx.key_version(key.key_id, version)
+            if kv is None:
+                raise DecryptionFailed(detail=f"unknown key version {version}")
+            self._keks[ident] = KekRef(key.key_id, version, kv.wrapped, kv.root_label)
+        return self._keks[ident]
 
     def _grant(self, key_id: str) -> Grant:
         if key_id not in self._grants:
@@ -319,12 +323,11 @@ class CryptoService:
         results: list[R | ClientError] = []
         events: list[AuditEvent] = []
         op = Operation(caller, name)
-        # One write transaction per request: look-ups, the HSM work and the audit records.
-        # Writers are serialised, so nothing the request relied on can change under it
-        # (the re-check at the end covers databases with weaker isolation); the results
-        # leave only after the records committed.
+        # Look-ups and HSM work in a read transaction; then a short write transaction
+        # re-checks what the request relied on (keys, grants, escrow budget) and appends
+        # the audit records. Results leave only after the records committed.
         try:
-            with self._storage.transaction() as tx:
+            with self._storage.reader() as tx:
                 keys = _Keys(tx, principal)
                 for item in items:
                     op = Operation(caller, name)
@@ -334,15 +337,14 @@ class CryptoService:
                     except ClientError as e:
                         e.audited = True  # recorded with the others below
                         results.append(e)
-                        events.append(
-                            replace(op.event, outcome=e.code, detail=e.detail or e.message)
-                        )
-                op = Operation(caller, name)  # failures past this point are request-wide
+                        events.append(op.failed(e.code, e.detail or e.message))
+            op = Operation(caller, name)  # failures past this point are request-wide
+            with self._storage.transaction() as tx:
                 self._recheck(keys, tx)
                 self._audit.append(tx, events)
                 due = self._audit.checkpoint_due(tx)
         except Exception as e:
-            # Rolled back: nothing is returned, so every item is recorded as failed.
+            # Nothing is returned, so every item is recorded as failed.
             failed = events if len(events) == len(items) else [*events, op.event]
             self._abort(caller, name, len(items), failed, e)
             raise

@@ -11,6 +11,10 @@ class HealthService:
         self._storage = storage
         self._hsm = hsm
 
+    def worker_stats(self) -> dict[str, int]:
+        """This process's HSM cache counters."""
+        return self._hsm.cache_stats()
+
     def readiness(self) -> dict[str, str]:
         """``{"hsm": ..., "database": ...}``, each "ok" or the error code that check raised.
         The HSM check uses the token (not only cached session objects)."""

@@ -48,6 +48,9 @@ class Hsm(Protocol):
     def audit_public_key_pem(self) -> bytes:
         """PEM SubjectPublicKeyInfo of the audit signing key."""
 
+    def cache_stats(self) -> dict[str, int]:
+        """Counters of the per-process KEK cache (for logs and benchmarks)."""
+
     def sign_digest(self, digest: bytes) -> bytes:
         """DER ECDSA P-256 signature of a SHA-256 ``digest`` by the audit signing key."""
 

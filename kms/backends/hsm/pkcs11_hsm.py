@@ -138,6 +138,8 @@ class Pkcs11Hsm:
         self._config = config
         self._conn: _Conn | None = None
         self._pin_rejected: str | None = None
+        self._kek_hits = 0
+        self._kek_misses = 0
         self._lib: Any = None
         self._public_pem: bytes | None = None
 
@@ -226,6 +228,10 @@ class Pkcs11Hsm:
 
         return self._call(op)
 
+    def cache_stats(self) -> dict[str, int]:
+        """Unwrapped-KEK cache hits and misses in this process."""
+        return {"kek_cache_hits": self._kek_hits, "kek_cache_misses": self._kek_misses}
+
     def close(self) -> None:
         """Drop this process's session (and with it the login and session objects)."""
         with _process_lock:
@@ -300,7 +306,9 @@ class Pkcs11Hsm:
         key = c.keks.get(ident)
         if key is not None:
             c.keks.move_to_end(ident)
+            self._kek_hits += 1
             return key
+        self._kek_misses += 1
         try:
             key = self._root(c, kek.root_label).unwrap_key(
                 ObjectClass.SECRET_KEY,
