@@ -55,6 +55,7 @@ class Options:
     """Service-layer settings (the parts of config.Settings the services need)."""
 
     auth_cache_seconds: float = 0.0
+    lookup_cache_seconds: float = 0.0
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     escrow: EscrowSettings = field(default_factory=EscrowSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
@@ -63,6 +64,7 @@ class Options:
 def options_from_settings(settings: config_mod.Settings) -> Options:
     return Options(
         settings.auth_cache_seconds,
+        settings.lookup_cache_seconds,
         CheckpointPolicy(settings.audit_checkpoint_records),
         EscrowSettings(
             EscrowPolicy(
@@ -92,7 +94,9 @@ def build_services(
     return Services(
         principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),
         keys=KeyService(storage, hsm, trail, clock),
-        crypto=CryptoService(storage, hsm, trail, escrow),
+        crypto=CryptoService(
+            storage, hsm, trail, escrow, lookup_cache_seconds=options.lookup_cache_seconds
+        ),
         audit=trail,
         exports=AuditExports(storage, trail),
         escrow=escrow,

@@ -35,6 +35,7 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
     auth_cache_seconds: int = 5
+    lookup_cache_seconds: int = 60
     audit_checkpoint_records: int = 1000
     audit_checkpoint_seconds: int = 60
     escrow_quorum: int = 2
@@ -125,6 +126,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         sqlite_synchronous=sync,
         log_level=level,
         auth_cache_seconds=_int(env, "KMS_AUTH_CACHE_SECONDS", 5, 0, 300),
+        lookup_cache_seconds=_int(env, "KMS_KEK_MATERIAL_CACHE_SECONDS", 60, 0, 3600),
         audit_checkpoint_records=_int(env, "KMS_AUDIT_CHECKPOINT_RECORDS", 1000, 0, 10**9),
         audit_checkpoint_seconds=_int(env, "KMS_AUDIT_CHECKPOINT_SECONDS", 60, 0, 86400),
         escrow_quorum=_int(env, "KMS_ESCROW_QUORUM", 2, 1, 16),

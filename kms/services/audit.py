@@ -98,8 +98,10 @@ class AuditTrail:
         self._policy = policy
         self._fingerprint: str | None = None
 
-    def append(self, tx: Tx, events: Sequence[AuditEvent]) -> list[int]:
-        """Chain ``events`` after the current head inside ``tx``; returns their seq numbers."""
+    def append(self, tx: Tx, events: Sequence[AuditEvent]) -> bool:
+        """Chain ``events`` after the current head inside ``tx``. Returns whether the count
+        policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``
+        committed)."""
         head = tx.audit_head()
         seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())
@@ -114,7 +116,8 @@ class AuditTrail:
             row["hash"] = prev = audit_record.record_hash(row)
             rows.append(row)
         tx.insert_audit(rows)
-        return [r["seq"] for r in rows]
+        every = self._policy.every_records
+        return bool(every) and seq - head.checkpoint_seq >= every
 
     def record(
         self, events: Sequence[AuditEvent], precheck: Callable[[Tx], None] | None = None
@@ -126,17 +129,9 @@ class AuditTrail:
         with self._storage.transaction() as tx:
             if precheck is not None:
                 precheck(tx)
-            self.append(tx, events)
-            due = self.checkpoint_due(tx)
+            due = self.append(tx, events)
         if due:
             self.checkpoint_quietly()
-
-    def checkpoint_due(self, tx: Tx) -> bool:
-        """Whether the count policy wants a checkpoint (call after appending; sign it with
-        checkpoint_quietly() once the transaction committed)."""
-        head = tx.audit_head()
-        every = self._policy.every_records
-        return bool(every) and head.seq - head.checkpoint_seq >= every
 
     # -- checkpoints ------------------------------------------------------------------------
 

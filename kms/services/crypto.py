@@ -33,6 +33,7 @@ from kms.formats import context as ctxfmt
 from kms.services.audit import AuditTrail, Caller, Operation
 from kms.services.escrow import EscrowService
 from kms.services.keys import require_enabled, resolve
+from kms.services.lookup_cache import LookupCache
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
     ESCROW_ONLY_JUSTIFICATIONS,
@@ -41,6 +42,7 @@ from kms.services.model import (
     Grant,
     KekRef,
     Key,
+    KeyState,
     Principal,
     Role,
 )
@@ -104,16 +106,17 @@ I = TypeVar("I")  # noqa: E741
 
 
 class _Keys:
-    """Key, version and grant look-ups for one request, cached by key id for its items;
-    remembers every (key id, operation) the request relied on, for the re-check at commit."""
+    """Key, version and grant look-ups for one request (keys and grants read fresh, KEK
+    material from the worker's cache); remembers every (key id, operation) the request
+    relied on, for the re-check at commit."""
 
-    def __init__(self, tx: Tx, principal: Principal) -> None:
+    def __init__(self, tx: Tx, principal: Principal, cache: LookupCache) -> None:
         self._tx = tx
         self._principal = principal
+        self._cache = cache
         self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, Grant] = {}
-        self._keks: dict[tuple[str, int], KekRef] = {}
         self.used: set[tuple[str, Op]] = set()
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
@@ -132,9 +135,7 @@ class _Keys:
             key = resolve(self._tx, ref)
             self._refs[ref] = key.key_id
             self._keys[key.key_id] = key
-        found = self._keys[self._refs[ref]]
-        assert found is not None
-        return self.allowed(found, operation)
+        return self.allowed(self._keys[self._refs[ref]], operation)  # type: ignore[arg-type]
 
     def by_id(self, key_id: str) -> Key | None:
         if key_id not in self._keys:
@@ -149,13 +150,16 @@ class _Keys:
         return key, self.kek(key, parsed.key_version)
 
     def kek(self, key: Key, version: int) -> KekRef:
-        ident = (key.key_id, version)
-        if ident not in self._keks:
+        """A KEK version's wrapped material: immutable, so the worker-wide cache serves it."""
+        ident = ("kek", key.key_id, version)
+        kek: KekRef | None = self._cache.get(ident)
+        if kek is None:
             kv = self._tx.key_version(key.key_id, version)
             if kv is None:
                 raise DecryptionFailed(detail=f"unknown key version {version}")
-            self._keks[ident] = KekRef(key.key_id, version, kv.wrapped, kv.root_label)
-        return self._keks[ident]
+            kek = KekRef(key.key_id, version, kv.wrapped, kv.root_label)
+            self._cache.put(ident, kek)
+        return kek
 
     def _grant(self, key_id: str) -> Grant:
         if key_id not in self._grants:
@@ -178,19 +182,23 @@ class _Keys:
         return key
 
     def recheck(self, tx: Tx) -> None:
-        """Inside the audit write transaction: refuse if a key the request used was
-        disabled, deleted or had its grant revoked while the request ran."""
-        fresh = _Keys(tx, self._principal)
+        """Inside the audit write transaction, from the database (never the cache): refuse
+        if a key the request used was disabled or deleted, or its grant revoked, meanwhile."""
         for key_id, operation in sorted(self.used):
-            key = fresh.by_id(key_id)
-            if key is None:
+            access = tx.key_access(key_id, self._principal.id)
+            if access is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
-            fresh.allowed(key, operation)
+            state, grant = access
+            if operation.value not in grant.operations:
+                raise Forbidden(f"no {operation.value} grant on this key", detail="grant revoked")
+            if state is not KeyState.ENABLED:
+                raise KeyStateError.of(state.value)
         for key_id in sorted(self.enabled):
-            key = fresh.by_id(key_id)
-            if key is None:
+            access = tx.key_access(key_id, self._principal.id)
+            if access is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
-            require_enabled(key)
+            if access[0] is not KeyState.ENABLED:
+                raise KeyStateError.of(access[0].value)
 
 
 class CryptoService:
@@ -201,12 +209,16 @@ class CryptoService:
         audit: AuditTrail,
         escrow: EscrowService | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        lookup_cache_seconds: float = 0.0,
     ) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit = audit
         self._escrow = escrow
-        self._random = random  # IVs; injectable so tests can reproduce exact blobs
+        self._random = random
+        self._cache = LookupCache(
+            lookup_cache_seconds
+        )  # IVs; injectable so tests can reproduce exact blobs
 
     def datakey(
         self, caller: Caller, ref: str, items: Sequence[DataKeyRequest]
@@ -328,7 +340,7 @@ class CryptoService:
         # the audit records. Results leave only after the records committed.
         try:
             with self._storage.reader() as tx:
-                keys = _Keys(tx, principal)
+                keys = _Keys(tx, principal, self._cache)
                 for item in items:
                     op = Operation(caller, name)
                     try:
@@ -341,8 +353,7 @@ class CryptoService:
             op = Operation(caller, name)  # failures past this point are request-wide
             with self._storage.transaction() as tx:
                 self._recheck(keys, tx)
-                self._audit.append(tx, events)
-                due = self._audit.checkpoint_due(tx)
+                due = self._audit.append(tx, events)
         except Exception as e:
             # Nothing is returned, so every item is recorded as failed.
             failed = events if len(events) == len(items) else [*events, op.event]

@@ -16,6 +16,7 @@ from kms.services.model import (
     Grant,
     KekRef,
     Key,
+    KeyState,
     KeyVersion,
     Notification,
     Principal,
@@ -77,6 +78,9 @@ class Tx(Protocol):
     def put_grant(self, key_id: str, principal_id: int, grant: Grant) -> None: ...
     def grant(self, key_id: str, principal_id: int) -> Grant:
         """The principal's grant on the key (empty if none)."""
+
+    def key_access(self, key_id: str, principal_id: int) -> tuple[KeyState, Grant] | None:
+        """The key's state and the principal's grant on it, in one read (None: no key)."""
 
     # escrow
     def add_custodian(self, custodian: Custodian) -> None: ...

@@ -137,6 +137,7 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     grant revoked after the look-ups refuses the request."""
     from kms.errors import Forbidden, KeyStateError
     from kms.services.crypto import _Keys
+    from kms.services.lookup_cache import LookupCache
     from kms.services.model import Operation as Op
 
     svc = api.principal("service", "svc")
@@ -144,7 +145,7 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     storage = app.extensions["kms"].crypto._storage
     principal = app.extensions["kms"].principals.authenticate(svc["Authorization"][7:])
     with storage.reader() as tx:
-        keys = _Keys(tx, principal)
+        keys = _Keys(tx, principal, LookupCache(0))
         keys.by_ref("k", Op.DECRYPT)
     with storage.reader() as tx:
         keys.recheck(tx)  # nothing changed

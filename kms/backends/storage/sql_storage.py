@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, Row
 
@@ -198,6 +198,15 @@ class SqlTx:
             self._c.execute(
                 insert(t.grants).values(key_id=key_id, principal_id=principal_id, **values)
             )
+
+    def key_access(self, key_id: str, principal_id: int) -> tuple[KeyState, Grant] | None:
+        row = self._c.execute(_KEY_ACCESS, {"key_id": key_id, "principal_id": principal_id}).first()
+        if row is None:
+            return None
+        grant = (
+            Grant(_split(row.operations), _split(row.justifications)) if row.operations else Grant()
+        )
+        return KeyState(row.state), grant
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
         row = self._c.execute(
@@ -399,6 +408,20 @@ class SqlTx:
         ).rowcount
         self._c.execute(update(t.audit_head).where(t.audit_head.c.id == 1).values(archived_seq=seq))
         return int(deleted)
+
+
+# One statement for the commit-time re-check: the key's state and the caller's grant.
+_KEY_ACCESS = (
+    select(t.keys.c.state, t.grants.c.operations, t.grants.c.justifications)
+    .select_from(
+        t.keys.outerjoin(
+            t.grants,
+            (t.grants.c.key_id == t.keys.c.key_id)
+            & (t.grants.c.principal_id == bindparam("principal_id")),
+        )
+    )
+    .where(t.keys.c.key_id == bindparam("key_id"))
+)
 
 
 def _split(text: str | None) -> frozenset[str]:
