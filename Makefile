@@ -41,8 +41,10 @@ demo: system-deps venv
 
 bench: venv
 	$(MAKE) system-deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
-	$(BIN)/python bench/throughput.py
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/run.py
 	$(BIN)/python bench/audit_append.py
+	$(BIN)/python bench/sdk_cache.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache .mypy_cache .ruff_cache

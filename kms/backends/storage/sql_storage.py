@@ -491,7 +491,7 @@ class SqlStorage:
     On SQLite, writers queue on an exclusive ``flock`` of ``<database>.lock`` before
     ``BEGIN IMMEDIATE``: the kernel wakes the next writer as soon as the lock is free,
     where SQLite's own busy handler sleeps up to 100 ms between tries (measured with
-    bench/throughput.py: p99 of a decrypt under load fell from about 300 ms to about
+    the benchmark: p99 of a decrypt under load fell from about 300 ms to about
     25 ms, and throughput rose by a quarter)."""
 
     def __init__(self, engine: Engine) -> None:
