@@ -43,6 +43,7 @@ class Settings:
     escrow_veto_groups: frozenset[str] = frozenset()
     escrow_waiting_period_seconds: int = 86400
     escrow_approval_ttl_seconds: int = 7 * 86400
+    escrow_endorsed_enrolment: bool = True
     escrow_webhook_url: str | None = None
     escrow_webhook_secret: bytes = field(default=b"", repr=False)
 
@@ -138,6 +139,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         escrow_approval_ttl_seconds=_int(
             env, "KMS_ESCROW_APPROVAL_TTL_SECONDS", 7 * 86400, 60, 90 * 86400
         ),
+        escrow_endorsed_enrolment=_int(env, "KMS_ESCROW_ENDORSED_ENROLMENT", 1, 0, 1) == 1,
         **_webhook(env),
     )
 

@@ -65,6 +65,7 @@ class EscrowSettings:
     waiting_period_seconds: int = 86400
     approval_ttl_seconds: int = 7 * 86400
     max_case_seconds: int = 90 * 86400
+    endorsed_enrolment: bool = True
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class EscrowService:
                 if any(c.public_key == public_key for c in existing):
                     raise Conflict("this public key belongs to another custodian")
                 members = {c.name: c for c in existing if c.group == group and c.state == "active"}
-                if members:
+                if members and self._settings.endorsed_enrolment:
                     who, signature = endorsement or ("", b"")
                     endorser = members.get(who)
                     if endorser is None or not escrowfmt.verify_enrolment(

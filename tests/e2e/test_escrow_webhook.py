@@ -134,33 +134,13 @@ def test_public_authority_access_with_webhook(
         time.sleep(0.5)
         view = admin.get_case(cid)
         assert view["state"] == "approved" and view["active_from"] > approved["body"]["sent_at"]
-        refused = run_kms(
-            "escrow",
-            "unwrap",
-            cid,
-            "--blob",
-            str(blob),
-            "--context",
-            "patient=p-17",
-            "--justification",
-            "legal_request",
-            env={"KMS_URL": server.url, "KMS_TOKEN_FILE": str(police)},
-        )
+        unwrap = ("escrow", "unwrap", cid, "--blob", str(blob), "--context", "patient=p-17",
+                  "--justification", "legal_request")  # fmt: skip
+        refused = run_kms(*unwrap, env={"KMS_URL": server.url, "KMS_TOKEN_FILE": str(police)})
         assert refused.returncode == 1 and "forbidden" in refused.stderr
 
         time.sleep(4.5)
-        plaintext = kms(
-            police,
-            "escrow",
-            "unwrap",
-            cid,
-            "--blob",
-            str(blob),
-            "--context",
-            "patient=p-17",
-            "--justification",
-            "legal_request",
-        ).strip()
+        plaintext = kms(police, *unwrap).strip()
         assert plaintext == base64.b64encode(dk.plaintext).decode()
         view = admin.get_case(cid)
         assert view["state"] == "active" and view["unwraps_used"] == 1

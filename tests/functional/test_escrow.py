@@ -666,3 +666,30 @@ def test_enrolment_needs_an_endorsement_from_the_group(world: World) -> None:
     world.deliver()
     events = [a["event"] for a in world.receiver.accepted]
     assert events.count("custodian_registered") == 4  # three at set-up, dpo-2 now
+
+
+def test_endorsement_can_be_switched_off(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage, receiver: Receiver
+) -> None:
+    loose = dataclasses.replace(
+        settings,
+        escrow_endorsed_enrolment=False,
+        escrow_webhook_url=receiver.url,
+        escrow_webhook_secret=SECRET,
+    )
+    app = create_app(loose, hsm=hsm, storage=storage)
+    api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
+    for name in ("c1", "c2"):
+        api.principal("custodian", name)
+        raw = (
+            Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+        r = api.call(
+            "POST",
+            "/v1/custodians",
+            api.admin,
+            json={"name": name, "group": "keyholder", "public_key": base64.b64encode(raw).decode()},
+        )
+        assert r.status_code == 201, r.json
