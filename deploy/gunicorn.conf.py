@@ -32,5 +32,9 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
         services.audit.checkpoint_quietly()
         import json
 
-        print(json.dumps({"msg": "worker stats", "pid": worker.pid,
-                          **services.health.worker_stats()}), flush=True)
+        print(
+            json.dumps(
+                {"msg": "worker stats", "pid": worker.pid, **services.health.worker_stats()}
+            ),
+            flush=True,
+        )
