@@ -75,6 +75,7 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
             settings.escrow_waiting_period_seconds,
             settings.escrow_approval_ttl_seconds,
             endorsed_enrolment=settings.escrow_endorsed_enrolment,
+            groups=settings.escrow_groups,
         ),
         WebhookSettings(settings.escrow_webhook_url, settings.escrow_webhook_secret),
     )

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CONF_FILE = "kms.conf"
@@ -44,6 +45,7 @@ class Settings:
     escrow_waiting_period_seconds: int = 86400
     escrow_approval_ttl_seconds: int = 7 * 86400
     escrow_endorsed_enrolment: bool = True
+    escrow_groups: frozenset[str] = frozenset()
     escrow_webhook_url: str | None = None
     escrow_webhook_secret: bytes = field(default=b"", repr=False)
 
@@ -140,6 +142,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             env, "KMS_ESCROW_APPROVAL_TTL_SECONDS", 7 * 86400, 60, 90 * 86400
         ),
         escrow_endorsed_enrolment=_int(env, "KMS_ESCROW_ENDORSED_ENROLMENT", 1, 0, 1) == 1,
+        escrow_groups=_groups(env, "KMS_ESCROW_GROUPS"),
         **_webhook(env),
     )
 
@@ -152,8 +155,10 @@ def _webhook(env: Mapping[str, str]) -> dict[str, Any]:
     url = env.get("KMS_ESCROW_WEBHOOK_URL") or None
     if url is None:
         return {}
-    if not url.startswith(("https://", "http://")):
-        raise ConfigError("KMS_ESCROW_WEBHOOK_URL must be an http(s) URL")
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ConfigError("KMS_ESCROW_WEBHOOK_URL must be https (http only on loopback)")
     secret_file = env.get("KMS_ESCROW_WEBHOOK_SECRET_FILE")
     if not secret_file or not Path(secret_file).exists():
         raise ConfigError("KMS_ESCROW_WEBHOOK_URL needs KMS_ESCROW_WEBHOOK_SECRET_FILE")

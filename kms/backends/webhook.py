@@ -14,7 +14,9 @@ class RequestsWebhookSender:
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
         try:
-            response = self._session.post(url, data=body, headers=headers, timeout=self._timeout)
+            response = self._session.post(
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            )
         except requests.RequestException as e:
             raise WebhookError(type(e).__name__) from None
         response.close()

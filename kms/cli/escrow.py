@@ -83,6 +83,11 @@ def endorse(name: str, group: str, public_key: str, key_file: Path, custodian: s
     print_json({"custodian": custodian, "signature": base64.b64encode(signature).decode()})
 
 
+def _printable(text: str) -> str:
+    """Text from the server, shown to a human about to sign: no terminal controls."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _b64_option(value: str, name: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -199,6 +204,7 @@ def _decide(
         if base64.b64encode(digest).decode() != case["digest"]:
             raise click.ClickException("the server's digest does not match the case: not signing")
         scope = case["scope"]
+        case = {k: _printable(v) if isinstance(v, str) else v for k, v in case.items()}
         click.echo(
             f"Case {case['case_id']} version {case['version']}, filed by {case['requester']}\n"
             f"  legal basis:   {case['legal_basis']}\n"

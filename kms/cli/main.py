@@ -326,8 +326,18 @@ def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | 
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="A later checkpoint you hold (JSON); the bundle must reach and match it.",
 )
+@click.option(
+    "--max-unsigned",
+    type=click.IntRange(0),
+    help="Fail if more records than this follow the last checkpoint (the server's "
+    "KMS_AUDIT_CHECKPOINT_RECORDS, e.g. 1000).",
+)
 def audit_verify(
-    bundle: Path, public_key: Path, since_checkpoint: Path | None, through_checkpoint: Path | None
+    bundle: Path,
+    public_key: Path,
+    since_checkpoint: Path | None,
+    through_checkpoint: Path | None,
+    max_unsigned: int | None,
 ) -> None:
     """Verify a bundle offline. Exit 0 only if everything verifies (an unsigned tail is
     reported, not failed); 1 if anything is wrong; 2 if the inputs are unusable."""
@@ -348,7 +358,9 @@ def audit_verify(
         anchors.append(anchor)
     try:
         with bundle.open("rb") as lines:
-            report = verify_bundle(lines, public_key.read_bytes(), *anchors)
+            report = verify_bundle(
+                lines, public_key.read_bytes(), anchors[0], anchors[1], max_unsigned
+            )
     except (VerifyInputError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)

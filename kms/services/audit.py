@@ -153,27 +153,35 @@ class AuditTrail:
             log.warning("audit checkpoint failed", extra={"code": e.code, "detail": e.detail})
 
     def _sign_head(self, events: Sequence[AuditEvent]) -> dict[str, Any] | None:
+        """Sign outside any write transaction (the HSM never runs under the database's
+        write lock), then store the checkpoint unless another one got there first."""
         fingerprint = self.public_key_fingerprint()
-        with self._storage.transaction() as tx:
-            if events:
+        if events:
+            with self._storage.transaction() as tx:
                 self.append(tx, events)
+        with self._storage.reader() as tx:
             head = tx.audit_head()
             if head.seq == 0:
                 return None
             if head.seq == head.checkpoint_seq:
                 return tx.checkpoints(head.seq - 1, head.seq, 1)[0]
-            cp: dict[str, Any] = {
-                "v": cpfmt.FORMAT_VERSION,
-                "seq": head.seq,
-                "prev_seq": head.checkpoint_seq,
-                "record_hash": head.hash,
-                "time": format_time(self._clock.now()),
-                "key_sha256": fingerprint,
-            }
-            signature = self._hsm.sign_digest(cpfmt.digest(cp))
-            cp["signature"] = base64.b64encode(signature).decode("ascii")
+        cp: dict[str, Any] = {
+            "v": cpfmt.FORMAT_VERSION,
+            "seq": head.seq,
+            "prev_seq": head.checkpoint_seq,
+            "record_hash": head.hash,
+            "time": format_time(self._clock.now()),
+            "key_sha256": fingerprint,
+        }
+        signature = self._hsm.sign_digest(cpfmt.digest(cp))
+        cp["signature"] = base64.b64encode(signature).decode("ascii")
+        with self._storage.transaction() as tx:
+            current = tx.audit_head()
+            if current.checkpoint_seq != head.checkpoint_seq:
+                # another worker signed meanwhile; its checkpoint is as good
+                return tx.checkpoints(current.checkpoint_seq - 1, current.checkpoint_seq, 1)[0]
             tx.insert_checkpoint(cp)
-            return cp
+        return cp
 
     def public_key_pem(self) -> bytes:
         """The audit public key (PEM) auditors verify checkpoints with."""

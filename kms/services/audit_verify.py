@@ -70,14 +70,17 @@ def verify_bundle(
     trusted_public_key_pem: bytes,
     since_checkpoint: Mapping[str, Any] | None = None,
     through_checkpoint: Mapping[str, Any] | None = None,
+    max_unsigned: int | None = None,
 ) -> Report:
     """Verify a bundle (see kms/formats/bundle.py) against the trusted public key.
 
     Without ``since_checkpoint`` the bundle must start at the first record of the chain;
     with it, the bundle must continue exactly from that (verified) checkpoint. With
     ``through_checkpoint`` (a later checkpoint the auditor holds) the bundle must reach it
-    and agree with it. Raises VerifyInputError only for unusable inputs; every finding
-    about the bundle is in the returned Report."""
+    and agree with it. With ``max_unsigned`` a longer unsigned tail fails: the server signs
+    at least every KMS_AUDIT_CHECKPOINT_RECORDS records, so a longer one means checkpoints
+    were dropped. Raises VerifyInputError only for unusable inputs; every finding about
+    the bundle is in the returned Report."""
     try:
         key = cpfmt.load_public_key(trusted_public_key_pem)
         fingerprint = cpfmt.key_fingerprint(trusted_public_key_pem)
@@ -113,6 +116,11 @@ def verify_bundle(
                 f"the bundle does not reach or agree with your checkpoint at seq {seq}: "
                 "records were removed or rewritten (truncated or rolled back)"
             )
+    if max_unsigned is not None and report.ok and report.unsigned_tail > max_unsigned:
+        report.errors.append(
+            f"{report.unsigned_tail} records after the last checkpoint, more than the "
+            f"{max_unsigned} allowed: checkpoints were dropped or are overdue"
+        )
     return report
 
 

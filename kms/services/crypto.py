@@ -119,6 +119,7 @@ class _Keys:
         self._grants: dict[str, Grant] = {}
         self.used: set[tuple[str, Op]] = set()
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
+        self.justifications: set[tuple[str, str]] = set()  # (key id, code) relied on
         self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
 
     @property
@@ -173,6 +174,7 @@ class _Keys:
                 f"justification {code!r} is not allowed by your grant on this key",
                 detail=f"justification {code} not granted",
             )
+        self.justifications.add((key_id, code))
 
     def allowed(self, key: Key, operation: Op) -> Key:
         if operation.value not in self._grant(key.key_id).operations:
@@ -193,6 +195,13 @@ class _Keys:
                 raise Forbidden(f"no {operation.value} grant on this key", detail="grant revoked")
             if state is not KeyState.ENABLED:
                 raise KeyStateError.of(state.value)
+        for key_id, code in sorted(self.justifications):
+            access = tx.key_access(key_id, self._principal.id)
+            if access is None or code not in access[1].justifications:
+                raise Forbidden(
+                    f"justification {code!r} is no longer allowed on this key",
+                    detail="justification revoked",
+                )
         for key_id in sorted(self.enabled):
             access = tx.key_access(key_id, self._principal.id)
             if access is None:

@@ -66,6 +66,11 @@ class EscrowSettings:
     approval_ttl_seconds: int = 7 * 86400
     max_case_seconds: int = 90 * 86400
     endorsed_enrolment: bool = True
+    # every custodian group; always includes the policy's required and veto groups
+    groups: frozenset[str] = frozenset()
+
+    def all_groups(self) -> frozenset[str]:
+        return self.groups | self.policy.required_groups | self.policy.veto_groups
 
 
 @dataclass(frozen=True)
@@ -122,8 +127,14 @@ class EscrowService:
         notified of every change to the custodians."""
         with self._audit.operation(caller, "register_custodian") as op:
             caller.require(Role.ADMIN)
+            self._require_escrow_configured()
             if not GROUP_RE.fullmatch(group):
                 raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
+            if group not in self._settings.all_groups():
+                raise InvalidRequest(
+                    "group must be one of the configured custodian groups: "
+                    + ", ".join(sorted(self._settings.all_groups()))
+                )
             if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
                 raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
             op.note(
@@ -161,6 +172,7 @@ class EscrowService:
         rejections stand). The data owner is notified."""
         with self._audit.operation(caller, "revoke_custodian") as op:
             caller.require(Role.ADMIN)
+            self._require_escrow_configured()
             op.note(detail=f"custodian={name}")
             with self._storage.transaction() as tx:
                 custodian = tx.custodian(name)
@@ -176,7 +188,7 @@ class EscrowService:
     def file(self, caller: Caller, request: CaseRequest) -> EscrowCase:
         with self._audit.operation(caller, "file_case") as op:
             requester = caller.require(Role.REQUESTER)
-            self._require_notifications()
+            self._require_escrow_configured()
             case_id = str(uuid.uuid4())
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
@@ -190,7 +202,7 @@ class EscrowService:
         """A new version of an open case: back to pending, earlier approvals lapse."""
         with self._audit.operation(caller, "amend_case") as op:
             caller.require(Role.REQUESTER)
-            self._require_notifications()
+            self._require_escrow_configured()
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
                 case = self._settle(tx, self._visible(tx, caller, case_id))
@@ -332,11 +344,18 @@ class EscrowService:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _require_notifications(self) -> None:
+    def _require_escrow_configured(self) -> None:
+        """Escrow runs only when the data owner can be told (a webhook) and the quorum
+        names the groups that must agree (so no approval set is the admin's alone)."""
         if not self._notifier.configured:
             raise EscrowUnavailable(
                 "escrow needs the data owner's webhook (KMS_ESCROW_WEBHOOK_URL)",
                 detail="no webhook configured",
+            )
+        if not self._settings.policy.required_groups:
+            raise EscrowUnavailable(
+                "escrow needs required custodian groups (KMS_ESCROW_REQUIRED_GROUPS)",
+                detail="no required groups configured",
             )
 
     def _now(self) -> str:

@@ -471,3 +471,34 @@ def test_archive_keeps_the_rest_verifiable(
     assert records(live)[-1]["operation"] == "archive_audit"
     r = api.call("GET", "/v1/audit/export?after=0", api.admin)
     assert r.status_code == 409 and "archived" in r.json["error"]["message"]
+
+
+def test_max_unsigned_catches_dropped_checkpoints(api: Api, svc: dict[str, str]) -> None:
+    """The documented monthly check: from a held checkpoint, with --max-unsigned."""
+    traffic(api, svc, 2)
+    held = checkpoint(api)
+    traffic(api, svc, 4)
+    checkpoint(api)
+    pem = public_key(api)
+    segment = export(api, f"?after={held['seq']}")
+    assert verify_bundle([json.dumps(x) for x in segment], pem, held, max_unsigned=5).ok
+    forged = [x for x in rehash_from(segment, held) if x["type"] != "checkpoint"]
+    forged_records = [x for x in forged if x["type"] == "record"]
+    assert verify_bundle([json.dumps(x) for x in forged], pem, held).ok  # tail looks unsigned
+    report = verify_bundle([json.dumps(x) for x in forged], pem, held, max_unsigned=5)
+    assert not report.ok and "checkpoints were dropped" in report.errors[0]
+    assert len(forged_records) > 5
+
+
+def rehash_from(lines: Lines, held: dict[str, Any]) -> Lines:
+    """Rewrite a segment after a held checkpoint (principal changed, hashes recomputed)."""
+    prev = held["record_hash"]
+    out = []
+    for x in lines:
+        if x["type"] == "record":
+            body = {k: v for k, v in x.items() if k not in ("type", "hash")}
+            body["principal"], body["prev_hash"] = "mallory", prev
+            x = {"type": "record", **body, "hash": audit_record.record_hash(body)}
+            prev = x["hash"]
+        out.append(x)
+    return out

@@ -120,6 +120,7 @@ def world(
         escrow_quorum=2,
         escrow_required_groups=frozenset({"keyholder", "data_owner"}),
         escrow_veto_groups=frozenset({"data_owner"}),
+        escrow_groups=frozenset({"legal"}),
         escrow_waiting_period_seconds=3600,
         escrow_approval_ttl_seconds=86400,
         escrow_webhook_url=receiver.url,
@@ -661,7 +662,7 @@ def test_enrolment_needs_an_endorsement_from_the_group(world: World) -> None:
     )
     assert r.status_code == 201, r.json
     api.principal("custodian", "copycat")
-    same_key = {"name": "copycat", "group": "brand_new", "public_key": body["public_key"]}
+    same_key = {"name": "copycat", "group": "legal", "public_key": body["public_key"]}
     assert api.call("POST", "/v1/custodians", api.admin, json=same_key).status_code == 409
     world.deliver()
     events = [a["event"] for a in world.receiver.accepted]
@@ -674,6 +675,7 @@ def test_endorsement_can_be_switched_off(
     loose = dataclasses.replace(
         settings,
         escrow_endorsed_enrolment=False,
+        escrow_required_groups=frozenset({"keyholder"}),
         escrow_webhook_url=receiver.url,
         escrow_webhook_secret=SECRET,
     )
@@ -693,3 +695,83 @@ def test_endorsement_can_be_switched_off(
             json={"name": name, "group": "keyholder", "public_key": base64.b64encode(raw).decode()},
         )
         assert r.status_code == 201, r.json
+
+
+def test_escrow_needs_required_groups_and_known_groups(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage, receiver: Receiver
+) -> None:
+    no_groups = dataclasses.replace(
+        settings, escrow_webhook_url=receiver.url, escrow_webhook_secret=SECRET
+    )
+    app = create_app(no_groups, hsm=hsm, storage=storage)
+    api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
+    api.principal("custodian", "c1")
+    raw = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    r = api.call(
+        "POST",
+        "/v1/custodians",
+        api.admin,
+        json={"name": "c1", "group": "anything", "public_key": base64.b64encode(raw).decode()},
+    )
+    assert r.status_code == 503 and r.json["error"]["code"] == "escrow_unavailable"
+
+
+def test_control_characters_are_refused(world: World) -> None:
+    r = world.api.call(
+        "POST",
+        "/v1/escrow/cases",
+        world.police,
+        json={
+            "legal_basis": "order\x1b[8m hidden",
+            "reference": "r",
+            "justification": "legal_request",
+            "scope": {"keys": ["records"]},
+            "max_unwraps": 1,
+            "expires_in_seconds": 600,
+        },
+    )
+    assert r.status_code == 400 and "control characters" in r.json["error"]["message"]
+
+
+def test_narrowed_justification_refuses_at_commit(world: World) -> None:
+    api = world.api
+    api.call(
+        "POST",
+        "/v1/keys/records/grants",
+        api.admin,
+        json={
+            "principal": "svc",
+            "operations": ["decrypt"],
+            "justifications": ["service_processing", "backup_restore"],
+        },
+    )
+    services = world.services
+    real_decrypt = services.crypto._hsm.decrypt
+
+    def decrypt_then_narrow(*args: Any, **kwargs: Any) -> bytes:
+        out = real_decrypt(*args, **kwargs)
+        r = api.call(
+            "POST",
+            "/v1/keys/records/grants",
+            api.admin,
+            json={"principal": "svc", "operations": ["decrypt"]},
+        )
+        assert r.status_code == 200  # the read phase holds no write lock
+        return bytes(out)
+
+    services.crypto._hsm = type("H", (), {"decrypt": staticmethod(decrypt_then_narrow)})()
+    r = api.call(
+        "POST",
+        "/v1/decrypt",
+        world.svc,
+        json={
+            "ciphertext": world.blobs[0]["ciphertext"],
+            "context": {"patient": "p0"},
+            "justification": "backup_restore",
+        },
+    )
+    world.refused(r)

@@ -547,3 +547,5 @@ class SqlStorage:
             raise StorageUnavailable(detail=f"integrity: {type(e.orig).__name__}") from e
         except sa_exc.SQLAlchemyError as e:
             raise StorageUnavailable(detail=f"database: {type(e).__name__}") from e
+        except OSError as e:  # the writer lock file
+            raise StorageUnavailable(detail=f"lock file: {type(e).__name__}") from e
