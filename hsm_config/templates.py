@@ -57,6 +57,22 @@ KEK_IN_USE = {
     **_NO_OTHER_USE,
 }
 
+# HMAC-SHA256 key that seals database rows the escrow procedure trusts (custodian keys,
+# case state), so a database alone cannot forge them. Token object, sign/verify only.
+INTEGRITY_KEY = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.SIGN: True,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
+
 # EC P-256 audit signing key pair: the private half signs checkpoints and never leaves.
 AUDIT_PRIVATE = {
     Attribute.TOKEN: True,

@@ -91,7 +91,7 @@ def build_services(
     trail = AuditTrail(storage, clock, hsm, options.checkpoint)
     sender = RequestsWebhookSender() if options.webhook.url else None
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
-    escrow = EscrowService(storage, trail, clock, notifier, options.escrow)
+    escrow = EscrowService(storage, trail, clock, notifier, options.escrow, hsm)
     notifier.on_delivered = escrow.delivered
     return Services(
         principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),

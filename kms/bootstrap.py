@@ -2,7 +2,7 @@
 
 With no PKCS#11 options it creates a SoftHSM token inside the directory (development and
 tests); given a module, token label and PIN file it uses that HSM instead. Then it creates
-the root and audit signing keys if absent, brings the database schema up to date, and
+the root, audit signing and integrity keys if absent, brings the database schema up to date, and
 creates the first admin, whose token goes to DATA_DIR/admin.token (mode 0600).
 """
 

@@ -24,7 +24,9 @@ read or used, in a write transaction, and audited then.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field, replace
@@ -48,7 +50,9 @@ from kms.services.model import (
     Role,
 )
 from kms.services.notify import Notifier
-from kms.services.ports import Clock, Storage, Tx
+from kms.services.ports import Clock, Hsm, Storage, Tx
+
+log = logging.getLogger("kms.escrow")
 
 MAX_LEGAL_BASIS = 4000
 MAX_REFERENCE = 200
@@ -104,8 +108,10 @@ class EscrowService:
         clock: Clock,
         notifier: Notifier,
         settings: EscrowSettings,
+        hsm: Hsm,
     ) -> None:
         self._storage = storage
+        self._hsm = hsm
         self._audit = audit
         self._clock = clock
         self._notifier = notifier
@@ -150,7 +156,11 @@ class EscrowService:
                     raise Conflict(f"custodian {name!r} is already registered")
                 if any(c.public_key == public_key for c in existing):
                     raise Conflict("this public key belongs to another custodian")
-                members = {c.name: c for c in existing if c.group == group and c.state == "active"}
+                members = {
+                    c.name: c
+                    for c in self._custodians(tx).values()
+                    if c.group == group and c.state == "active"
+                }
                 if members and self._settings.endorsed_enrolment:
                     who, signature = endorsement or ("", b"")
                     endorser = members.get(who)
@@ -161,7 +171,7 @@ class EscrowService:
                             f"group {group!r} has custodians: one of them must endorse this key",
                             detail="missing or invalid endorsement",
                         )
-                custodian = Custodian(name, group, public_key, "active", self._now())
+                custodian = self._sealed(Custodian(name, group, public_key, "active", self._now()))
                 tx.add_custodian(custodian)
                 self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
                 self._audit.append(tx, [op.ok()])
@@ -178,8 +188,8 @@ class EscrowService:
                 custodian = tx.custodian(name)
                 if custodian is None:
                     raise NotFound("no such custodian")
-                tx.set_custodian_state(name, "revoked")
-                revoked = replace(custodian, state="revoked")
+                revoked = self._sealed(replace(custodian, state="revoked"))
+                tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
                 self._audit.append(tx, [op.ok()])
 
@@ -193,7 +203,7 @@ class EscrowService:
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
                 case = self._build(tx, case_id, 1, requester.name, request)
-                tx.add_case(case)
+                self._put_case(tx, case, new=True)
                 self._notifier.enqueue(tx, case, "case_filed")
                 self._audit.append(tx, [op.ok(detail=f"digest={case.digest[:16]}")])
             return case
@@ -213,7 +223,7 @@ class EscrowService:
                     created_at=case.created_at,
                     unwraps_used=case.unwraps_used,
                 )
-                tx.update_case(new)
+                self._put_case(tx, new)
                 self._notifier.enqueue(tx, new, "case_amended")
                 self._audit.append(tx, [op.ok(detail=f"version={new.version}")])
             return new
@@ -249,13 +259,13 @@ class EscrowService:
             if caller.name != custodian_name:
                 raise Forbidden("a custodian submits only their own decisions")
             with self._storage.transaction() as tx:
-                case = tx.case(case_id)
+                case = self._case(tx, case_id)
                 if case is None:
                     raise NotFound("no such case")
                 case = self._settle(tx, case)
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
-                custodian = tx.custodian(custodian_name)
+                custodian = self._custodians(tx).get(custodian_name)
                 if custodian is None or custodian.state != "active":
                     raise Forbidden(
                         "not a registered, active custodian key",
@@ -304,7 +314,7 @@ class EscrowService:
     ) -> EscrowCase:
         """Refuse unless ``caller`` may unwrap this blob under the case now; ``already`` is
         how many unwraps this request has used so far. Reads only."""
-        case = tx.case(case_id)
+        case = self._case(tx, case_id)
         if case is None or case.requester != caller.name:
             raise Forbidden("no such case of yours", detail="unknown case or not the requester")
         now = self._now()
@@ -332,7 +342,7 @@ class EscrowService:
     def consume(self, tx: Tx, case_id: str, count: int) -> None:
         """Inside the audit transaction: spend ``count`` unwraps, refusing if the case
         stopped being active or the budget ran out meanwhile."""
-        case = tx.case(case_id)
+        case = self._case(tx, case_id)
         assert case is not None
         case = self._settle(tx, case)
         if case.state is not CaseState.ACTIVE:
@@ -340,9 +350,61 @@ class EscrowService:
         if case.unwraps_used + count > case.max_unwraps:
             raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
         self._assert_still_approved(tx, case)
-        tx.update_case(replace(case, unwraps_used=case.unwraps_used + count))
+        self._put_case(tx, replace(case, unwraps_used=case.unwraps_used + count))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _mac(self, kind: str, fields: dict[str, Any]) -> str:
+        """An HSM-held HMAC over a row's fields: the database alone cannot make one."""
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return self._hsm.mac(f"KMS-ROW-1\n{kind}\n{text}".encode("ascii")).hex()
+
+    def _custodian_mac(self, c: Custodian) -> str:
+        return self._mac(
+            "custodian",
+            {"name": c.name, "group": c.group, "public_key": c.public_key.hex(), "state": c.state},
+        )
+
+    def _sealed(self, c: Custodian) -> Custodian:
+        return replace(c, mac=self._custodian_mac(c))
+
+    def _custodians(self, tx: Tx) -> dict[str, Custodian]:
+        """Registered custodians whose row still carries its HSM seal; a row edited in the
+        database (a swapped public key, a revived custodian) does not count."""
+        out = {}
+        for c in tx.list_custodians():
+            if hmac.compare_digest(c.mac, self._custodian_mac(c)):
+                out[c.name] = c
+            else:
+                log.error("custodian row fails its seal; ignored", extra={"op": c.name})
+        return out
+
+    def _case_mac(self, case: EscrowCase) -> str:
+        return self._mac(
+            "case",
+            {
+                "case_id": case.case_id,
+                "version": case.version,
+                "digest": case.digest,
+                "state": case.state.value,
+                "active_from": case.active_from,
+                "unwraps_used": case.unwraps_used,
+            },
+        )
+
+    def _case(self, tx: Tx, case_id: str) -> EscrowCase | None:
+        """The case (locked), refused if its row fails its HSM seal."""
+        case = tx.case(case_id)
+        if case is not None and not hmac.compare_digest(case.mac, self._case_mac(case)):
+            raise Forbidden("the case record was altered", detail="case row fails its seal")
+        return case
+
+    def _put_case(self, tx: Tx, case: EscrowCase, new: bool = False) -> None:
+        sealed = replace(case, mac=self._case_mac(case))
+        if new:
+            tx.add_case(sealed)
+        else:
+            tx.update_case(sealed)
 
     def _require_escrow_configured(self) -> None:
         """Escrow runs only when the data owner can be told (a webhook) and the quorum
@@ -410,7 +472,7 @@ class EscrowService:
 
     def _visible(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
         """The case, locked; a requester sees only their own (others get NotFound)."""
-        case = tx.case(case_id)
+        case = self._case(tx, case_id)
         if case is None or (
             caller.principal is not None
             and caller.principal.role is Role.REQUESTER
@@ -437,8 +499,9 @@ class EscrowService:
             self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
         )
         approvers, rejecters = set(), set()
+        custodians = self._custodians(tx)
         for d in tx.decisions(case.case_id):
-            custodian = tx.custodian(d.custodian)
+            custodian = custodians.get(d.custodian)
             if d.version != case.version or custodian is None or d.custodian == case.requester:
                 continue
             if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
@@ -455,7 +518,7 @@ class EscrowService:
         """(quorum reached, vetoed, approvers) under the case's current policy."""
         policy = self._policy(tx, case)
         approvers, rejecters = self._tally(tx, case, fresh_only=fresh_only)
-        groups = {c.name: c.group for c in tx.list_custodians()}
+        groups = {c.name: c.group for c in self._custodians(tx).values()}
         vetoed = any(groups.get(r) in policy.veto_groups for r in rejecters)
         approved_groups = {groups.get(a) for a in approvers}
         quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
@@ -492,13 +555,13 @@ class EscrowService:
         """The data owner received a notification: an approval starts the waiting period."""
         if notification.event != "case_approved":
             return
-        case = tx.case(notification.case_id)
+        case = self._case(tx, notification.case_id)
         version = json.loads(notification.payload).get("version")
         if case is None or case.state is not CaseState.APPROVED or case.version != version:
             return
         if case.active_from is None:
             waiting = timedelta(seconds=self._settings.waiting_period_seconds)
-            tx.update_case(replace(case, active_from=format_time(self._clock.now() + waiting)))
+            self._put_case(tx, replace(case, active_from=format_time(self._clock.now() + waiting)))
 
     def _time_state(self, case: EscrowCase, now: str) -> CaseState:
         if case.state in OPEN_CASE_STATES and now >= case.expires_at:
@@ -518,7 +581,7 @@ class EscrowService:
         self, tx: Tx, case: EscrowCase, state: CaseState, caller: Caller, why: str
     ) -> EscrowCase:
         new = replace(case, state=state)
-        tx.update_case(new)
+        self._put_case(tx, new)
         event = Operation(caller, f"case_{state.value}").ok(
             case_id=case.case_id, detail=f"{case.state.value}->{state.value} ({why})"
         )
@@ -536,7 +599,7 @@ class EscrowService:
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
                 new = replace(case, state=state)
-                tx.update_case(new)
+                self._put_case(tx, new)
                 self._audit.append(tx, [op.ok(detail=f"{case.state.value}->{state.value}")])
             return new
 

@@ -173,6 +173,7 @@ class Custodian:
     public_key: bytes
     state: str
     created_at: str
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class EscrowCase:
     digest: str
     created_at: str
     active_from: str | None = None
+    mac: str = ""
 
 
 @dataclass(frozen=True)

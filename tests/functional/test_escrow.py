@@ -601,26 +601,49 @@ def test_revoking_a_custodian_after_the_quorum_stops_the_case(world: World) -> N
     assert "quorum no longer holds" in world.api.audit()[-1]["detail"]
 
 
-def test_a_database_edit_cannot_activate_or_widen_a_case(world: World, db_path: Any) -> None:
+def test_a_database_edit_cannot_activate_widen_or_refill_a_case(world: World, db_path: Any) -> None:
     import sqlite3
 
+    def db(sql: str, *args: Any) -> None:
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(sql, args)
+
     pending = world.file()["case_id"]
-    with sqlite3.connect(db_path) as db:
-        db.execute(
-            "UPDATE escrow_cases SET state = 'active', active_from = '2000-01-01T00:00:00.000Z'"
-            " WHERE case_id = ?",
-            (pending,),
-        )
-    world.refused(world.unwrap(pending))  # no signed approvals behind it
+    db(
+        "UPDATE escrow_cases SET state = 'active', active_from = '2000-01-01T00:00:00.000Z'"
+        " WHERE case_id = ?",
+        pending,
+    )
+    world.refused(world.unwrap(pending))  # the row fails its HSM seal
+    assert "seal" in world.api.audit()[-1]["detail"]
     active = _active(world)
-    with sqlite3.connect(db_path) as db:
-        db.execute(
-            "UPDATE escrow_cases SET max_unwraps = 1000, scope = replace(scope, "
-            '\'"patient": "p0"\', \'"patient": "p1"\') WHERE case_id = ?',
-            (active,),
-        )
-    world.refused(world.unwrap(active, 1))
-    assert "altered" in world.api.audit()[-1]["detail"]
+    assert world.unwrap(active).status_code == 200
+    assert world.unwrap(active).status_code == 200  # budget of 2 used up
+    db("UPDATE escrow_cases SET unwraps_used = 0 WHERE case_id = ?", active)
+    world.refused(world.unwrap(active))  # refilling the budget breaks the seal
+    widened = _active(world)
+    db(
+        'UPDATE escrow_cases SET scope = replace(scope, \'"patient": "p0"\', '
+        '\'"patient": "p1"\') WHERE case_id = ?',
+        widened,
+    )
+    world.refused(world.unwrap(widened, 1))
+
+
+def test_a_swapped_custodian_key_cannot_approve(world: World, db_path: Any) -> None:
+    """The database alone cannot forge an approval: custodian rows are sealed by the HSM."""
+    import sqlite3
+
+    forger = Ed25519PrivateKey.generate()
+    raw = forger.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE custodians SET public_key = ? WHERE name = 'dpo'", (raw,))
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    world.refused(world.decide(cid, "dpo", key=forger))
+    assert world.case(cid)["state"] == "pending"
 
 
 def test_enrolment_needs_an_endorsement_from_the_group(world: World) -> None:

@@ -170,6 +170,24 @@ def test_a_rejected_pin_is_never_tried_again(hsm: Pkcs11Hsm) -> None:
 
 
 def test_key_templates_never_allow_extraction_of_long_lived_keys() -> None:
-    for template in (templates.ROOT_KEY, templates.KEK_IN_USE, templates.AUDIT_PRIVATE):
+    for template in (
+        templates.ROOT_KEY,
+        templates.KEK_IN_USE,
+        templates.AUDIT_PRIVATE,
+        templates.INTEGRITY_KEY,
+    ):
         assert template[Attribute.SENSITIVE] is True
         assert template[Attribute.EXTRACTABLE] is False
+
+
+def test_integrity_mac_is_hmac_sha256_in_the_hsm(hsm: Pkcs11Hsm) -> None:
+    first = hsm.mac(b"row")
+    assert len(first) == 32 and hsm.mac(b"row") == first and hsm.mac(b"rox") != first
+
+    def attrs(c):  # type: ignore[no-untyped-def]
+        key = c.session.get_key(object_class=ObjectClass.SECRET_KEY, label="kms-integrity")
+        with pytest.raises(p11e.AttributeSensitive):
+            _ = key[Attribute.VALUE]
+        return key[Attribute.EXTRACTABLE], key[Attribute.TOKEN]
+
+    assert hsm._call(attrs) == (False, True)

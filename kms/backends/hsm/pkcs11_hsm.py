@@ -115,6 +115,7 @@ class HsmConfig:
     pin: str = field(repr=False)
     root_label: str = "kms-root"
     audit_label: str = "kms-audit-signing"
+    integrity_label: str = "kms-integrity"
     kek_cache_size: int = 1024
     softhsm2_conf: str | None = None
 
@@ -129,6 +130,7 @@ class _Conn:
         self.pid = pid
         self.keks: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self.audit_key: Any = None
+        self.integrity_key: Any = None
 
 
 class Pkcs11Hsm:
@@ -225,6 +227,18 @@ class Pkcs11Hsm:
                 )
             raw = bytes(c.audit_key.sign(digest, mechanism=Mechanism.ECDSA))
             return bytes(encode_ecdsa_signature(raw))
+
+        return self._call(op)
+
+    def mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` with the integrity key, computed inside the HSM."""
+
+        def op(c: _Conn) -> bytes:
+            if c.integrity_key is None:
+                c.integrity_key = c.session.get_key(
+                    object_class=ObjectClass.SECRET_KEY, label=self._config.integrity_label
+                )
+            return bytes(c.integrity_key.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
         return self._call(op)
 
@@ -360,7 +374,8 @@ def _login(token: Any, pin: str) -> Any:
 
 
 def provision_keys(config: HsmConfig) -> list[str]:
-    """Create the root key and the audit signing key pair if absent; return what was created.
+    """Create the root key, the integrity key and the audit signing key pair if absent;
+    return what was created.
 
     Runs in its own short-lived process step (``kms init``), never in a server worker.
     """
@@ -380,6 +395,15 @@ def provision_keys(config: HsmConfig) -> list[str]:
                     template=templates.ROOT_KEY,
                 )
                 created.append(config.root_label)
+            if not _exists(session, ObjectClass.SECRET_KEY, config.integrity_label):
+                session.generate_key(
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    label=config.integrity_label,
+                    store=True,
+                    template=templates.INTEGRITY_KEY,
+                )
+                created.append(config.integrity_label)
             if not _exists(session, ObjectClass.PRIVATE_KEY, config.audit_label):
                 params = session.create_domain_parameters(
                     KeyType.EC,

@@ -140,6 +140,7 @@ custodians = Table(
     Column("public_key", LargeBinary, nullable=False),  # raw Ed25519 public key
     Column("state", String(16), nullable=False),  # active | revoked
     Column("created_at", _TIME, nullable=False),
+    Column("mac", String(64), nullable=False),  # HSM HMAC of the row (services/escrow.py)
 )
 
 escrow_cases = Table(
@@ -159,6 +160,7 @@ escrow_cases = Table(
     Column("digest", String(64), nullable=False),
     Column("created_at", _TIME, nullable=False),
     Column("active_from", _TIME, nullable=True),
+    Column("mac", String(64), nullable=False),  # HSM HMAC of the row (services/escrow.py)
 )
 
 escrow_decisions = Table(

@@ -229,6 +229,7 @@ class SqlTx:
                     public_key=custodian.public_key,
                     state=custodian.state,
                     created_at=custodian.created_at,
+                    mac=custodian.mac,
                 )
             )
         except sa_exc.IntegrityError as e:
@@ -241,8 +242,10 @@ class SqlTx:
     def list_custodians(self) -> list[Custodian]:
         return [_custodian(r) for r in self._c.execute(select(t.custodians))]
 
-    def set_custodian_state(self, name: str, state: str) -> None:
-        self._c.execute(update(t.custodians).where(t.custodians.c.name == name).values(state=state))
+    def set_custodian_state(self, name: str, state: str, mac: str) -> None:
+        self._c.execute(
+            update(t.custodians).where(t.custodians.c.name == name).values(state=state, mac=mac)
+        )
 
     def add_case(self, case: EscrowCase) -> None:
         self._c.execute(insert(t.escrow_cases).values(**_case_row(case)))
@@ -451,7 +454,7 @@ def _policy(text: str | None) -> EscrowPolicy | None:
 
 def _custodian(row: Row[Any]) -> Custodian:
     return Custodian(
-        row.name, row.custodian_group, bytes(row.public_key), row.state, row.created_at
+        row.name, row.custodian_group, bytes(row.public_key), row.state, row.created_at, row.mac
     )
 
 

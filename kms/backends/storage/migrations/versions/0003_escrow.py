@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("public_key", sa.LargeBinary, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("mac", sa.String(64), nullable=False),
     )
     op.create_table(
         "escrow_cases",
@@ -41,6 +42,7 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(64), nullable=False),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("active_from", _TIME, nullable=True),
+        sa.Column("mac", sa.String(64), nullable=False),
     )
     op.create_table(
         "escrow_decisions",
