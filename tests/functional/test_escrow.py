@@ -22,6 +22,11 @@ from kms.services.principals import PrincipalService
 from tests.helpers import SECRET, Api, Receiver, unb64
 
 
+def _raw_public_key() -> bytes:
+    key = Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now_ = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -532,11 +537,7 @@ def test_bad_custodian_registrations(world: World) -> None:
         {"name": "dpo", "group": "bad group!", "public_key": raw},
     ):
         assert api.call("POST", "/v1/custodians", api.admin, json=body).status_code == 400
-    key = (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    )
+    key = _raw_public_key()
     dup = api.call(
         "POST",
         "/v1/custodians",
@@ -706,11 +707,7 @@ def test_endorsement_can_be_switched_off(
     api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
     for name in ("c1", "c2"):
         api.principal("custodian", name)
-        raw = (
-            Ed25519PrivateKey.generate()
-            .public_key()
-            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
+        raw = _raw_public_key()
         r = api.call(
             "POST",
             "/v1/custodians",
@@ -729,11 +726,7 @@ def test_escrow_needs_required_groups_and_known_groups(
     app = create_app(no_groups, hsm=hsm, storage=storage)
     api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
     api.principal("custodian", "c1")
-    raw = (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    )
+    raw = _raw_public_key()
     r = api.call(
         "POST",
         "/v1/custodians",
