@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -119,16 +119,11 @@ class AuditTrail:
         every = self._policy.every_records
         return bool(every) and seq - head.checkpoint_seq >= every
 
-    def record(
-        self, events: Sequence[AuditEvent], precheck: Callable[[Tx], None] | None = None
-    ) -> None:
-        """Append ``events`` in a transaction of their own (raises StorageUnavailable),
-        after ``precheck(tx)`` (whose exception aborts it); then sign a checkpoint if the
-        policy says one is due (a failure to sign is logged, never raised: the records are
-        already durable)."""
+    def record(self, events: Sequence[AuditEvent]) -> None:
+        """Append ``events`` in a transaction of their own (raises StorageUnavailable);
+        then sign a checkpoint if the policy says one is due (a failure to sign is logged,
+        never raised: the records are already durable)."""
         with self._storage.transaction() as tx:
-            if precheck is not None:
-                precheck(tx)
             due = self.append(tx, events)
         if due:
             self.checkpoint_quietly()
