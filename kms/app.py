@@ -27,7 +27,9 @@ from kms.services.audit import AuditTrail, CheckpointPolicy
 from kms.services.audit_export import AuditExports
 from kms.services.clock import SystemClock
 from kms.services.crypto import CryptoService
-from kms.services.escrow import EscrowService, EscrowSettings
+from kms.services.custodians import CustodianService
+from kms.services.escrow import EscrowService
+from kms.services.escrow_common import EscrowRows, EscrowSettings
 from kms.services.health import HealthService
 from kms.services.keys import KeyService
 from kms.services.model import EscrowPolicy
@@ -46,6 +48,7 @@ class Services:
     audit: AuditTrail
     exports: AuditExports
     escrow: EscrowService
+    custodians: CustodianService
     notifier: Notifier
     health: HealthService
 
@@ -91,7 +94,8 @@ def build_services(
     trail = AuditTrail(storage, clock, hsm, options.checkpoint)
     sender = RequestsWebhookSender() if options.webhook.url else None
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
-    escrow = EscrowService(storage, trail, clock, notifier, options.escrow, hsm)
+    rows = EscrowRows(hsm)
+    escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
     return Services(
         principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),
@@ -102,6 +106,7 @@ def build_services(
         audit=trail,
         exports=AuditExports(storage, trail),
         escrow=escrow,
+        custodians=CustodianService(storage, trail, clock, notifier, options.escrow, rows),
         notifier=notifier,
         health=HealthService(storage, hsm),
     )

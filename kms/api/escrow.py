@@ -46,7 +46,7 @@ def register_custodian() -> Json:
             p.required_string(e, "custodian", max_len=64),
             decode_signature(p.required_string(e, "signature", max_len=200)),
         )
-    custodian = services().escrow.register_custodian(
+    custodian = services().custodians.register_custodian(
         caller(),
         p.required_string(body, "name", max_len=64),
         p.required_string(body, "group", max_len=64),
@@ -59,7 +59,7 @@ def register_custodian() -> Json:
 @bp.delete("/custodians/<name>")
 @operation("revoke_custodian")
 def revoke_custodian(name: str) -> Json:
-    services().escrow.revoke_custodian(caller(), name)
+    services().custodians.revoke_custodian(caller(), name)
     return {"name": name, "state": "revoked"}
 
 

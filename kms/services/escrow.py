@@ -24,25 +24,23 @@ read or used, in a write transaction, and audited then.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
-import re
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from kms.errors import Conflict, EscrowUnavailable, Forbidden, InvalidRequest, NotFound
+from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from kms.formats import escrow as escrowfmt
 from kms.formats.blob import Blob
 from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
 from kms.services.keys import resolve
 from kms.services.model import (
     JUSTIFICATIONS,
     OPEN_CASE_STATES,
     CaseState,
-    Custodian,
     Decision,
     EscrowCase,
     EscrowPolicy,
@@ -50,7 +48,7 @@ from kms.services.model import (
     Role,
 )
 from kms.services.notify import Notifier
-from kms.services.ports import Clock, Hsm, Storage, Tx
+from kms.services.ports import Clock, Storage, Tx
 
 log = logging.getLogger("kms.escrow")
 
@@ -60,21 +58,6 @@ MAX_UNWRAPS = 100_000
 MAX_SCOPE_KEYS = 100
 MAX_SCOPE_BLOBS = 1000
 CASE_JUSTIFICATIONS = JUSTIFICATIONS - {"service_processing"}
-GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-@dataclass(frozen=True)
-class EscrowSettings:
-    policy: EscrowPolicy = field(default_factory=EscrowPolicy)
-    waiting_period_seconds: int = 86400
-    approval_ttl_seconds: int = 7 * 86400
-    max_case_seconds: int = 90 * 86400
-    endorsed_enrolment: bool = True
-    # every custodian group; always includes the policy's required and veto groups
-    groups: frozenset[str] = frozenset()
-
-    def all_groups(self) -> frozenset[str]:
-        return self.groups | self.policy.required_groups | self.policy.veto_groups
 
 
 @dataclass(frozen=True)
@@ -108,10 +91,10 @@ class EscrowService:
         clock: Clock,
         notifier: Notifier,
         settings: EscrowSettings,
-        hsm: Hsm,
+        rows: EscrowRows,
     ) -> None:
         self._storage = storage
-        self._hsm = hsm
+        self._rows = rows
         self._audit = audit
         self._clock = clock
         self._notifier = notifier
@@ -119,91 +102,15 @@ class EscrowService:
 
     # -- custodians -------------------------------------------------------------------------
 
-    def register_custodian(
-        self,
-        caller: Caller,
-        name: str,
-        group: str,
-        public_key: bytes,
-        endorsement: tuple[str, bytes] | None = None,
-    ) -> Custodian:
-        """Register the Ed25519 public key of a principal with role custodian. The first
-        custodian of a group is the admin's word; every later one needs an ``endorsement``
-        (custodian name, signature) by an active member of that group. The data owner is
-        notified of every change to the custodians."""
-        with self._audit.operation(caller, "register_custodian") as op:
-            caller.require(Role.ADMIN)
-            self._require_escrow_configured()
-            if not GROUP_RE.fullmatch(group):
-                raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
-            if group not in self._settings.all_groups():
-                raise InvalidRequest(
-                    "group must be one of the configured custodian groups: "
-                    + ", ".join(sorted(self._settings.all_groups()))
-                )
-            if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
-                raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
-            op.note(
-                detail=f"custodian={name} group={group} key_sha256="
-                + hashlib.sha256(public_key).hexdigest()[:16]
-            )
-            with self._storage.transaction() as tx:
-                principal = tx.principal_by_name(name)
-                if principal is None or principal.role is not Role.CUSTODIAN:
-                    raise InvalidRequest("a custodian must be a principal with role custodian")
-                existing = tx.list_custodians()
-                if any(c.name == name for c in existing):
-                    raise Conflict(f"custodian {name!r} is already registered")
-                if any(c.public_key == public_key for c in existing):
-                    raise Conflict("this public key belongs to another custodian")
-                members = {
-                    c.name: c
-                    for c in self._custodians(tx).values()
-                    if c.group == group and c.state == "active"
-                }
-                if members and self._settings.endorsed_enrolment:
-                    who, signature = endorsement or ("", b"")
-                    endorser = members.get(who)
-                    if endorser is None or not escrowfmt.verify_enrolment(
-                        endorser.public_key, signature, name, group, public_key
-                    ):
-                        raise Forbidden(
-                            f"group {group!r} has custodians: one of them must endorse this key",
-                            detail="missing or invalid endorsement",
-                        )
-                custodian = self._sealed(Custodian(name, group, public_key, "active", self._now()))
-                tx.add_custodian(custodian)
-                self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
-                self._audit.append(tx, [op.ok()])
-            return custodian
-
-    def revoke_custodian(self, caller: Caller, name: str) -> None:
-        """From now on the custodian's approvals no longer count, past ones included (its
-        rejections stand). The data owner is notified."""
-        with self._audit.operation(caller, "revoke_custodian") as op:
-            caller.require(Role.ADMIN)
-            self._require_escrow_configured()
-            op.note(detail=f"custodian={name}")
-            with self._storage.transaction() as tx:
-                custodian = tx.custodian(name)
-                if custodian is None:
-                    raise NotFound("no such custodian")
-                revoked = self._sealed(replace(custodian, state="revoked"))
-                tx.set_custodian_state(name, "revoked", revoked.mac)
-                self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
-                self._audit.append(tx, [op.ok()])
-
-    # -- cases ------------------------------------------------------------------------------
-
     def file(self, caller: Caller, request: CaseRequest) -> EscrowCase:
         with self._audit.operation(caller, "file_case") as op:
             requester = caller.require(Role.REQUESTER)
-            self._require_escrow_configured()
+            require_configured(self._notifier, self._settings)
             case_id = str(uuid.uuid4())
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
                 case = self._build(tx, case_id, 1, requester.name, request)
-                self._put_case(tx, case, new=True)
+                self._rows.put_case(tx, case, new=True)
                 self._notifier.enqueue(tx, case, "case_filed")
                 self._audit.append(tx, [op.ok(detail=f"digest={case.digest[:16]}")])
             return case
@@ -212,7 +119,7 @@ class EscrowService:
         """A new version of an open case: back to pending, earlier approvals lapse."""
         with self._audit.operation(caller, "amend_case") as op:
             caller.require(Role.REQUESTER)
-            self._require_escrow_configured()
+            require_configured(self._notifier, self._settings)
             op.note(case_id=case_id, justification=request.justification)
             with self._storage.transaction() as tx:
                 case = self._settle(tx, self._visible(tx, caller, case_id))
@@ -223,7 +130,7 @@ class EscrowService:
                     created_at=case.created_at,
                     unwraps_used=case.unwraps_used,
                 )
-                self._put_case(tx, new)
+                self._rows.put_case(tx, new)
                 self._notifier.enqueue(tx, new, "case_amended")
                 self._audit.append(tx, [op.ok(detail=f"version={new.version}")])
             return new
@@ -259,13 +166,13 @@ class EscrowService:
             if caller.name != custodian_name:
                 raise Forbidden("a custodian submits only their own decisions")
             with self._storage.transaction() as tx:
-                case = self._case(tx, case_id)
+                case = self._rows.case(tx, case_id)
                 if case is None:
                     raise NotFound("no such case")
                 case = self._settle(tx, case)
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
-                custodian = self._custodians(tx).get(custodian_name)
+                custodian = self._rows.custodians(tx).get(custodian_name)
                 if custodian is None or custodian.state != "active":
                     raise Forbidden(
                         "not a registered, active custodian key",
@@ -314,7 +221,7 @@ class EscrowService:
     ) -> EscrowCase:
         """Refuse unless ``caller`` may unwrap this blob under the case now; ``already`` is
         how many unwraps this request has used so far. Reads only."""
-        case = self._case(tx, case_id)
+        case = self._rows.case(tx, case_id)
         if case is None or case.requester != caller.name:
             raise Forbidden("no such case of yours", detail="unknown case or not the requester")
         now = self._now()
@@ -342,7 +249,7 @@ class EscrowService:
     def consume(self, tx: Tx, case_id: str, count: int) -> None:
         """Inside the audit transaction: spend ``count`` unwraps, refusing if the case
         stopped being active or the budget ran out meanwhile."""
-        case = self._case(tx, case_id)
+        case = self._rows.case(tx, case_id)
         assert case is not None
         case = self._settle(tx, case)
         if case.state is not CaseState.ACTIVE:
@@ -350,75 +257,9 @@ class EscrowService:
         if case.unwraps_used + count > case.max_unwraps:
             raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
         self._assert_still_approved(tx, case)
-        self._put_case(tx, replace(case, unwraps_used=case.unwraps_used + count))
+        self._rows.put_case(tx, replace(case, unwraps_used=case.unwraps_used + count))
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _mac(self, kind: str, fields: dict[str, Any]) -> str:
-        """An HSM-held HMAC over a row's fields: the database alone cannot make one."""
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return self._hsm.mac(f"KMS-ROW-1\n{kind}\n{text}".encode("ascii")).hex()
-
-    def _custodian_mac(self, c: Custodian) -> str:
-        return self._mac(
-            "custodian",
-            {"name": c.name, "group": c.group, "public_key": c.public_key.hex(), "state": c.state},
-        )
-
-    def _sealed(self, c: Custodian) -> Custodian:
-        return replace(c, mac=self._custodian_mac(c))
-
-    def _custodians(self, tx: Tx) -> dict[str, Custodian]:
-        """Registered custodians whose row still carries its HSM seal; a row edited in the
-        database (a swapped public key, a revived custodian) does not count."""
-        out = {}
-        for c in tx.list_custodians():
-            if hmac.compare_digest(c.mac, self._custodian_mac(c)):
-                out[c.name] = c
-            else:
-                log.error("custodian row fails its seal; ignored", extra={"op": c.name})
-        return out
-
-    def _case_mac(self, case: EscrowCase) -> str:
-        return self._mac(
-            "case",
-            {
-                "case_id": case.case_id,
-                "version": case.version,
-                "digest": case.digest,
-                "state": case.state.value,
-                "active_from": case.active_from,
-                "unwraps_used": case.unwraps_used,
-            },
-        )
-
-    def _case(self, tx: Tx, case_id: str) -> EscrowCase | None:
-        """The case (locked), refused if its row fails its HSM seal."""
-        case = tx.case(case_id)
-        if case is not None and not hmac.compare_digest(case.mac, self._case_mac(case)):
-            raise Forbidden("the case record was altered", detail="case row fails its seal")
-        return case
-
-    def _put_case(self, tx: Tx, case: EscrowCase, new: bool = False) -> None:
-        sealed = replace(case, mac=self._case_mac(case))
-        if new:
-            tx.add_case(sealed)
-        else:
-            tx.update_case(sealed)
-
-    def _require_escrow_configured(self) -> None:
-        """Escrow runs only when the data owner can be told (a webhook) and the quorum
-        names the groups that must agree (so no approval set is the admin's alone)."""
-        if not self._notifier.configured:
-            raise EscrowUnavailable(
-                "escrow needs the data owner's webhook (KMS_ESCROW_WEBHOOK_URL)",
-                detail="no webhook configured",
-            )
-        if not self._settings.policy.required_groups:
-            raise EscrowUnavailable(
-                "escrow needs required custodian groups (KMS_ESCROW_REQUIRED_GROUPS)",
-                detail="no required groups configured",
-            )
 
     def _now(self) -> str:
         return format_time(self._clock.now())
@@ -472,7 +313,7 @@ class EscrowService:
 
     def _visible(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
         """The case, locked; a requester sees only their own (others get NotFound)."""
-        case = self._case(tx, case_id)
+        case = self._rows.case(tx, case_id)
         if case is None or (
             caller.principal is not None
             and caller.principal.role is Role.REQUESTER
@@ -499,7 +340,7 @@ class EscrowService:
             self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
         )
         approvers, rejecters = set(), set()
-        custodians = self._custodians(tx)
+        custodians = self._rows.custodians(tx)
         for d in tx.decisions(case.case_id):
             custodian = custodians.get(d.custodian)
             if d.version != case.version or custodian is None or d.custodian == case.requester:
@@ -518,7 +359,7 @@ class EscrowService:
         """(quorum reached, vetoed, approvers) under the case's current policy."""
         policy = self._policy(tx, case)
         approvers, rejecters = self._tally(tx, case, fresh_only=fresh_only)
-        groups = {c.name: c.group for c in self._custodians(tx).values()}
+        groups = {c.name: c.group for c in self._rows.custodians(tx).values()}
         vetoed = any(groups.get(r) in policy.veto_groups for r in rejecters)
         approved_groups = {groups.get(a) for a in approvers}
         quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
@@ -555,13 +396,15 @@ class EscrowService:
         """The data owner received a notification: an approval starts the waiting period."""
         if notification.event != "case_approved":
             return
-        case = self._case(tx, notification.case_id)
+        case = self._rows.case(tx, notification.case_id)
         version = json.loads(notification.payload).get("version")
         if case is None or case.state is not CaseState.APPROVED or case.version != version:
             return
         if case.active_from is None:
             waiting = timedelta(seconds=self._settings.waiting_period_seconds)
-            self._put_case(tx, replace(case, active_from=format_time(self._clock.now() + waiting)))
+            self._rows.put_case(
+                tx, replace(case, active_from=format_time(self._clock.now() + waiting))
+            )
 
     def _time_state(self, case: EscrowCase, now: str) -> CaseState:
         if case.state in OPEN_CASE_STATES and now >= case.expires_at:
@@ -581,7 +424,7 @@ class EscrowService:
         self, tx: Tx, case: EscrowCase, state: CaseState, caller: Caller, why: str
     ) -> EscrowCase:
         new = replace(case, state=state)
-        self._put_case(tx, new)
+        self._rows.put_case(tx, new)
         event = Operation(caller, f"case_{state.value}").ok(
             case_id=case.case_id, detail=f"{case.state.value}->{state.value} ({why})"
         )
@@ -599,18 +442,9 @@ class EscrowService:
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
                 new = replace(case, state=state)
-                self._put_case(tx, new)
+                self._rows.put_case(tx, new)
                 self._audit.append(tx, [op.ok(detail=f"{case.state.value}->{state.value}")])
             return new
-
-
-def _custodian_payload(custodian: Custodian) -> dict[str, Any]:
-    return {
-        "name": custodian.name,
-        "group": custodian.group,
-        "state": custodian.state,
-        "public_key_sha256": hashlib.sha256(custodian.public_key).hexdigest(),
-    }
 
 
 def _digest_fields(case: EscrowCase) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""Custodians: the escrow officers whose Ed25519 keys approve or reject cases.
+
+Registered by an admin, only into configured groups; a group's second and later members
+need an endorsement signed by a member; a public key belongs to one custodian; every
+change is announced to the data owner. Rows are sealed by the HSM (escrow_common.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from typing import Any
+
+from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from kms.formats import escrow as escrowfmt
+from kms.services.audit import AuditTrail, Caller, format_time
+from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
+from kms.services.model import Custodian, Role
+from kms.services.notify import Notifier
+from kms.services.ports import Clock, Storage
+
+GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class CustodianService:
+    def __init__(
+        self,
+        storage: Storage,
+        audit: AuditTrail,
+        clock: Clock,
+        notifier: Notifier,
+        settings: EscrowSettings,
+        rows: EscrowRows,
+    ) -> None:
+        self._storage = storage
+        self._audit = audit
+        self._clock = clock
+        self._notifier = notifier
+        self._settings = settings
+        self._rows = rows
+
+    def _now(self) -> str:
+        return format_time(self._clock.now())
+
+    def register_custodian(
+        self,
+        caller: Caller,
+        name: str,
+        group: str,
+        public_key: bytes,
+        endorsement: tuple[str, bytes] | None = None,
+    ) -> Custodian:
+        """Register the Ed25519 public key of a principal with role custodian. The first
+        custodian of a group is the admin's word; every later one needs an ``endorsement``
+        (custodian name, signature) by an active member of that group. The data owner is
+        notified of every change to the custodians."""
+        with self._audit.operation(caller, "register_custodian") as op:
+            caller.require(Role.ADMIN)
+            require_configured(self._notifier, self._settings)
+            if not GROUP_RE.fullmatch(group):
+                raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
+            if group not in self._settings.all_groups():
+                raise InvalidRequest(
+                    "group must be one of the configured custodian groups: "
+                    + ", ".join(sorted(self._settings.all_groups()))
+                )
+            if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
+                raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
+            op.note(
+                detail=f"custodian={name} group={group} key_sha256="
+                + hashlib.sha256(public_key).hexdigest()[:16]
+            )
+            with self._storage.transaction() as tx:
+                principal = tx.principal_by_name(name)
+                if principal is None or principal.role is not Role.CUSTODIAN:
+                    raise InvalidRequest("a custodian must be a principal with role custodian")
+                existing = tx.list_custodians()
+                if any(c.name == name for c in existing):
+                    raise Conflict(f"custodian {name!r} is already registered")
+                if any(c.public_key == public_key for c in existing):
+                    raise Conflict("this public key belongs to another custodian")
+                members = {
+                    c.name: c
+                    for c in self._rows.custodians(tx).values()
+                    if c.group == group and c.state == "active"
+                }
+                if members and self._settings.endorsed_enrolment:
+                    who, signature = endorsement or ("", b"")
+                    endorser = members.get(who)
+                    if endorser is None or not escrowfmt.verify_enrolment(
+                        endorser.public_key, signature, name, group, public_key
+                    ):
+                        raise Forbidden(
+                            f"group {group!r} has custodians: one of them must endorse this key",
+                            detail="missing or invalid endorsement",
+                        )
+                custodian = self._rows.sealed(
+                    Custodian(name, group, public_key, "active", self._now())
+                )
+                tx.add_custodian(custodian)
+                self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
+                self._audit.append(tx, [op.ok()])
+            return custodian
+
+    def revoke_custodian(self, caller: Caller, name: str) -> None:
+        """From now on the custodian's approvals no longer count, past ones included (its
+        rejections stand). The data owner is notified."""
+        with self._audit.operation(caller, "revoke_custodian") as op:
+            caller.require(Role.ADMIN)
+            require_configured(self._notifier, self._settings)
+            op.note(detail=f"custodian={name}")
+            with self._storage.transaction() as tx:
+                custodian = tx.custodian(name)
+                if custodian is None:
+                    raise NotFound("no such custodian")
+                revoked = self._rows.sealed(replace(custodian, state="revoked"))
+                tx.set_custodian_state(name, "revoked", revoked.mac)
+                self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
+                self._audit.append(tx, [op.ok()])
+
+    # -- cases ------------------------------------------------------------------------------
+
+
+def _custodian_payload(custodian: Custodian) -> dict[str, Any]:
+    return {
+        "name": custodian.name,
+        "group": custodian.group,
+        "state": custodian.state,
+        "public_key_sha256": hashlib.sha256(custodian.public_key).hexdigest(),
+    }

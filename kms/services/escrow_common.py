@@ -1,0 +1,111 @@
+"""What the escrow services share: settings, the refusal to run unconfigured, and the
+HSM-sealed access to the rows the procedure trusts.
+
+Custodian rows and case state carry ``mac``: an HMAC-SHA256 made by the HSM's integrity
+key over ``b"KMS-ROW-1\n" + kind + "\n" + canonical JSON of the sealed fields``. A row
+edited in the database no longer matches its seal: a custodian whose row fails is
+ignored (its approvals do not count), a case whose row fails refuses every use.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kms.errors import EscrowUnavailable, Forbidden
+from kms.services.model import Custodian, EscrowCase, EscrowPolicy
+from kms.services.notify import Notifier
+from kms.services.ports import Hsm, Tx
+
+log = logging.getLogger("kms.escrow")
+
+
+@dataclass(frozen=True)
+class EscrowSettings:
+    policy: EscrowPolicy = field(default_factory=EscrowPolicy)
+    waiting_period_seconds: int = 86400
+    approval_ttl_seconds: int = 7 * 86400
+    max_case_seconds: int = 90 * 86400
+    endorsed_enrolment: bool = True
+    # every custodian group; always includes the policy's required and veto groups
+    groups: frozenset[str] = frozenset()
+
+    def all_groups(self) -> frozenset[str]:
+        return self.groups | self.policy.required_groups | self.policy.veto_groups
+
+
+def require_configured(notifier: Notifier, settings: EscrowSettings) -> None:
+    """Escrow runs only when the data owner can be told (a webhook) and the quorum names
+    the groups that must agree (so no approval set is the admin's alone)."""
+    if not notifier.configured:
+        raise EscrowUnavailable(
+            "escrow needs the data owner's webhook (KMS_ESCROW_WEBHOOK_URL)",
+            detail="no webhook configured",
+        )
+    if not settings.policy.required_groups:
+        raise EscrowUnavailable(
+            "escrow needs required custodian groups (KMS_ESCROW_REQUIRED_GROUPS)",
+            detail="no required groups configured",
+        )
+
+
+class EscrowRows:
+    """Sealed reads and writes of custodian and case rows."""
+
+    def __init__(self, hsm: Hsm) -> None:
+        self._hsm = hsm
+
+    def mac(self, kind: str, fields: dict[str, Any]) -> str:
+        """An HSM-held HMAC over a row's fields: the database alone cannot make one."""
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return self._hsm.mac(f"KMS-ROW-1\n{kind}\n{text}".encode("ascii")).hex()
+
+    def custodian_mac(self, c: Custodian) -> str:
+        return self.mac(
+            "custodian",
+            {"name": c.name, "group": c.group, "public_key": c.public_key.hex(), "state": c.state},
+        )
+
+    def sealed(self, c: Custodian) -> Custodian:
+        return replace(c, mac=self.custodian_mac(c))
+
+    def custodians(self, tx: Tx) -> dict[str, Custodian]:
+        """Registered custodians whose row still carries its HSM seal; a row edited in the
+        database (a swapped public key, a revived custodian) does not count."""
+        out = {}
+        for c in tx.list_custodians():
+            if hmac.compare_digest(c.mac, self.custodian_mac(c)):
+                out[c.name] = c
+            else:
+                log.error("custodian row fails its seal; ignored", extra={"op": c.name})
+        return out
+
+    def case_mac(self, case: EscrowCase) -> str:
+        return self.mac(
+            "case",
+            {
+                "case_id": case.case_id,
+                "version": case.version,
+                "digest": case.digest,
+                "state": case.state.value,
+                "active_from": case.active_from,
+                "unwraps_used": case.unwraps_used,
+            },
+        )
+
+    def case(self, tx: Tx, case_id: str) -> EscrowCase | None:
+        """The case (locked), refused if its row fails its HSM seal."""
+        case = tx.case(case_id)
+        if case is not None and not hmac.compare_digest(case.mac, self.case_mac(case)):
+            raise Forbidden("the case record was altered", detail="case row fails its seal")
+        return case
+
+    def put_case(self, tx: Tx, case: EscrowCase, new: bool = False) -> None:
+        sealed = replace(case, mac=self.case_mac(case))
+        if new:
+            tx.add_case(sealed)
+        else:
+            tx.update_case(sealed)
