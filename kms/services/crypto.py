@@ -133,10 +133,12 @@ class _Keys:
     def by_ref(self, ref: str, operation: Op) -> Key:
         """The key a caller named (id or alias), if the caller may use it for ``operation``."""
         if ref not in self._refs:
-            key = resolve(self._tx, ref)
-            self._refs[ref] = key.key_id
-            self._keys[key.key_id] = key
-        return self.allowed(self._keys[self._refs[ref]], operation)  # type: ignore[arg-type]
+            resolved = resolve(self._tx, ref)
+            self._refs[ref] = resolved.key_id
+            self._keys[resolved.key_id] = resolved
+        key = self._keys[self._refs[ref]]
+        assert key is not None  # resolve() raised NotFound otherwise
+        return self.allowed(key, operation)
 
     def by_id(self, key_id: str) -> Key | None:
         if key_id not in self._keys:

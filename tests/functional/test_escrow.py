@@ -312,15 +312,7 @@ def test_requester_cannot_approve_and_services_cannot_use_cases(world: World) ->
     without_case = {k: v for k, v in body.items() if k != "case_id"}
     world.refused(world.api.call("POST", "/v1/decrypt", world.svc, json=without_case))
     world.refused(world.api.call("POST", "/v1/decrypt", world.police, json=without_case))
-    valid_case = {
-        "legal_basis": "x",
-        "reference": "r",
-        "justification": "legal_request",
-        "scope": {"keys": ["records"]},
-        "max_unwraps": 1,
-        "expires_in_seconds": 600,
-    }
-    world.refused(world.api.call("POST", "/v1/escrow/cases", world.svc, json=valid_case))
+    world.refused(world.api.call("POST", "/v1/escrow/cases", world.svc, json=VALID_CASE))
 
 
 def _active(world: World, **changes: Any) -> str:
@@ -450,74 +442,28 @@ def test_grant_justifications(world: World) -> None:
         assert r.status_code == 400, forbidden
 
 
+VALID_CASE: dict[str, Any] = {
+    "legal_basis": "x",
+    "reference": "r",
+    "justification": "legal_request",
+    "scope": {"keys": ["records"]},
+    "max_unwraps": 1,
+    "expires_in_seconds": 600,
+}
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {},
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "service_processing",
-            "scope": {"keys": ["records"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": []},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["nope"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["records"]},
-            "max_unwraps": 0,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["records"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 10,
-        },
-        {
-            "legal_basis": "",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["records"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["records"], "blobs": ["!!"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
-        {
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": "records",
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
+        {**VALID_CASE, "justification": "service_processing"},
+        {**VALID_CASE, "scope": {"keys": []}},
+        {**VALID_CASE, "scope": {"keys": ["nope"]}},
+        {**VALID_CASE, "max_unwraps": 0},
+        {**VALID_CASE, "expires_in_seconds": 10},
+        {**VALID_CASE, "legal_basis": ""},
+        {**VALID_CASE, "scope": {"keys": ["records"], "blobs": ["!!"]}},
+        {**VALID_CASE, "scope": "records"},
     ],
 )
 def test_bad_cases_are_refused_clearly(world: World, body: dict[str, Any]) -> None:
@@ -568,14 +514,7 @@ def test_no_escrow_without_a_way_to_tell_the_data_owner(
         "POST",
         "/v1/escrow/cases",
         police,
-        json={
-            "legal_basis": "x",
-            "reference": "r",
-            "justification": "legal_request",
-            "scope": {"keys": ["records"]},
-            "max_unwraps": 1,
-            "expires_in_seconds": 600,
-        },
+        json=VALID_CASE,
     )
     assert r.status_code == 503 and r.json["error"]["code"] == "escrow_unavailable"
 
