@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEB_PACKAGES := softhsm2 opensc python3-venv
+DEB_PACKAGES := softhsm2 opensc python3-venv systemd chromium curl redis-server postgresql
 BENCH_PACKAGES := wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -45,6 +45,8 @@ bench: venv
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/audit_append.py
 	$(BIN)/python bench/sdk_cache.py
+	$(BIN)/python bench/xks.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,25 +18,33 @@ from flask import Flask, Response, g, request
 
 from kms import config as config_mod
 from kms import logs
-from kms.api import admin, audit, crypto, errors, escrow
+from kms.api import admin, audit, aws_kms, crypto, errors, escrow, sigv4, throttle, xks
+from kms.api import metrics as metrics_api
 from kms.api.context import request_id
 from kms.backends.hsm import HsmConfig, Pkcs11Hsm
+from kms.backends.redis_store import shared_backends
 from kms.backends.storage import SqlStorage, make_engine
-from kms.backends.storage.migrate import check_current
+from kms.backends.storage.migrate import check_current_if_reachable
 from kms.backends.webhook import RequestsWebhookSender
-from kms.services.audit import AuditTrail, CheckpointPolicy
+from kms.services.audit import AuditTrail, Caller, CheckpointPolicy
 from kms.services.audit_export import AuditExports
+from kms.services.aws_kms import AwsKeyService
 from kms.services.clock import SystemClock
+from kms.services.cluster import Cluster, ClusterSettings, Invalidations
 from kms.services.crypto import CryptoService
 from kms.services.custodians import CustodianService
+from kms.services.dashboard import DashboardService
 from kms.services.escrow import EscrowService
 from kms.services.escrow_common import EscrowRows, EscrowSettings
 from kms.services.health import HealthService
-from kms.services.keys import KeyService
+from kms.services.keys import SCHEDULER, KeyService
 from kms.services.model import EscrowPolicy
 from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
 from kms.services.principals import PrincipalService
+from kms.services.sigv4 import SigV4Service
+from kms.services.xks import XksService
+from kms.web import dashboard as web_dashboard
 
 log = logging.getLogger("kms.request")
 
@@ -51,6 +60,11 @@ class Services:
     custodians: CustodianService
     notifier: Notifier
     health: HealthService
+    sigv4: SigV4Service
+    cluster: Cluster
+    dashboard: DashboardService
+    aws: AwsKeyService
+    xks: XksService
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class Options:
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     escrow: EscrowSettings = field(default_factory=EscrowSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
 
 def options_from_settings(settings: config_mod.Settings) -> Options:
@@ -81,6 +96,7 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
             groups=settings.escrow_groups,
         ),
         WebhookSettings(settings.escrow_webhook_url, settings.escrow_webhook_secret),
+        ClusterSettings(settings.redis_url, settings.redis_timeout_ms, settings.rate_limits),
     )
 
 
@@ -97,18 +113,35 @@ def build_services(
     rows = EscrowRows(hsm)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
+    principals = PrincipalService(storage, trail, clock, options.auth_cache_seconds)
+    keys = KeyService(storage, hsm, trail, clock)
+    exports = AuditExports(storage, trail)
+    shared = shared_backends(options.cluster.redis_url, options.cluster.redis_timeout_ms)
+    invalidations = Invalidations(shared.bus)
+    cluster = Cluster(
+        shared.limiter, options.cluster.rate_limits, shared.leases, invalidations, hsm
+    )
     return Services(
-        principals=PrincipalService(storage, trail, clock, options.auth_cache_seconds),
-        keys=KeyService(storage, hsm, trail, clock),
+        principals=principals,
+        keys=keys,
         crypto=CryptoService(
             storage, hsm, trail, escrow, lookup_cache_seconds=options.lookup_cache_seconds
         ),
         audit=trail,
-        exports=AuditExports(storage, trail),
+        exports=exports,
         escrow=escrow,
         custodians=CustodianService(storage, trail, clock, notifier, options.escrow, rows),
         notifier=notifier,
         health=HealthService(storage, hsm),
+        sigv4=SigV4Service(
+            storage, hsm, trail, clock, options.auth_cache_seconds, shared.nonces, invalidations
+        ),
+        cluster=cluster,
+        dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock),
+        aws=AwsKeyService(storage, trail),
+        xks=XksService(
+            storage, hsm, trail, clock, lookup_cache_seconds=options.lookup_cache_seconds
+        ),
     )
 
 
@@ -116,8 +149,24 @@ def start_background(services: Services, settings: config_mod.Settings) -> None:
     """Per-worker loops (started after fork, by kms.wsgi): timed audit checkpoints and
     webhook delivery. PKCS#11 calls go through the backend's process-wide lock."""
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
+    _every(settings.scheduler_seconds, lambda: _run_due(services), "scheduler")
     if services.notifier.configured:
         _every(1, services.notifier.deliver_quietly, "notifications")
+
+
+def _run_due(services: Services) -> None:
+    """One scheduler pass (rotations and destructions that are due); every worker runs it,
+    each change happens once (KeyService.run_due); with Redis, one pass at a time."""
+    caller = Caller(f"scheduler-{uuid.uuid4().hex}", SCHEDULER)
+    run = services.cluster.scheduler_pass(services.keys, caller)
+    if run is not None and (run.rotated or run.destroyed or run.failed):
+        logging.getLogger("kms.scheduler").info(
+            "scheduler run",
+            extra={
+                "op": f"rotated={len(run.rotated)} destroyed={len(run.destroyed)} "
+                f"failed={len(run.failed)}"
+            },
+        )
 
 
 def _every(seconds: int, task: Callable[[], None], name: str) -> None:
@@ -148,8 +197,14 @@ def hsm_config(settings: config_mod.Settings) -> HsmConfig:
 
 
 def storage_from_settings(settings: config_mod.Settings) -> SqlStorage:
+    """The storage backend; refuses to start on an old schema (run ``kms migrate``), but
+    starts while the database does not answer (503 until it does)."""
     engine = make_engine(settings.database_url, settings.sqlite_synchronous)
-    check_current(engine)  # refuse to start on an old schema: run `kms migrate`
+    try:
+        check_current_if_reachable(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return SqlStorage(engine)
 
 
@@ -173,8 +228,13 @@ def create_app(
         clock,
         options_from_settings(settings),
     )
-    for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp):
+    xks_bp = xks.blueprint(settings.xks_uri_prefix)  # its URLs depend on the prefix
+    for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
         app.register_blueprint(bp)
+    app.register_blueprint(web_dashboard.bp, settings=settings)
+    app.register_blueprint(aws_kms.bp, settings=settings)  # POST / (X-Amz-Target)
+    metrics_api.install(app)
+    throttle.install(app)
     errors.register(app)
 
     @app.before_request

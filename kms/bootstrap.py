@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hsm_config import softhsm
 from kms import config as config_mod
-from kms.app import Services, build_services, hsm_config
+from kms.app import Services, build_services, hsm_config, options_from_settings
 from kms.backends.hsm import Pkcs11Hsm, provision_keys
 from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.backends.storage.migrate import check_current
@@ -94,7 +94,7 @@ def open_services(data_dir: Path) -> Iterator[Services]:
     hsm = Pkcs11Hsm(hsm_config(settings))
     try:
         check_current(engine)
-        yield build_services(SqlStorage(engine), hsm)
+        yield build_services(SqlStorage(engine), hsm, options=options_from_settings(settings))
     finally:
         hsm.close()
         engine.dispose()

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kms.services.rate_limits import RatePolicy, parse_rate_limits
+
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CONF_FILE = "kms.conf"
 
@@ -39,6 +41,7 @@ class Settings:
     lookup_cache_seconds: int = 60
     audit_checkpoint_records: int = 1000
     audit_checkpoint_seconds: int = 60
+    scheduler_seconds: int = 300
     escrow_quorum: int = 2
     escrow_required_groups: frozenset[str] = frozenset()
     escrow_veto_groups: frozenset[str] = frozenset()
@@ -48,6 +51,34 @@ class Settings:
     escrow_groups: frozenset[str] = frozenset()
     escrow_webhook_url: str | None = None
     escrow_webhook_secret: bytes = field(default=b"", repr=False)
+    # KMS_DASHBOARD_SECURE_COOKIE (0/1): the dashboard session cookie is Secure (https only)
+    dashboard_secure_cookie: bool = True
+    # KMS_DASHBOARD_SESSION_SECONDS: absolute lifetime of a dashboard login
+    dashboard_session_seconds: int = 1800
+    # KMS_AWS_REGION, KMS_AWS_ACCOUNT_ID: the region and account of the key ARNs the AWS KMS
+    # face answers with (arn:aws:kms:<region>:<account>:key/<key id>); SigV4 requests to it
+    # must be scoped to this region. Checked when the app is created (kms/api/aws_shapes.py).
+    aws_region: str = "us-east-1"
+    aws_account_id: str = "000000000000"
+    # KMS_XKS_URI_PREFIX: the XKS proxy API answers under <prefix>/kms/xks/v1 (empty: at
+    # /kms/xks/v1); "/tenant-a" etc., AWS's XksProxyUriPath rules (kms/formats/xks.py)
+    xks_uri_prefix: str = ""
+    # KMS_TLS_CERT_FILE, KMS_TLS_KEY_FILE (PEM, both or neither; the key file chmod 600):
+    # `kms serve` terminates TLS itself (gunicorn --certfile/--keyfile)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # KMS_TLS_CLIENT_CA_FILE (PEM CA certificates; needs KMS_TLS_CERT_FILE): mutual TLS,
+    # every client must present a certificate issued by one of these CAs; its subject CN
+    # names the principal (kms/api/peer.py)
+    tls_client_ca_file: str | None = None
+    # KMS_REDIS_URL (redis://, rediss:// or unix://; may hold a password, never logged):
+    # rate limits, SigV4 nonces, scheduler lease and cache invalidation shared by all
+    # nodes (kms/services/cluster.py); KMS_REDIS_TIMEOUT_MS bounds each Redis call
+    redis_url: str | None = field(default=None, repr=False)
+    redis_timeout_ms: int = 250
+    # KMS_RATE_LIMITS: "service=2000/second,principal:batch=10000/second,..." over the
+    # defaults (kms/services/rate_limits.py)
+    rate_limits: RatePolicy = field(default_factory=lambda: parse_rate_limits(""))
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -132,6 +163,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         lookup_cache_seconds=_int(env, "KMS_KEK_MATERIAL_CACHE_SECONDS", 60, 0, 3600),
         audit_checkpoint_records=_int(env, "KMS_AUDIT_CHECKPOINT_RECORDS", 1000, 0, 10**9),
         audit_checkpoint_seconds=_int(env, "KMS_AUDIT_CHECKPOINT_SECONDS", 60, 0, 86400),
+        scheduler_seconds=_int(env, "KMS_SCHEDULER_SECONDS", 300, 0, 86400),
         escrow_quorum=_int(env, "KMS_ESCROW_QUORUM", 2, 1, 16),
         escrow_required_groups=_groups(env, "KMS_ESCROW_REQUIRED_GROUPS"),
         escrow_veto_groups=_groups(env, "KMS_ESCROW_VETO_GROUPS"),
@@ -143,8 +175,66 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         escrow_endorsed_enrolment=_int(env, "KMS_ESCROW_ENDORSED_ENROLMENT", 1, 0, 1) == 1,
         escrow_groups=_groups(env, "KMS_ESCROW_GROUPS"),
+        dashboard_secure_cookie=_int(env, "KMS_DASHBOARD_SECURE_COOKIE", 1, 0, 1) == 1,
+        dashboard_session_seconds=_int(env, "KMS_DASHBOARD_SESSION_SECONDS", 1800, 1, 86400),
+        aws_region=env.get("KMS_AWS_REGION") or "us-east-1",
+        aws_account_id=env.get("KMS_AWS_ACCOUNT_ID") or "000000000000",
+        xks_uri_prefix=_xks_prefix(env),
+        **_tls(env),
         **_webhook(env),
+        **_redis(env),
     )
+
+
+def _xks_prefix(env: Mapping[str, str]) -> str:
+    from kms.formats import xks
+
+    try:
+        return xks.check_uri_prefix(env.get("KMS_XKS_URI_PREFIX", ""))
+    except xks.XksFormatError as e:
+        raise ConfigError(f"KMS_XKS_URI_PREFIX {e}") from None
+
+
+def _tls(env: Mapping[str, str]) -> dict[str, Any]:
+    cert, key = env.get("KMS_TLS_CERT_FILE") or None, env.get("KMS_TLS_KEY_FILE") or None
+    client_ca = env.get("KMS_TLS_CLIENT_CA_FILE") or None
+    if client_ca is not None:
+        import ssl
+
+        if cert is None:
+            raise ConfigError("KMS_TLS_CLIENT_CA_FILE needs KMS_TLS_CERT_FILE and KMS_TLS_KEY_FILE")
+        try:
+            ssl.create_default_context(cafile=client_ca)
+        except OSError as e:  # missing file, or no PEM certificate in it (ssl.SSLError)
+            raise ConfigError(
+                f"KMS_TLS_CLIENT_CA_FILE: no PEM CA certificate in {client_ca}"
+            ) from e
+        return {**_tls({**env, "KMS_TLS_CLIENT_CA_FILE": ""}), "tls_client_ca_file": client_ca}
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise ConfigError("set both KMS_TLS_CERT_FILE and KMS_TLS_KEY_FILE, or neither")
+    for name, path in (("KMS_TLS_CERT_FILE", cert), ("KMS_TLS_KEY_FILE", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{name}: no such file {path}")
+    if Path(key).stat().st_mode & 0o077:
+        raise ConfigError(f"{key} must be readable by its owner only (chmod 600)")
+    return {"tls_cert_file": cert, "tls_key_file": key}
+
+
+def _redis(env: Mapping[str, str]) -> dict[str, Any]:
+    url = env.get("KMS_REDIS_URL") or None
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("KMS_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    try:
+        limits = parse_rate_limits(env.get("KMS_RATE_LIMITS", ""))
+    except ValueError as e:
+        raise ConfigError(f"KMS_RATE_LIMITS: {e}") from None
+    return {
+        "redis_url": url,
+        "redis_timeout_ms": _int(env, "KMS_REDIS_TIMEOUT_MS", 250, 10, 10_000),
+        "rate_limits": limits,
+    }
 
 
 def _groups(env: Mapping[str, str], name: str) -> frozenset[str]:

@@ -84,6 +84,15 @@ class KeyStateError(Conflict):
         return cls(f"the key is {state}", detail=f"state={state}")
 
 
+class KeyVersionRetired(Conflict):
+    """The blob's key version is below the key's minimum decryption version. Said
+    plainly (unlike DecryptionFailed): the version is in the blob's clear header and
+    only a caller with a grant on the key gets this far."""
+
+    code = "key_version_retired"
+    public_message = "this key version is retired"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"

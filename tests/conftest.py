@@ -57,3 +57,110 @@ def api(app) -> Api:  # type: ignore[no-untyped-def]
     token = principals.bootstrap_admin("admin")
     assert token is not None
     return Api(app.test_client(), token)
+
+
+# -- PostgreSQL (tests/pg.py): one throwaway cluster per session, started on first use ---
+# KMS_TEST_POSTGRES=0 skips these tests; otherwise a missing PostgreSQL is an error.
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():  # type: ignore[no-untyped-def]
+    import atexit
+    import os
+
+    from tests.pg import PgCluster
+
+    if os.environ.get("KMS_TEST_POSTGRES") == "0":
+        pytest.skip("KMS_TEST_POSTGRES=0")
+    cluster = PgCluster.create()
+    atexit.register(cluster.destroy)  # also if the session dies before teardown
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster) -> str:  # type: ignore[no-untyped-def]
+    """A database at the newest schema, copied for each test (CREATE DATABASE ... TEMPLATE)."""
+    pg_cluster.create_database("kms_template")
+    engine = make_engine(pg_cluster.url("kms_template"))
+    upgrade(engine)
+    engine.dispose()  # a template must have no open connection while it is copied
+    return "kms_template"
+
+
+@pytest.fixture
+def pg_database(pg_cluster, pg_template):  # type: ignore[no-untyped-def]
+    """A fresh PostgreSQL database at the newest schema (tests.pg.PgDatabase), dropped after."""
+    from tests.pg import PgDatabase, fresh_name
+
+    name = fresh_name()
+    pg_cluster.create_database(name, template=pg_template)
+    yield PgDatabase(pg_cluster, name)
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def pg_storage(pg_database) -> Iterator[SqlStorage]:  # type: ignore[no-untyped-def]
+    engine = make_engine(pg_database.url, "NORMAL")
+    yield SqlStorage(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A fresh database of each backend (the test runs once per backend)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    return str(request.getfixturevalue("pg_database").url)
+
+
+@pytest.fixture
+def any_engine(any_database_url: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(any_database_url, "NORMAL")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def any_storage(any_engine) -> SqlStorage:  # type: ignore[no-untyped-def]
+    return SqlStorage(any_engine)
+
+
+# -- Redis (tests/redis_server.py): one real redis-server per session, on first use -------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:  # type: ignore[no-untyped-def]
+    """The session's Redis, emptied for this test (KMS_REDIS_URL)."""
+    redis_server.flush()
+    return str(redis_server.url)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A redis-server of this test alone, which the test may stop and start again."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    server.flush()
+    try:
+        yield server
+    finally:
+        server.stop()

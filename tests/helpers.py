@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+class ManualClock:
+    """A clock the test moves (the services' Clock port), for waiting periods."""
+
+    def __init__(self) -> None:
+        self.now_ = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.now_
+
+    def advance(self, seconds: float) -> None:
+        self.now_ += timedelta(seconds=seconds)
 
 
 class Api:

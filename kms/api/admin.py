@@ -9,6 +9,8 @@ from flask import Blueprint
 from kms.api import parsing as p
 from kms.api import serialize
 from kms.api.context import caller, operation, services
+from kms.errors import InvalidRequest
+from kms.services.keys import UNSET, Unset
 from kms.services.model import EscrowPolicy
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")
@@ -108,6 +110,36 @@ def rotate(ref: str) -> Json:
     p.json_body(set())
     key = services().keys.rotate(caller(), ref)
     return {**serialize.key(key), "current_version": key.current_version}
+
+
+@bp.post("/keys/<path:ref>/config")
+@operation("configure_key")
+def configure(ref: str) -> Json:
+    """``{rotation_period_days?: int 1..3650 | null, min_decryption_version?: int}`` ->
+    the key. ``null`` turns scheduled rotation off; the minimum decryption version only
+    moves forward and never past the current version."""
+    body = p.json_body({"rotation_period_days", "min_decryption_version"})
+    if not body:
+        raise InvalidRequest("give rotation_period_days and/or min_decryption_version")
+    period: int | Unset | None = UNSET
+    if "rotation_period_days" in body:
+        period = (
+            None
+            if body["rotation_period_days"] is None
+            else p.integer(body, "rotation_period_days")
+        )
+    minimum = (
+        p.integer(body, "min_decryption_version") if "min_decryption_version" in body else None
+    )
+    return serialize.key(services().keys.configure(caller(), ref, period, minimum))
+
+
+@bp.get("/keys/<path:ref>/usage")
+@operation("key_usage")
+def usage(ref: str) -> Json:
+    """Per-version decrypt counts and last use, and use per day (``?days=1..366``, 30)."""
+    days = p.query_int("days", 30)
+    return serialize.usage(services().keys.usage(caller(), ref, days))
 
 
 @bp.post("/keys/<path:ref>/disable")

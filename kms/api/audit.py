@@ -106,7 +106,9 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, Any], int]:
-    """200 when the HSM and the database answer, 503 otherwise, with each check's result."""
+    """``{"status": "ok"|"unavailable", "checks": {"hsm", "database", "audit_signing_key"}}``
+    with each check "ok" or an error code: 200 when every check is ok, 503 otherwise.
+    Unauthenticated (load balancers probe it); it shows only those codes, no detail."""
     checks = services().health.readiness()
     ok = all(v == "ok" for v in checks.values())
     return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import current_app, g, request
 
+from kms.api import peer
+from kms.api.throttle import admit
 from kms.services.audit import Caller
 
 if TYPE_CHECKING:
@@ -45,12 +47,11 @@ def operation(name: str) -> Callable[[F], F]:
         def inner(*args: Any, **kwargs: Any) -> Any:
             g.operation = name
             g.caller = Caller(request_id(), None)
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            principal = services().principals.authenticate(
-                token.strip() if scheme.lower() == "bearer" else None
+            principal = peer.authenticate(  # bearer token and/or verified client certificate
+                services().principals, request.environ, request.headers.get("Authorization")
             )
             g.caller = Caller(request_id(), principal)
+            admit(principal)  # 429 over the principal's rate limit
             return view(*args, **kwargs)
 
         return cast(F, inner)

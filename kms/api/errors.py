@@ -34,6 +34,7 @@ _HTTP = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
 def error_response(err: KmsError) -> tuple[Response, int]:
     operation = g.get("operation")
+    g.error_code = err.code  # the outcome label of kms_requests_total (kms/api/metrics.py)
     if isinstance(err, Unauthenticated):
         log.warning("authentication failed", extra={"request_id": request_id(), "op": operation})
     elif operation:

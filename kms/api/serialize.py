@@ -9,7 +9,8 @@ from kms.api.errors import error_body
 from kms.api.parsing import encode
 from kms.errors import ClientError
 from kms.services.crypto import Opened, Sealed
-from kms.services.model import EscrowPolicy, Key, Principal
+from kms.services.keys import next_rotation
+from kms.services.model import EscrowPolicy, Key, KeyUsage, Principal
 
 
 def iso(when: datetime | None) -> str | None:
@@ -26,6 +27,29 @@ def key(k: Key) -> dict[str, Any]:
         "created_at": iso(k.created_at),
         "deletion_date": iso(k.deletion_date),
         "escrow_policy": policy(k.escrow_policy) if k.escrow_policy else None,
+        "rotation_period_days": k.rotation_period_days,
+        "rotated_at": iso(k.rotated_at),
+        "next_rotation": iso(next_rotation(k)),
+        "min_decryption_version": k.min_decryption_version,
+    }
+
+
+def usage(u: KeyUsage) -> dict[str, Any]:
+    return {
+        "key_id": u.key.key_id,
+        "current_version": u.key.current_version,
+        "min_decryption_version": u.key.min_decryption_version,
+        "versions": [
+            {
+                "version": v.version,
+                "created_at": iso(v.created_at),
+                "decrypts": v.decrypts,
+                "last_used": v.last_used,
+                "retired": v.retired,
+            }
+            for v in u.versions
+        ],
+        "days": [{"day": d.day, "version": d.version, "decrypts": d.decrypts} for d in u.days],
     }
 
 

@@ -6,12 +6,16 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import click
 
+from kms.cli.backup import backup, restore
 from kms.cli.common import clear_errors, client, data_dir_option, print_json, remote
 from kms.cli.escrow import escrow
+from kms.cli.rewrap import rewrap
+from kms.services.keys import SCHEDULER
 
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
 
@@ -23,6 +27,9 @@ def main() -> None:
 
 
 main.add_command(escrow)
+main.add_command(rewrap)
+main.add_command(backup)
+main.add_command(restore)
 
 
 # -- local commands ---------------------------------------------------------------------
@@ -94,11 +101,46 @@ def serve(data_dir: Path, bind: str, workers: int, gunicorn_conf: str) -> None:
     if not (data_dir / "kms.conf").exists():
         raise click.ClickException(f"{data_dir} is not initialised: run `kms init` first")
     os.environ["KMS_DATA_DIR"] = str(data_dir.resolve())
+    with clear_errors():  # a bad setting is one clear line here, not a crash in each worker
+        from kms import config
+
+        settings = config.from_env()
+    args = [gunicorn, "-c", gunicorn_conf, "--bind", bind, "--workers", str(workers)]
+    if settings.tls_cert_file and settings.tls_key_file:  # HTTPS (the XKS proxy API needs it)
+        args += ["--certfile", settings.tls_cert_file, "--keyfile", settings.tls_key_file]
+    if settings.tls_client_ca_file:  # mutual TLS: no verified client certificate, no request
+        args += ["--ca-certs", settings.tls_client_ca_file, "--cert-reqs", "2"]  # CERT_REQUIRED
     os.umask(0o077)  # database, WAL and logs created by the server stay private
-    os.execv(  # noqa: S606 (replaces this process with gunicorn)
-        gunicorn,
-        [gunicorn, "-c", gunicorn_conf, "--bind", bind, "--workers", str(workers), "kms.wsgi:app"],
+    os.execv(gunicorn, [*args, "kms.wsgi:app"])  # noqa: S606 (becomes gunicorn)
+
+
+@main.command("rotate-due")
+@data_dir_option
+def rotate_due(data_dir: Path) -> None:
+    """Rotate keys whose rotation period has passed and destroy keys whose deletion date
+    has passed (for cron or the systemd timer in deploy/; safe to run on several hosts
+    at once). Exit 1 if any key failed."""
+    with clear_errors():
+        from kms.bootstrap import open_services
+        from kms.services.audit import Caller
+
+        with open_services(data_dir) as services:
+            caller = Caller(f"scheduler-{uuid.uuid4().hex}", SCHEDULER)
+            run = services.cluster.scheduler_pass(services.keys, caller)
+    if run is None:  # the Redis lease is held: a pass is running elsewhere right now
+        click.echo("another scheduler pass is running; nothing done here")
+        sys.exit(0)
+    for key_id, version in run.rotated:
+        click.echo(f"rotated {key_id} to version {version}")
+    for key_id in run.destroyed:
+        click.echo(f"destroyed {key_id}")
+    for key_id, code in run.failed:
+        click.echo(f"failed {key_id}: {code}", err=True)
+    click.echo(
+        f"{len(run.rotated)} rotated, {len(run.destroyed)} destroyed, "
+        f"{len(run.skipped)} done elsewhere, {len(run.failed)} failed"
     )
+    sys.exit(1 if run.failed else 0)
 
 
 # -- remote commands --------------------------------------------------------------------
@@ -189,6 +231,54 @@ def keys_schedule_deletion(ref: str, pending_days: int, url: str, token_file: Pa
                 ref, "schedule-deletion", {"pending_days": pending_days}
             )
         )
+
+
+@keys.command("config")
+@click.argument("ref")
+@click.option("--rotation-period-days", type=int, help="Rotate every N days (1..3650).")
+@click.option("--no-rotation", is_flag=True, help="Turn scheduled rotation off.")
+@click.option("--min-decryption-version", type=int, help="Refuse blobs under older versions.")
+@remote
+def keys_config(
+    ref: str,
+    rotation_period_days: int | None,
+    no_rotation: bool,
+    min_decryption_version: int | None,
+    url: str,
+    token_file: Path | None,
+) -> None:
+    """Set a key's rotation period and/or minimum decryption version."""
+    settings: dict[str, int | None] = {}
+    if no_rotation and rotation_period_days is not None:
+        raise click.UsageError("give --rotation-period-days or --no-rotation, not both")
+    if no_rotation or rotation_period_days is not None:
+        settings["rotation_period_days"] = rotation_period_days
+    if min_decryption_version is not None:
+        settings["min_decryption_version"] = min_decryption_version
+    if not settings:
+        raise click.UsageError("nothing to change")
+    with clear_errors():
+        print_json(client(url, token_file).configure_key(ref, **settings))
+
+
+@keys.command("retire")
+@click.argument("ref")
+@click.option("--up-to", required=True, type=click.IntRange(1), help="Last version to retire.")
+@remote
+def keys_retire(ref: str, up_to: int, url: str, token_file: Path | None) -> None:
+    """Retire versions 1..N: their blobs are refused from now on (rewrap them first)."""
+    with clear_errors():
+        print_json(client(url, token_file).configure_key(ref, min_decryption_version=up_to + 1))
+
+
+@keys.command("usage")
+@click.argument("ref")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 366))
+@remote
+def keys_usage(ref: str, days: int, url: str, token_file: Path | None) -> None:
+    """Decrypts per version (count, last use) and per day, from the audit trail."""
+    with clear_errors():
+        print_json(client(url, token_file).key_usage(ref, days))
 
 
 @main.group()

@@ -11,14 +11,21 @@ Every failure is a KmsClientError.
 from kms.client.cache import DataKeyCache
 from kms.client.envelope import decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file
 from kms.client.http import DataKey, KmsClient, KmsClientError
+from kms.client.rewrap import BulkRewrapper, Census, RewrapItem, RewrapResult
+from kms.client.rewrap_files import rewrap_files
 
 __all__ = [
+    "BulkRewrapper",
+    "Census",
     "DataKey",
     "DataKeyCache",
     "KmsClient",
     "KmsClientError",
+    "RewrapItem",
+    "RewrapResult",
     "decrypt_bytes",
     "decrypt_file",
     "encrypt_bytes",
     "encrypt_file",
+    "rewrap_files",
 ]

@@ -152,6 +152,13 @@ class KmsClient:
         """rotate, disable, enable, schedule-deletion, cancel-deletion."""
         return dict(self.call("POST", f"/v1/keys/{_ref(ref)}/{action}", body or {}))
 
+    def configure_key(self, ref: str, **settings: int | None) -> dict[str, Any]:
+        """rotation_period_days (None: off) and/or min_decryption_version."""
+        return dict(self.call("POST", f"/v1/keys/{_ref(ref)}/config", settings))
+
+    def key_usage(self, ref: str, days: int = 30) -> dict[str, Any]:
+        return dict(self.call("GET", f"/v1/keys/{_ref(ref)}/usage?days={int(days)}"))
+
     def grant(self, ref: str, principal: str, operations: list[str]) -> dict[str, Any]:
         return dict(
             self.call(

@@ -23,6 +23,7 @@ from typing import Any
 from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
+from kms.metrics import AUDIT_APPEND_SECONDS
 from kms.services.model import AuditEvent, AuditQuery, Principal, Role
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
@@ -98,6 +99,7 @@ class AuditTrail:
         self._policy = policy
         self._fingerprint: str | None = None
 
+    @AUDIT_APPEND_SECONDS.time()
     def append(self, tx: Tx, events: Sequence[AuditEvent]) -> bool:
         """Chain ``events`` after the current head inside ``tx``. Returns whether the count
         policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``

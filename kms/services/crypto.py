@@ -26,14 +26,15 @@ from kms.errors import (
     InvalidRequest,
     KeyStateError,
     KeyUnusable,
+    KeyVersionRetired,
     KmsError,
 )
 from kms.formats import blob as blobfmt
 from kms.formats import context as ctxfmt
 from kms.services.audit import AuditTrail, Caller, Operation
 from kms.services.escrow import EscrowService
-from kms.services.keys import require_enabled, resolve
-from kms.services.lookup_cache import LookupCache
+from kms.services.keys import require_enabled, require_not_retired, resolve
+from kms.services.lookup_cache import LookupCache, cached_kek
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
     ESCROW_ONLY_JUSTIFICATIONS,
@@ -52,12 +53,14 @@ from kms.services.ports import Hsm, Storage, Tx
 MAX_PLAINTEXT = 4096
 MAX_BATCH = 1000
 DEK_BYTES = 32
+MAX_DATAKEY_BYTES = 1024  # the AWS KMS face's NumberOfBytes limit
 
 
 @dataclass(frozen=True)
 class DataKeyRequest:
     context: dict[str, str]
     include_plaintext: bool = True
+    size: int = DEK_BYTES  # bytes of key material, 1..MAX_DATAKEY_BYTES
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class RewrapRequest:
     destination: str | None = None
     justification: str = DEFAULT_JUSTIFICATION
     reference: str | None = None
+    destination_context: dict[str, str] | None = None  # None: keep ``context``
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class _Keys:
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.justifications: set[tuple[str, str]] = set()  # (key id, code) relied on
         self.case_uses: dict[str, int] = {}  # unwraps per escrow case in this request
+        self.oldest_opened: dict[str, int] = {}  # key id -> lowest version opened
 
     @property
     def principal(self) -> Principal:
@@ -150,19 +155,17 @@ class _Keys:
         if key is None:
             raise DecryptionFailed(detail="blob names an unknown key")
         self.allowed(key, operation)
-        return key, self.kek(key, parsed.key_version)
+        return key, self.opening(key, parsed.key_version)
+
+    def opening(self, key: Key, version: int) -> KekRef:
+        """The KEK to open a blob under ``version``, unless that version is retired."""
+        require_not_retired(version, key.min_decryption_version)
+        oldest = self.oldest_opened.get(key.key_id, version)
+        self.oldest_opened[key.key_id] = min(oldest, version)
+        return self.kek(key, version)
 
     def kek(self, key: Key, version: int) -> KekRef:
-        """A KEK version's wrapped material: immutable, so the worker-wide cache serves it."""
-        ident = ("kek", key.key_id, version)
-        kek: KekRef | None = self._cache.get(ident)
-        if kek is None:
-            kv = self._tx.key_version(key.key_id, version)
-            if kv is None:
-                raise DecryptionFailed(detail=f"unknown key version {version}")
-            kek = KekRef(key.key_id, version, kv.wrapped, kv.root_label)
-            self._cache.put(ident, kek)
-        return kek
+        return cached_kek(self._cache, self._tx, key.key_id, version)
 
     def _grant(self, key_id: str) -> Grant:
         if key_id not in self._grants:
@@ -187,19 +190,26 @@ class _Keys:
 
     def recheck(self, tx: Tx) -> None:
         """Inside the audit write transaction, from the database (never the cache): refuse
-        if a key the request used was disabled or deleted, or its grant revoked, meanwhile."""
+        if a key the request used was disabled or deleted, its grant revoked, or a version it
+        opened retired, meanwhile."""
         for key_id, operation in sorted(self.used):
             access = tx.key_access(key_id, self._principal.id)
             if access is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
-            state, grant = access
-            if operation.value not in grant.operations:
+            if operation.value not in access.grant.operations:
                 raise Forbidden(f"no {operation.value} grant on this key", detail="grant revoked")
-            if state is not KeyState.ENABLED:
-                raise KeyStateError.of(state.value)
+            if access.state is not KeyState.ENABLED:
+                raise KeyStateError.of(access.state.value)
+        for key_id, oldest in sorted(self.oldest_opened.items()):  # grants and escrow alike
+            access = tx.key_access(key_id, self._principal.id)
+            if access is not None and oldest < access.min_decryption_version:
+                raise KeyVersionRetired(
+                    f"version {oldest} of this key was retired during the request",
+                    detail="retired during request",
+                )
         for key_id, code in sorted(self.justifications):
             access = tx.key_access(key_id, self._principal.id)
-            if access is None or code not in access[1].justifications:
+            if access is None or code not in access.grant.justifications:
                 raise Forbidden(
                     f"justification {code!r} is no longer allowed on this key",
                     detail="justification revoked",
@@ -208,8 +218,8 @@ class _Keys:
             access = tx.key_access(key_id, self._principal.id)
             if access is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
-            if access[0] is not KeyState.ENABLED:
-                raise KeyStateError.of(access[0].value)
+            if access.state is not KeyState.ENABLED:
+                raise KeyStateError.of(access.state.value)
 
 
 class CryptoService:
@@ -234,13 +244,16 @@ class CryptoService:
     def datakey(
         self, caller: Caller, ref: str, items: Sequence[DataKeyRequest]
     ) -> list[Sealed | ClientError]:
-        """A fresh 256-bit DEK from the HSM per item, wrapped under the key's current version."""
+        """A fresh DEK from the HSM per item (256 bits unless ``size`` says otherwise),
+        wrapped under the key's current version."""
 
         def one(keys: _Keys, op: Operation, item: DataKeyRequest) -> Sealed:
             op.note(context_sha256=ctxfmt.digest(item.context))
+            if not 1 <= item.size <= MAX_DATAKEY_BYTES:
+                raise InvalidRequest(f"a data key is 1 to {MAX_DATAKEY_BYTES} bytes")
             key = keys.by_ref(ref, Op.DATAKEY)
             op.note(key_id=key.key_id, key_version=key.current_version)
-            dek = self._hsm.random(DEK_BYTES)
+            dek = self._hsm.random(item.size)
             sealed = self._seal(keys.kek(key, key.current_version), dek, item.context)
             return replace(sealed, plaintext=dek if item.include_plaintext else None)
 
@@ -302,7 +315,7 @@ class CryptoService:
         )
         require_enabled(key)
         keys.enabled.add(key.key_id)
-        kek = keys.kek(key, parsed.key_version)
+        kek = keys.opening(key, parsed.key_version)
         plaintext = self._open(kek, parsed, item.context)
         keys.case_uses[item.case_id] = used + 1
         return Opened(kek.key_id, kek.version, plaintext)
@@ -310,21 +323,26 @@ class CryptoService:
     def rewrap(self, caller: Caller, items: Sequence[RewrapRequest]) -> list[Sealed | ClientError]:
         """Re-encrypt a blob under the current version of its key (or ``destination``);
         the plaintext never leaves this method. Rewrapping within a key needs the rewrap
-        grant; moving a blob to another key needs decrypt and rewrap on the source and
-        rewrap on the destination, since whoever can decrypt there could read it."""
+        grant; moving a blob to another key, or binding it to another context
+        (``destination_context``), needs decrypt and rewrap on the source and rewrap on the
+        destination, since whoever can decrypt there could read it."""
 
         def one(keys: _Keys, op: Operation, item: RewrapRequest) -> Sealed:
             _note_unwrap(op, item.context, item.justification, item.reference, None)
             parsed, kek = self._parse(keys, op, item.ciphertext, Op.REWRAP)
             keys.justified(kek.key_id, item.justification)
             dest = keys.by_ref(item.destination or kek.key_id, Op.REWRAP)
-            if dest.key_id != kek.key_id:
+            context = item.context if item.destination_context is None else item.destination_context
+            if dest.key_id != kek.key_id or context != item.context:
                 source = keys.by_id(kek.key_id)
                 assert source is not None
                 keys.allowed(source, Op.DECRYPT)
             plaintext = self._open(kek, parsed, item.context)
-            sealed = self._seal(keys.kek(dest, dest.current_version), plaintext, item.context)
-            op.note(detail=f"to {sealed.key_id} v{sealed.key_version}")
+            sealed = self._seal(keys.kek(dest, dest.current_version), plaintext, context)
+            moved = f"to {sealed.key_id} v{sealed.key_version}"
+            if item.destination_context is not None:
+                moved += f" context_sha256={ctxfmt.digest(item.destination_context)}"
+            op.note(detail=moved)
             return sealed
 
         return self._run(caller, "rewrap", items, one)

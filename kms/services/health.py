@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Callable
+
 from kms.errors import KmsError
 from kms.services.ports import Hsm, Storage
+
+log = logging.getLogger("kms.health")
+
+# What the readiness probe asks the audit key to sign: a fixed, domain-separated digest
+# that can never be the digest of a checkpoint (those hash a JSON object).
+_PROBE_DIGEST = hashlib.sha256(b"keyholder-kms readiness probe v1").digest()
 
 
 class HealthService:
@@ -16,13 +26,28 @@ class HealthService:
         return self._hsm.cache_stats()
 
     def readiness(self) -> dict[str, str]:
-        """``{"hsm": ..., "database": ...}``, each "ok" or the error code that check raised.
-        The HSM check uses the token (not only cached session objects)."""
+        """Each dependency a request needs, by name, with "ok" or the error code its check
+        raised ("internal_error" for an unexpected exception, which is logged):
+
+        - ``hsm``: a logged-in session can use the root key (touches the token, not only
+          cached session objects);
+        - ``database``: the database answers and its schema is current;
+        - ``audit_signing_key``: the HSM's audit key signs (checkpoints need it).
+
+        Never raises; every check runs even if an earlier one failed."""
+        checks: tuple[tuple[str, Callable[[], object]], ...] = (
+            ("hsm", self._hsm.check),
+            ("database", self._storage.check),
+            ("audit_signing_key", lambda: self._hsm.sign_digest(_PROBE_DIGEST)),
+        )
         report = {}
-        for name, check in (("hsm", self._hsm.check), ("database", self._storage.check)):
+        for name, check in checks:
             try:
                 check()
                 report[name] = "ok"
             except KmsError as e:
                 report[name] = e.code
+            except Exception:
+                log.exception("readiness check failed", extra={"op": name})
+                report[name] = "internal_error"
         return report

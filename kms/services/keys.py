@@ -5,11 +5,15 @@ State machine (anything else is refused with 409 ``key_state``)::
     enabled  --disable-->  disabled  --enable-->  enabled
     enabled|disabled  --schedule-deletion-->  pending_deletion
     pending_deletion  --cancel-deletion-->  disabled
+    pending_deletion  --deletion date passed, run_due-->  destroyed (material erased)
 
-Only enabled keys are used for crypto. Versions only grow; rotation adds a version generated
-inside the HSM and makes it current, older versions stay usable for decryption. The HSM call
-that makes a new KEK happens before the write transaction, so a failure leaves no trace but
-its audit record and no half-made version.
+Only enabled keys are used for crypto. Versions only grow; rotation (on demand, or by
+``run_due`` once ``rotation_period_days`` passed since the last one) adds a version
+generated inside the HSM and makes it current. Older versions stay usable for decryption
+until retired: blobs under a version below ``min_decryption_version`` are refused. The HSM
+call that makes a new KEK happens before the write transaction, so a failure leaves no
+trace but its audit record and no half-made version. Disabled keys keep their material;
+destroyed keys have none left (their blobs can never be opened again).
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
-from kms.errors import InvalidRequest, KeyStateError, NotFound
-from kms.services.audit import AuditTrail, Caller
+from kms.errors import InvalidRequest, KeyStateError, KeyVersionRetired, KmsError, NotFound
+from kms.services.audit import AuditTrail, Caller, Operation, format_time
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
     ESCROW_ONLY_JUSTIFICATIONS,
@@ -30,16 +34,32 @@ from kms.services.model import (
     Grant,
     Key,
     KeyState,
+    KeyUsage,
     KeyVersion,
-    Operation,
+    Principal,
     Role,
+    VersionUsage,
 )
+from kms.services.model import Operation as GrantOp
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
 ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_DESCRIPTION = 1024
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
+MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 1, 3650
+
+
+# Who the scheduler acts as: an in-memory admin, never stored, whose name no real principal
+# can have (principal names cannot contain ':').
+SCHEDULER = Principal(0, "system:scheduler", Role.ADMIN, datetime(1970, 1, 1, tzinfo=UTC))
+
+
+class Unset:
+    """Marks an argument that was not given (None is a value: "turn off")."""
+
+
+UNSET = Unset()
 
 
 def resolve(tx: Tx, ref: str) -> Key:
@@ -64,7 +84,7 @@ def parse_grant_justifications(values: list[str] | None) -> frozenset[str]:
 
 
 def parse_operations(values: list[str]) -> frozenset[str]:
-    allowed = {o.value for o in Operation}
+    allowed = {o.value for o in GrantOp}
     bad = [v for v in values if v not in allowed]
     if bad:
         raise InvalidRequest("operations must be among: " + ", ".join(sorted(allowed)))
@@ -93,7 +113,7 @@ class KeyService:
             op.note(key_id=key_id, key_version=1)
             wrapped = self._hsm.new_wrapped_kek()
             now = self._clock.now()
-            key = Key(key_id, alias, description, KeyState.ENABLED, 1, now)
+            key = Key(key_id, alias, description, KeyState.ENABLED, 1, now, rotated_at=now)
             with self._storage.transaction() as tx:
                 tx.add_key(key)
                 tx.add_version(KeyVersion(key_id, 1, now, wrapped.wrapped, wrapped.root_label))
@@ -120,23 +140,165 @@ class KeyService:
                 key = resolve(tx, ref)
             op.note(key_id=key.key_id)
             require_enabled(key)
-            wrapped = self._hsm.new_wrapped_kek()
-            with self._storage.transaction() as tx:
-                key = resolve(tx, key.key_id)  # re-read under the write lock
-                require_enabled(key)
-                new = replace(key, current_version=key.current_version + 1)
-                tx.add_version(
-                    KeyVersion(
-                        key.key_id,
-                        new.current_version,
-                        self._clock.now(),
-                        wrapped.wrapped,
-                        wrapped.root_label,
-                    )
-                )
-                tx.update_key(new)
-                self._audit.append(tx, [op.ok(key_version=new.current_version)])
+            new = self._add_version(op, key, lambda current: require_enabled(current))
+            assert new is not None  # the check raises rather than skipping
             return new
+
+    def configure(
+        self,
+        caller: Caller,
+        ref: str,
+        rotation_period_days: int | Unset | None = UNSET,
+        min_decryption_version: int | None = None,
+    ) -> Key:
+        """Change the rotation period (None: off; at least MIN_ROTATION_DAYS) and/or move
+        ``min_decryption_version`` forward (never backwards, never past the current
+        version). Nothing changes unless every given value is valid."""
+        with self._audit.operation(caller, "configure_key") as op:
+            caller.require(Role.ADMIN)
+            if isinstance(rotation_period_days, int) and not (
+                MIN_ROTATION_DAYS <= rotation_period_days <= MAX_ROTATION_DAYS
+            ):
+                raise InvalidRequest(
+                    f"rotation_period_days must be between {MIN_ROTATION_DAYS} and "
+                    f"{MAX_ROTATION_DAYS}, or null to turn scheduled rotation off"
+                )
+            with self._storage.transaction() as tx:
+                key = resolve(tx, ref)
+                op.note(key_id=key.key_id)
+                if key.state is KeyState.DESTROYED:
+                    raise KeyStateError.of(key.state.value)
+                new = key
+                if not isinstance(rotation_period_days, Unset):
+                    new = replace(new, rotation_period_days=rotation_period_days)
+                if min_decryption_version is not None:
+                    _check_min_version(key, min_decryption_version)
+                    new = replace(new, min_decryption_version=min_decryption_version)
+                tx.update_key(new)
+                self._audit.append(
+                    tx,
+                    [
+                        op.ok(
+                            detail=f"rotation_period_days={new.rotation_period_days} "
+                            f"min_decryption_version={new.min_decryption_version}"
+                        )
+                    ],
+                )
+            return new
+
+    def retire(self, caller: Caller, ref: str, up_to_version: int) -> Key:
+        """Retire versions 1..``up_to_version``: blobs under them are refused from now on."""
+        return self.configure(caller, ref, min_decryption_version=up_to_version + 1)
+
+    def usage(self, caller: Caller, ref: str, days: int = 30) -> KeyUsage:
+        """Per-version use and use per day over the last ``days`` days (admins, auditors)."""
+        with self._audit.operation(caller, "key_usage"):
+            caller.require(Role.ADMIN, Role.AUDITOR)
+            if not 1 <= days <= 366:
+                raise InvalidRequest("days must be between 1 and 366")
+            since = format_time(self._clock.now() - timedelta(days=days - 1))[:10]
+            with self._storage.reader() as tx:
+                key = resolve(tx, ref)
+                versions = [
+                    VersionUsage(v, _aware(made), n, last, v < key.min_decryption_version)
+                    for v, made, n, last in tx.version_usage(key.key_id)
+                ]
+                per_day = tx.usage_by_day(key.key_id, since)
+            return KeyUsage(key, versions, per_day)
+
+    def rotation_due_count(self) -> int:
+        """How many enabled keys are due for scheduled rotation now (not audited: for
+        metrics)."""
+        now = self._clock.now()
+        with self._storage.reader() as tx:
+            return sum(is_overdue(k, now) for k in tx.keys_in_states([KeyState.ENABLED]))
+
+    def run_due(self, caller: Caller) -> DueRun:
+        """Rotate every key whose rotation is due and destroy every key whose deletion
+        date has passed. Safe to run in any number of processes at once: each change is
+        re-checked under the database write lock, so a due key is rotated (or destroyed)
+        exactly once and the loser of a race skips it. A failure leaves the key as it
+        was (a version is added in the same transaction as its audit record) and the run
+        goes on with the next key."""
+        caller.require(Role.ADMIN)
+        run = DueRun()
+        now = self._clock.now()
+        with self._storage.reader() as tx:
+            due = [k for k in tx.keys_in_states([KeyState.ENABLED]) if is_overdue(k, now)]
+            doomed = [
+                k
+                for k in tx.keys_in_states([KeyState.PENDING_DELETION])
+                if k.deletion_date is not None and k.deletion_date <= now
+            ]
+        for key in due:
+            try:
+                with self._audit.operation(caller, "rotate_key") as op:
+                    op.note(key_id=key.key_id, detail="scheduled")
+
+                    def still_due(current: Key, was: int = key.current_version) -> bool:
+                        return (
+                            current.state is KeyState.ENABLED
+                            and current.current_version == was
+                            and is_overdue(current, self._clock.now())
+                        )
+
+                    new = self._add_version(op, key, still_due)
+                if new is None:
+                    run.skipped.append(key.key_id)
+                else:
+                    run.rotated.append((key.key_id, new.current_version))
+            except Exception as e:  # the run goes on with the next key
+                run.failed.append(
+                    (key.key_id, e.code if isinstance(e, KmsError) else "internal_error")
+                )
+        for key in doomed:
+            try:
+                if self._destroy(caller, key.key_id):
+                    run.destroyed.append(key.key_id)
+                else:
+                    run.skipped.append(key.key_id)
+            except Exception as e:  # the run goes on with the next key
+                run.failed.append(
+                    (key.key_id, e.code if isinstance(e, KmsError) else "internal_error")
+                )
+        if run.destroyed:
+            self._storage.purge_erased()
+        return run
+
+    def _add_version(self, op: Operation, key: Key, check: Callable[[Key], object]) -> Key | None:
+        """Make a KEK in the HSM (outside any transaction), then under the write lock
+        re-read the key and, unless ``check`` raises or returns False (skip: None),
+        add the version, make it current and append the audit record, all in one
+        transaction."""
+        wrapped = self._hsm.new_wrapped_kek()
+        with self._storage.transaction() as tx:
+            current = resolve(tx, key.key_id)
+            if check(current) is False:
+                return None
+            now = self._clock.now()
+            new = replace(current, current_version=current.current_version + 1, rotated_at=now)
+            v = new.current_version
+            tx.add_version(KeyVersion(key.key_id, v, now, wrapped.wrapped, wrapped.root_label))
+            tx.update_key(new)
+            self._audit.append(tx, [op.ok(key_version=new.current_version)])
+        return new
+
+    def _destroy(self, caller: Caller, key_id: str) -> bool:
+        """Erase the key's versions (crypto-shredding) if its deletion is still due."""
+        with self._audit.operation(caller, "destroy_key") as op:
+            op.note(key_id=key_id)
+            with self._storage.transaction() as tx:
+                key = resolve(tx, key_id)
+                date = key.deletion_date
+                if key.state is not KeyState.PENDING_DELETION or date is None:
+                    return False
+                if date > self._clock.now():
+                    return False
+                erased = tx.destroy_versions(key_id)
+                tx.update_key(replace(key, state=KeyState.DESTROYED))
+                self._audit.append(tx, [op.ok(detail=f"versions erased: {erased}")])
+        self._hsm.forget(key_id)
+        return True
 
     def disable(self, caller: Caller, ref: str) -> Key:
         return self._transition(
@@ -250,6 +412,57 @@ class KeyService:
                 tx.update_key(new)
                 self._audit.append(tx, [op.ok(detail=f"{key.state.value}->{to.value}")])
             return new
+
+
+@dataclass
+class DueRun:
+    """What one scheduler run did."""
+
+    rotated: list[tuple[str, int]] = field(default_factory=list)  # (key id, new version)
+    destroyed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # done meanwhile by another process
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key id, error code)
+
+
+def next_rotation(key: Key) -> datetime | None:
+    """When scheduled rotation is due (None: no period, or the key is not enabled)."""
+    if key.rotation_period_days is None or key.state is not KeyState.ENABLED:
+        return None
+    return _aware(key.rotated_at or key.created_at) + timedelta(days=key.rotation_period_days)
+
+
+def is_overdue(key: Key, now: datetime) -> bool:
+    due = next_rotation(key)
+    return due is not None and due <= now
+
+
+def _code(error: Exception) -> str:
+    return error.code if isinstance(error, KmsError) else "internal_error"
+
+
+def _check_min_version(key: Key, version: int) -> None:
+    if version < key.min_decryption_version:
+        raise InvalidRequest(
+            f"min_decryption_version only moves forward (it is {key.min_decryption_version})"
+        )
+    if version > key.current_version:
+        raise InvalidRequest(
+            f"min_decryption_version cannot pass the current version ({key.current_version})"
+        )
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def require_not_retired(version: int, min_decryption_version: int) -> None:
+    """KeyVersionRetired (409) if blobs under ``version`` may no longer be opened."""
+    if version < min_decryption_version:
+        raise KeyVersionRetired(
+            f"version {version} of this key is retired "
+            f"(min_decryption_version {min_decryption_version})",
+            detail=f"version {version} < min {min_decryption_version}",
+        )
 
 
 def require_enabled(key: Key) -> None:

@@ -10,6 +10,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from kms.errors import DecryptionFailed
+from kms.services.model import KekRef
+from kms.services.ports import Tx
+
 
 class LookupCache:
     def __init__(self, ttl: float = 1.0, capacity: int = 50_000) -> None:
@@ -38,3 +42,17 @@ class LookupCache:
             self._data.move_to_end(key)
             while len(self._data) > self._capacity:
                 self._data.popitem(last=False)
+
+
+def cached_kek(cache: LookupCache, tx: Tx, key_id: str, version: int) -> KekRef:
+    """A KEK version's wrapped material (immutable, so the worker-wide cache serves it);
+    DecryptionFailed if the version does not exist."""
+    ident = ("kek", key_id, version)
+    kek: KekRef | None = cache.get(ident)
+    if kek is None:
+        kv = tx.key_version(key_id, version)
+        if kv is None:
+            raise DecryptionFailed(detail=f"unknown key version {version}")
+        kek = KekRef(key_id, version, kv.wrapped, kv.root_label)
+        cache.put(ident, kek)
+    return kek

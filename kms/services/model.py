@@ -20,6 +20,7 @@ class KeyState(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
     PENDING_DELETION = "pending_deletion"
+    DESTROYED = "destroyed"  # deletion ran: every version's material is erased
 
 
 class Operation(enum.StrEnum):
@@ -29,6 +30,10 @@ class Operation(enum.StrEnum):
     ENCRYPT = "encrypt"
     DECRYPT = "decrypt"
     REWRAP = "rewrap"
+    # Through the XKS face only (AWS KMS calling in). Distinct from the native operations,
+    # so that the credential AWS holds for XKS cannot decrypt through any other face.
+    XKS_ENCRYPT = "xks_encrypt"
+    XKS_DECRYPT = "xks_decrypt"
 
 
 JUSTIFICATIONS = frozenset(
@@ -57,6 +62,36 @@ class Key:
     created_at: datetime
     deletion_date: datetime | None = None
     escrow_policy: EscrowPolicy | None = None
+    rotation_period_days: int | None = None  # None: no scheduled rotation
+    # Blobs under an older version are refused (retired); only moves forward.
+    min_decryption_version: int = 1
+    rotated_at: datetime | None = None  # when the current version was made
+
+
+@dataclass(frozen=True)
+class VersionUsage:
+    """One version of a key and its use, counted from the audit trail (records still
+    held: archived records are not counted)."""
+
+    version: int
+    created_at: datetime
+    decrypts: int  # successful decrypt, rewrap and xks_decrypt records naming this version
+    last_used: str | None  # time of the newest such record
+    retired: bool
+
+
+@dataclass(frozen=True)
+class UsageDay:
+    day: str  # YYYY-MM-DD (UTC)
+    version: int
+    decrypts: int
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    key: Key
+    versions: list[VersionUsage]
+    days: list[UsageDay]  # only days with use, oldest first
 
 
 @dataclass(frozen=True)
@@ -133,6 +168,30 @@ class Grant:
 
     operations: frozenset[str] = frozenset()
     justifications: frozenset[str] = frozenset({DEFAULT_JUSTIFICATION})
+
+
+@dataclass(frozen=True)
+class SigV4Credential:
+    """An access key for SigV4; the secret is sealed by a KEK that only the HSM can unwrap
+    (``sealed_secret`` = IV || AES-256-GCM ciphertext || tag, AAD the access key id)."""
+
+    access_key_id: str
+    principal: Principal
+    sealed_secret: bytes = field(repr=False)
+    wrapped_kek: bytes = field(repr=False)
+    root_label: str
+    state: str  # active | revoked
+    created_at: str  # record time format
+
+
+@dataclass(frozen=True)
+class KeyAccess:
+    """What the commit-time re-check reads fresh: the key's state, the caller's grant and
+    the lowest version still allowed to decrypt."""
+
+    state: KeyState
+    grant: Grant
+    min_decryption_version: int
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
+from kms.formats.xks import XksKeyPolicy
 from kms.services.model import (
     AuditHead,
     AuditQuery,
@@ -16,11 +17,14 @@ from kms.services.model import (
     Grant,
     KekRef,
     Key,
+    KeyAccess,
     KeyState,
     KeyVersion,
     Notification,
     Principal,
     Role,
+    SigV4Credential,
+    UsageDay,
     WrappedKek,
 )
 
@@ -30,6 +34,10 @@ class Hsm(Protocol):
 
     Every method raises kms.errors.HsmUnavailable when the HSM cannot be used.
     """
+
+    def forget(self, key_id: str) -> None:
+        """Destroy this process's cached HSM objects of the key's KEK versions."""
+        ...
 
     def new_wrapped_kek(self) -> WrappedKek:
         """Generate an AES-256 KEK inside the HSM; return it wrapped under the root key."""
@@ -74,6 +82,9 @@ class Tx(Protocol):
     def update_key(self, key: Key) -> None: ...
     def key_by_id(self, key_id: str) -> Key | None: ...
     def key_by_alias(self, alias: str) -> Key | None: ...
+    def set_alias(self, key_id: str, alias: str) -> None:
+        """Give an existing key an alias; Conflict if the alias is taken or the key has one."""
+
     def list_keys(self) -> list[Key]: ...
     def key_version(self, key_id: str, version: int) -> KeyVersion | None: ...
 
@@ -82,8 +93,36 @@ class Tx(Protocol):
     def grant(self, key_id: str, principal_id: int) -> Grant:
         """The principal's grant on the key (empty if none)."""
 
-    def key_access(self, key_id: str, principal_id: int) -> tuple[KeyState, Grant] | None:
-        """The key's state and the principal's grant on it, in one read (None: no key)."""
+    def key_access(self, key_id: str, principal_id: int) -> KeyAccess | None:
+        """The key's state, the principal's grant on it and its minimum decryption
+        version, in one read (None: no key)."""
+
+    # key lifecycle
+    def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]: ...
+    def version_usage(self, key_id: str) -> list[tuple[int, datetime, int, str | None]]:
+        """(version, created_at, successful decrypt/rewrap/xks_decrypt records, last time)."""
+        ...
+
+    def usage_by_day(self, key_id: str, since: str) -> list[UsageDay]: ...
+    def destroy_versions(self, key_id: str) -> int:
+        """Erase every version's wrapped KEK material of the key; how many."""
+        ...
+
+    # SigV4 credentials (services/sigv4.py)
+    def add_sigv4_credential(self, credential: SigV4Credential) -> None: ...
+    def sigv4_credential(self, access_key_id: str) -> SigV4Credential | None: ...
+    def sigv4_credentials_of(self, principal_id: int) -> list[SigV4Credential]: ...
+    def set_sigv4_state(self, access_key_id: str, state: str) -> None: ...
+    def remember_nonce(self, nonce: str, expires_at: str, now: str) -> bool:
+        """Record a nonce until ``expires_at``; False if already recorded (a replay)."""
+        ...
+
+    # xks (services/xks.py)
+    def xks_policy(self, key_id: str) -> XksKeyPolicy | None:
+        """The key's XKS policy; None: none stored (the default applies)."""
+
+    def put_xks_policy(self, key_id: str, policy: XksKeyPolicy, now: str) -> None:
+        """Store (replace) the key's XKS policy."""
 
     # escrow
     def add_custodian(self, custodian: Custodian) -> None: ...
@@ -94,6 +133,9 @@ class Tx(Protocol):
     def update_case(self, case: EscrowCase) -> None: ...
     def case(self, case_id: str) -> EscrowCase | None:
         """The case, locked until the transaction ends."""
+
+    def list_cases(self, states: Sequence[str]) -> list[EscrowCase]:
+        """Cases whose state is among ``states`` (CaseState values), oldest first."""
 
     def add_decision(self, case_id: str, decision: Decision) -> None:
         """Conflict if that custodian already decided the same way on that version."""
@@ -138,9 +180,54 @@ class Storage(Protocol):
     def reader(self) -> AbstractContextManager[Tx]:
         """A read-only transaction."""
 
+    def purge_erased(self) -> None:
+        """Best effort: make deleted rows unrecoverable from the database files now (not
+        only at the next routine checkpoint). Never raises."""
+        ...
+
     def check(self) -> None:
         """Return only if the database answers and its schema is current."""
 
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+# -- state shared by every worker and node (Redis when KMS_REDIS_URL is set) ------------
+
+
+class NonceStore(Protocol):
+    def remember(self, nonce: str, now: datetime, until: datetime) -> bool:
+        """Record ``nonce`` until ``until``; False if it is already recorded (a replay).
+        Raises StorageUnavailable when it cannot tell: the caller refuses (fail closed)."""
+        ...
+
+
+class RateLimiter(Protocol):
+    def hit(self, bucket: str, amount: int, seconds: int) -> float:
+        """Count one request in ``bucket`` and return 0.0 if fewer than ``amount`` were
+        counted in the last ``seconds`` (atomically for all processes sharing the store);
+        otherwise count nothing and return the seconds until one would be counted. Never
+        raises: without its shared store it counts in this process."""
+        ...
+
+
+class Leases(Protocol):
+    def hold(self, name: str, seconds: int) -> AbstractContextManager[bool]:
+        """Enter with True if this process now holds ``name`` (until the block ends or
+        ``seconds`` pass), False if another process holds it. Never raises; True when the
+        store cannot be reached (a lease only saves duplicate work)."""
+        ...
+
+
+class InvalidationBus(Protocol):
+    def publish(self, kind: str, ident: str) -> None:
+        """Announce to every process that ``ident`` (of ``kind``) changed; raises
+        StorageUnavailable if it could not."""
+        ...
+
+    def poll(self) -> list[tuple[str, str]] | None:
+        """(kind, ident) announced since this process's previous poll, oldest first; None
+        if some may be lost (drop every cached entry). Raises StorageUnavailable when the
+        store cannot be reached."""
+        ...

@@ -71,6 +71,18 @@ class PrincipalService:
                     self._cache.popitem(last=False)
         return principal
 
+    def by_certificate_name(self, name: str) -> Principal:
+        """The principal called ``name``, for a caller whose identity a verified client
+        certificate already proves (its subject CN, kms/api/peer.py); Unauthenticated if
+        no principal has exactly that name. One indexed read, not cached."""
+        if not NAME_RE.fullmatch(name):
+            raise Unauthenticated(detail="client certificate CN is not a principal name")
+        with self._storage.reader() as tx:
+            principal = tx.principal_by_name(name)
+        if principal is None:
+            raise Unauthenticated(detail="client certificate CN names no principal")
+        return principal
+
     def create(self, caller: Caller, name: str, role: str) -> tuple[Principal, str]:
         """Create a principal; returns it with its token (the only time it is visible)."""
         with self._audit.operation(caller, "create_principal") as op:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,22 +19,12 @@ from kms.backends.storage import SqlStorage
 from kms.formats import escrow as escrowfmt
 from kms.services.principals import PrincipalService
 from tests.helpers import SECRET, Api, Receiver, unb64
+from tests.helpers import ManualClock as Clock
 
 
 def _raw_public_key() -> bytes:
     key = Ed25519PrivateKey.generate().public_key()
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_ = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.now_
-
-    def advance(self, seconds: float) -> None:
-        self.now_ += timedelta(seconds=seconds)
 
 
 @dataclasses.dataclass
@@ -730,3 +719,27 @@ def test_narrowed_justification_refuses_at_commit(world: World) -> None:
         },
     )
     world.refused(r)
+
+
+def test_a_version_retired_during_an_escrow_unwrap_is_caught_at_commit(world: World) -> None:
+    """The commit-time re-check covers unwraps under a case, not only grants."""
+    assert world.api.call("POST", "/v1/keys/records/rotate", world.api.admin).status_code == 200
+    cid = _active(world)
+    crypto = world.services.crypto
+    real_open = crypto._open
+
+    def open_then_retire(*args: Any) -> bytes:
+        plaintext: bytes = real_open(*args)
+        r = world.api.call(
+            "POST", "/v1/keys/records/config", world.api.admin, json={"min_decryption_version": 2}
+        )
+        assert r.status_code == 200, r.json
+        return plaintext
+
+    crypto._open = open_then_retire  # type: ignore[method-assign]
+    try:
+        r = world.unwrap(cid)
+    finally:
+        crypto._open = real_open  # type: ignore[method-assign]
+    assert r.status_code == 409 and r.json["error"]["code"] == "key_version_retired"
+    assert "plaintext" not in r.json

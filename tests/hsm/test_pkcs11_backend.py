@@ -191,3 +191,28 @@ def test_integrity_mac_is_hmac_sha256_in_the_hsm(hsm: Pkcs11Hsm) -> None:
         return key[Attribute.EXTRACTABLE], key[Attribute.TOKEN]
 
     assert hsm._call(attrs) == (False, True)
+
+
+def test_forget_destroys_the_cached_objects_of_that_key_only(hsm: Pkcs11Hsm) -> None:
+    v1 = KekRef("k-forget", 1, hsm.new_wrapped_kek().wrapped)
+    v2 = KekRef("k-forget", 2, hsm.new_wrapped_kek().wrapped)
+    other = KekRef("k-keep", 1, hsm.new_wrapped_kek().wrapped)
+    sealed = {kek: hsm.encrypt(kek, bytes(12), b"dek", b"aad") for kek in (v1, v2, other)}
+    conn = hsm._conn
+    assert conn is not None
+    cached = [conn.keks[("k-forget", 1)], conn.keks[("k-forget", 2)]]
+
+    hsm.forget("k-forget")
+
+    assert [i for i in conn.keks if i[0] == "k-forget"] == []
+    assert ("k-keep", 1) in conn.keks
+    for obj in cached:  # destroyed in the HSM, not only dropped from the dict
+        with pytest.raises(p11e.ObjectHandleInvalid):
+            _ = obj[Attribute.LABEL]
+    hsm.forget("k-forget")  # idempotent
+    misses = hsm.cache_stats()["kek_cache_misses"]
+    assert hsm.decrypt(v1, bytes(12), sealed[v1], b"aad") == b"dek"  # unwrapped again
+    assert hsm.cache_stats()["kek_cache_misses"] == misses + 1
+    assert ("k-forget", 1) in conn.keks
+    assert hsm.decrypt(other, bytes(12), sealed[other], b"aad") == b"dek"
+    assert hsm.cache_stats()["kek_cache_misses"] == misses + 1  # still cached

@@ -11,7 +11,8 @@ Process and thread rules (see shared notes/pkcs11.md):
 - A call failing with a session, token or device error is retried once after a reconnect
   (finalize, initialize, log in again); if that fails too the caller gets HsmUnavailable
   and the next call reconnects, so the service recovers by itself when the HSM comes back.
-  Other PKCS#11 errors are HsmUnavailable at once, without reconnecting.
+  Other PKCS#11 errors are HsmUnavailable at once, without reconnecting. Each failed
+  attempt and each failed connect is counted in ``kms_hsm_errors_total`` (kms/metrics.py).
 - A rejected PIN is never tried again by this process (real HSMs lock a partition after a
   few bad logins): every later call is HsmUnavailable until a restart with the right PIN.
 """
@@ -40,6 +41,7 @@ from pkcs11.util.ec import (
 )
 
 from hsm_config import templates
+from kms import metrics
 from kms.errors import HsmUnavailable, IntegrityFailure
 from kms.services.model import KekRef, WrappedKek
 
@@ -242,6 +244,21 @@ class Pkcs11Hsm:
 
         return self._call(op)
 
+    def forget(self, key_id: str) -> None:
+        """Destroy and drop this process's unwrapped session objects of every version of
+        ``key_id`` (the KEK cache). Afterwards no cached object of that key is left in this
+        process; a later use unwraps the wrapped material it is given again. Other worker
+        processes keep theirs until they forget or evict them. Never raises: an object that
+        cannot be destroyed belongs to a dead session and is gone with it."""
+        with _process_lock:
+            conn = self._conn
+            if conn is None or conn.pid != os.getpid():
+                return  # nothing cached in this process
+            for ident in [i for i in conn.keks if i[0] == key_id]:
+                key = conn.keks.pop(ident)
+                with contextlib.suppress(p11e.PKCS11Error):
+                    key.destroy()
+
     def cache_stats(self) -> dict[str, int]:
         """Unwrapped-KEK cache hits and misses in this process."""
         return {"kek_cache_hits": self._kek_hits, "kek_cache_misses": self._kek_misses}
@@ -265,6 +282,7 @@ class Pkcs11Hsm:
                 except IntegrityFailure:
                     raise
                 except p11e.PKCS11Error as e:
+                    metrics.hsm_error(type(e).__name__)
                     log.warning(
                         "hsm call failed",
                         extra={"error": type(e).__name__, "attempt": attempt},
@@ -286,6 +304,7 @@ class Pkcs11Hsm:
     def _connect(self, reset: bool) -> _Conn:
         """Initialise the module in this process and log in, retrying with a reset."""
         if self._pin_rejected:
+            metrics.hsm_error("pin_rejected")
             raise HsmUnavailable(detail=f"PIN rejected earlier ({self._pin_rejected})")
         if self._config.softhsm2_conf:
             os.environ["SOFTHSM2_CONF"] = self._config.softhsm2_conf
@@ -305,6 +324,7 @@ class Pkcs11Hsm:
                 return _Conn(session, root, self._config.root_label, os.getpid())
             except _PIN_ERRORS as e:
                 self._pin_rejected = type(e).__name__
+                metrics.hsm_error("pin_rejected")
                 log.error(
                     "hsm rejected the PIN; not trying again", extra={"error": type(e).__name__}
                 )
@@ -312,6 +332,7 @@ class Pkcs11Hsm:
             except (p11e.PKCS11Error, RuntimeError) as e:
                 last = e
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # noqa: S311 (jitter)
+        metrics.hsm_error("connect")
         raise HsmUnavailable(detail=f"connect failed: {type(last).__name__}") from last
 
     def _kek(self, c: _Conn, kek: KekRef) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -60,12 +61,17 @@ class EscrowTx:
         row = self._c.execute(
             select(t.escrow_cases).where(t.escrow_cases.c.case_id == case_id).with_for_update()
         ).first()
-        if row is None:
-            return None
-        values = row._asdict()
-        values["scope"] = json.loads(values["scope"])
-        values["state"] = CaseState(values["state"])
-        return EscrowCase(**values)
+        return _case(row) if row else None
+
+    def list_cases(self, states: Sequence[str]) -> list[EscrowCase]:
+        """Cases in ``states`` (CaseState values), oldest first; not locked: for display."""
+        c = t.escrow_cases.c
+        rows = self._c.execute(
+            select(t.escrow_cases)
+            .where(c.state.in_([str(s) for s in states]))
+            .order_by(c.created_at, c.case_id)
+        )
+        return [_case(r) for r in rows]
 
     def add_decision(self, case_id: str, decision: Decision) -> None:
         try:
@@ -133,6 +139,13 @@ def _custodian(row: Row[Any]) -> Custodian:
     return Custodian(
         row.name, row.custodian_group, bytes(row.public_key), row.state, row.created_at, row.mac
     )
+
+
+def _case(row: Row[Any]) -> EscrowCase:
+    values = row._asdict()
+    values["scope"] = json.loads(values["scope"])
+    values["state"] = CaseState(values["state"])
+    return EscrowCase(**values)
 
 
 def _case_row(case: EscrowCase) -> dict[str, Any]:

@@ -49,6 +49,9 @@ keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("deletion_date", DateTime(timezone=True), nullable=True),
     Column("escrow_policy", Text, nullable=True),  # JSON EscrowPolicy, None: the default
+    Column("rotation_period_days", Integer, nullable=True),  # None: no scheduled rotation
+    Column("min_decryption_version", Integer, nullable=False, server_default="1"),
+    Column("rotated_at", DateTime(timezone=True), nullable=True),  # current version made
 )
 
 aliases = Table(
@@ -187,4 +190,43 @@ notifications = Table(
     Column("next_attempt_at", _TIME, nullable=False),
     Column("expires_at", _TIME, nullable=False),
     Column("last_error", String(200), nullable=True),
+)
+
+
+# -- SigV4 credentials (kms/services/sigv4.py) ----------------------------------------------
+# The secret is AES-256-GCM encrypted in the HSM under a KEK made for the credential, which
+# is stored wrapped under the HSM root key: nothing here is usable without the HSM.
+sigv4_credentials = Table(
+    "sigv4_credentials",
+    metadata,
+    Column("access_key_id", String(32), primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("sealed_secret", LargeBinary, nullable=False),  # IV || ciphertext || tag
+    Column("wrapped_kek", LargeBinary, nullable=False),
+    Column("root_label", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # active | revoked
+    Column("created_at", _TIME, nullable=False),
+    Index("ix_sigv4_principal", "principal_id"),
+)
+
+# Signatures already accepted, kept until they could no longer pass the clock-skew check.
+sigv4_nonces = Table(
+    "sigv4_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("expires_at", _TIME, nullable=False),
+    Index("ix_sigv4_nonce_expiry", "expires_at"),
+)
+
+
+# -- XKS proxy API (kms/services/xks.py) ----------------------------------------------------
+# Per-key policy of the XKS face (kms/formats/xks.py XksKeyPolicy); no row: the default.
+xks_key_policies = Table(
+    "xks_key_policies",
+    metadata,
+    Column("key_id", String(64), ForeignKey("keys.key_id"), primary_key=True),
+    Column("usage", String(32), nullable=False),  # "encrypt,decrypt", "encrypt", "" ...
+    Column("aws_principals", Text, nullable=True),  # JSON list of patterns; null: any
+    Column("kms_operations", Text, nullable=True),  # JSON list of names; null: any
+    Column("updated_at", _TIME, nullable=False),
 )

@@ -1,17 +1,21 @@
 """The Storage port over SQLAlchemy Core.
 
-SQLite runs in WAL mode; write transactions start with ``BEGIN IMMEDIATE`` so that writers
-queue on the database lock instead of failing on lock upgrade, and the audit head row is
-read ``FOR UPDATE`` (a row lock on PostgreSQL). Every database error that is not a
-constraint violation is translated to StorageUnavailable (503): the caller is refused,
-nothing half-done stays behind because the transaction rolls back.
+Writers are serialised on both databases: SQLite runs in WAL mode and write transactions
+start with ``BEGIN IMMEDIATE`` so that writers queue on the database lock instead of
+failing on lock upgrade; PostgreSQL write transactions first take an advisory lock
+(kms/backends/storage/postgres.py). The audit head row is read ``FOR UPDATE`` (a row lock
+on PostgreSQL). Every database error that is not a constraint violation is translated to
+StorageUnavailable (503): the caller is refused, nothing half-done stays behind because
+the transaction rolls back.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,11 +24,17 @@ from typing import Any
 
 from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from kms.backends.storage import schema as t
+from kms.backends.storage.alias_tx import AliasTx
 from kms.backends.storage.escrow_tx import EscrowTx
+from kms.backends.storage.lifecycle_tx import LifecycleTx
 from kms.backends.storage.migrate import SchemaNotCurrent, check_current
+from kms.backends.storage.postgres import lock_writers, postgres_engine, vacuum_erased
+from kms.backends.storage.sigv4_tx import SigV4Tx
+from kms.backends.storage.xks_tx import XksTx
+from kms.config import ConfigError
 from kms.errors import Conflict, StorageUnavailable
 from kms.services.model import (
     AuditHead,
@@ -32,17 +42,30 @@ from kms.services.model import (
     EscrowPolicy,
     Grant,
     Key,
+    KeyAccess,
     KeyState,
     KeyVersion,
     Principal,
     Role,
 )
 
+log = logging.getLogger("kms.storage")
+
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
-    """An engine with the pragmas and transaction behaviour this module relies on."""
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+    """An engine with the pragmas and transaction behaviour this module relies on, for a
+    ``sqlite:///`` or ``postgresql+psycopg://`` URL; ConfigError for anything else."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as e:
+        raise ConfigError("KMS_DATABASE_URL is not a valid database URL") from e
+    if parsed.drivername in ("postgresql+psycopg", "postgresql"):  # psycopg 3 either way
+        return postgres_engine(parsed)
+    if parsed.get_backend_name() != "sqlite":
+        raise ConfigError(
+            "KMS_DATABASE_URL must start with sqlite:/// or postgresql+psycopg://, "
+            f"not {parsed.drivername}://"
+        )
     # Wait at most 5 s for the write lock: well inside gunicorn's 30 s worker timeout, so a
     # congested database answers 503 instead of a killed worker.
     engine = create_engine(url, connect_args={"timeout": 5})
@@ -54,6 +77,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA secure_delete=ON")  # erased key material is zeroed on disk
         cur.execute("PRAGMA busy_timeout=5000")
         cur.close()
 
@@ -61,6 +85,16 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get("kms_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    @event.listens_for(engine, "handle_error")
+    def _drop_read_only(ctx: Any) -> None:
+        # A connection opened while the file was write-protected stays read-only for its
+        # whole life: drop it from the pool, so writes work again once the file does.
+        error = ctx.original_exception
+        if isinstance(error, sqlite3.OperationalError) and (
+            getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
+        ):
+            ctx.is_disconnect = True
 
     return engine
 
@@ -71,9 +105,10 @@ def _utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class SqlTx(EscrowTx):
+class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
     """The Tx port on one SQLAlchemy connection inside a transaction (escrow tables in
-    EscrowTx)."""
+    EscrowTx, usage and destruction in LifecycleTx, SigV4 credentials in SigV4Tx, XKS key
+    policies in XksTx)."""
 
     def __init__(self, conn: Connection) -> None:
         self._c = conn
@@ -120,6 +155,9 @@ class SqlTx(EscrowTx):
                 created_at=key.created_at,
                 deletion_date=key.deletion_date,
                 escrow_policy=_policy_json(key.escrow_policy),
+                rotation_period_days=key.rotation_period_days,
+                min_decryption_version=key.min_decryption_version,
+                rotated_at=key.rotated_at,
             )
         )
         if key.alias is not None:
@@ -149,6 +187,9 @@ class SqlTx(EscrowTx):
                 deletion_date=key.deletion_date,
                 description=key.description,
                 escrow_policy=_policy_json(key.escrow_policy),
+                rotation_period_days=key.rotation_period_days,
+                min_decryption_version=key.min_decryption_version,
+                rotated_at=key.rotated_at,
             )
         )
 
@@ -160,6 +201,10 @@ class SqlTx(EscrowTx):
 
     def list_keys(self) -> list[Key]:
         return [_key(r) for r in self._c.execute(_key_select().order_by(t.keys.c.created_at))]
+
+    def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]:
+        stmt = _key_select().where(t.keys.c.state.in_([s.value for s in states]))
+        return [_key(r) for r in self._c.execute(stmt.order_by(t.keys.c.created_at))]
 
     def key_version(self, key_id: str, version: int) -> KeyVersion | None:
         row = self._c.execute(
@@ -196,14 +241,14 @@ class SqlTx(EscrowTx):
                 insert(t.grants).values(key_id=key_id, principal_id=principal_id, **values)
             )
 
-    def key_access(self, key_id: str, principal_id: int) -> tuple[KeyState, Grant] | None:
+    def key_access(self, key_id: str, principal_id: int) -> KeyAccess | None:
         row = self._c.execute(_KEY_ACCESS, {"key_id": key_id, "principal_id": principal_id}).first()
         if row is None:
             return None
         grant = (
             Grant(_split(row.operations), _split(row.justifications)) if row.operations else Grant()
         )
-        return KeyState(row.state), grant
+        return KeyAccess(KeyState(row.state), grant, row.min_decryption_version)
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
         row = self._c.execute(
@@ -301,7 +346,12 @@ class SqlTx(EscrowTx):
 
 # One statement for the commit-time re-check: the key's state and the caller's grant.
 _KEY_ACCESS = (
-    select(t.keys.c.state, t.grants.c.operations, t.grants.c.justifications)
+    select(
+        t.keys.c.state,
+        t.keys.c.min_decryption_version,
+        t.grants.c.operations,
+        t.grants.c.justifications,
+    )
     .select_from(
         t.keys.outerjoin(
             t.grants,
@@ -354,6 +404,9 @@ def _key(row: Row[Any]) -> Key:
         created_at=_utc(row.created_at),  # type: ignore[arg-type]
         deletion_date=_utc(row.deletion_date),
         escrow_policy=_policy(row.escrow_policy),
+        rotation_period_days=row.rotation_period_days,
+        min_decryption_version=row.min_decryption_version,
+        rotated_at=_utc(row.rotated_at),
     )
 
 
@@ -372,6 +425,7 @@ class SqlStorage:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._postgres = engine.url.get_backend_name() == "postgresql"
         path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
         self._lock_path = f"{path}.lock" if path and path != ":memory:" else None
         self._lock_fd: int | None = None
@@ -383,6 +437,8 @@ class SqlStorage:
         with self._translate(), self._writer_lock(), self._engine.connect() as conn:
             conn = conn.execution_options(kms_write=True)
             with conn.begin():
+                if self._postgres:
+                    lock_writers(conn)
                 yield SqlTx(conn)
 
     @contextmanager
@@ -406,6 +462,24 @@ class SqlStorage:
     def reader(self) -> Iterator[SqlTx]:
         with self._translate(), self._engine.connect() as conn, conn.begin():
             yield SqlTx(conn)
+
+    def purge_erased(self) -> None:
+        """On SQLite, checkpoint the WAL into the database and truncate it: deleted rows
+        were zeroed in their pages (``secure_delete``), but older page images stay in the
+        WAL until it is truncated. Readers holding old snapshots can make the truncation
+        incomplete; it then happens at a later call or routine checkpoint (logged).
+        On PostgreSQL, VACUUM the erased rows' table (postgres.vacuum_erased says what
+        that does and does not remove)."""
+        if self._postgres:
+            vacuum_erased(self._engine)
+            return
+        try:
+            with self._writer_lock(), self._engine.connect() as conn:
+                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            if busy is not None and busy[0]:
+                log.warning("WAL truncation incomplete; erased material may linger in the WAL")
+        except (sa_exc.SQLAlchemyError, OSError):
+            log.exception("WAL truncation failed")
 
     def check(self) -> None:
         with self._translate():

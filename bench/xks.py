@@ -1,0 +1,212 @@
+"""XKS decrypt throughput and latency against a live gunicorn server (2 workers), beside the
+bare-Flask ceiling measured in the same run with the same load generator.
+
+    .venv/bin/python bench/xks.py --seconds 10 --clients 4
+
+The load generator is a pool of separate processes, each a closed loop that signs every
+request freshly with botocore's SigV4 signer (the server refuses a replayed signature) and
+sends it on its own connection; latency is measured from just before sending to the end
+of the response (signing excluded). The ceiling is the same loop posting an unsigned body
+to bench/bare_app.py under the same gunicorn settings. Client and server share this
+machine's cores: read the ratio, not the absolute numbers. AWS's default quota per external
+key store is 1,800 requests/s and its timeout per call 250 ms. Not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from bench.common import bare_flask_server  # noqa: E402
+from tests.helpers import gunicorn_server, init_data_dir  # noqa: E402
+
+PREFIX = "/bench"
+META = {
+    "awsPrincipalArn": "arn:aws:iam::123456789012:role/bench",
+    "kmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
+    "kmsViaService": "ebs",
+}
+
+
+def _client(
+    url: str, path: str, credential: tuple[str, str] | None, sealed: list[dict[str, str]],
+    seconds: float, start_at: float, out: Any,
+) -> None:  # fmt: skip
+    """One closed-loop client process: (latencies in s, errors)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    parts = urlsplit(url)
+    host = f"localhost:{parts.port}"
+    signer = (
+        SigV4Auth(Credentials(*credential), "kms-xks-proxy", "us-east-1") if credential else None
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)
+    latencies: list[float] = []
+    errors, i = 0, os.getpid()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        i += 1
+        rid = str(uuid.uuid4())
+        body = {
+            "requestMetadata": {**META, "kmsOperation": "Decrypt", "kmsRequestId": rid},
+            "encryptionAlgorithm": "AES_GCM",
+            **sealed[i % len(sealed)],
+        }
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Host": host}
+        if signer is not None:
+            request = AWSRequest("POST", f"http://{host}{path}", data=data, headers=headers)
+            signer.add_auth(request)
+            headers = dict(request.headers.items())
+        began = time.perf_counter()
+        try:
+            conn.request("POST", path, body=data, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except OSError:
+            conn.close()
+            ok = False
+        latencies.append(time.perf_counter() - began)
+        errors += not ok
+    out.put((latencies, errors))
+
+
+def drive(
+    url: str,
+    path: str,
+    credential: tuple[str, str] | None,
+    sealed: list[dict[str, str]],
+    seconds: float,
+    clients: int,
+) -> dict[str, float]:
+    """``clients`` processes for ``seconds``: requests/s and latency percentiles (ms)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0  # every process is up before the clock starts
+    procs = [
+        ctx.Process(target=_client, args=(url, path, credential, sealed, seconds, start_at, queue))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    latencies = sorted(x for r in results for x in r[0])
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q / 100 * len(latencies)))] * 1000
+
+    return {
+        "rps": len(latencies) / seconds,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "p999_ms": pct(99.9),
+        "max_ms": latencies[-1] * 1000,
+        "errors": float(sum(r[1] for r in results)),
+    }
+
+
+def setup(url: str, admin_token: str) -> tuple[tuple[str, str], list[dict[str, str]]]:
+    """A service principal with a SigV4 credential, a key granted to it, 64 ciphertexts."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        r = requests.request(method, url + path, json=body, headers=admin, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    call("POST", "/v1/principals", {"name": "aws-kms", "role": "service"})
+    key_id = call("POST", "/v1/keys", {"alias": "bench"})["key_id"]
+    grant = {"principal": "aws-kms", "operations": ["xks_encrypt", "xks_decrypt"]}
+    call("POST", f"/v1/keys/{key_id}/grants", grant)
+    cred = call("POST", "/v1/principals/aws-kms/sigv4-credentials")
+    credential = (cred["access_key_id"], cred["secret_access_key"])
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    sealed = []
+    path = f"{PREFIX}/kms/xks/v1/keys/bench/encrypt"
+    for _ in range(64):
+        rid = str(uuid.uuid4())
+        body = json.dumps(
+            {
+                "requestMetadata": {**META, "kmsOperation": "GenerateDataKey", "kmsRequestId": rid},
+                "plaintext": base64.b64encode(os.urandom(32)).decode(),
+                "encryptionAlgorithm": "AES_GCM",
+            }
+        ).encode()
+        request = AWSRequest(
+            "POST", url + path, data=body, headers={"Content-Type": "application/json"}
+        )
+        SigV4Auth(Credentials(*credential), "kms-xks-proxy", "us-east-1").add_auth(request)
+        r = requests.post(url + path, data=body, headers=dict(request.headers.items()), timeout=30)
+        r.raise_for_status()
+        sealed.append(r.json())
+    return credential, sealed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=4, help="load-generator processes")
+    args = parser.parse_args()
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="kms-bench-xks-") as tmp:
+        with bare_flask_server() as url:
+            rows["bare Flask ceiling"] = drive(url, "/echo", None, [{}], args.seconds, args.clients)
+        data = init_data_dir(Path(tmp) / "data")
+        for sync in ("FULL", "NORMAL"):
+            env = {
+                "KMS_XKS_URI_PREFIX": PREFIX,
+                "KMS_SQLITE_SYNCHRONOUS": sync,
+                "KMS_LOG_LEVEL": "WARNING",
+                "KMS_AUDIT_CHECKPOINT_SECONDS": "0",
+            }
+            with gunicorn_server(data, workers=2, env=env) as srv:
+                if sync == "FULL":
+                    credential, sealed = setup(srv.url, srv.admin_token)
+                path = f"{PREFIX}/kms/xks/v1/keys/bench/decrypt"
+                rows[f"XKS decrypt (sqlite {sync})"] = drive(
+                    srv.url, path, credential, sealed, args.seconds, args.clients
+                )
+    ceiling = rows["bare Flask ceiling"]["rps"]
+    print(
+        f"\n{os.cpu_count()} cores, 2 gunicorn sync workers, {args.clients} client processes "
+        f"(on the same cores), {args.seconds:.0f} s each\n"
+    )
+    print(f"{'scenario':<28}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max':>8}"
+          f"{'err':>5}{'of ceiling':>12}")  # fmt: skip
+    for name, r in rows.items():
+        print(
+            f"{name:<28}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
+            f"{r['p999_ms']:>8.2f}{r['max_ms']:>8.1f}{r['errors']:>5.0f}"
+            f"{r['rps'] / ceiling:>12.1%}"
+        )
+    print("\nAWS: 1,800 requests/s default quota per external key store; 250 ms per call.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""SigV4 authentication for the AWS-compatible faces (XKS proxy API, AWS KMS JSON API),
+and the admin endpoints that issue and revoke SigV4 credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, g, request
+
+from kms.api import parsing as p
+from kms.api.context import caller, operation, request_id, services
+from kms.api.throttle import admit
+from kms.services.audit import Caller
+from kms.services.sigv4 import SignedRequest, Verified, check_access_key_id
+
+bp = Blueprint("sigv4", __name__, url_prefix="/v1")
+Json = tuple[dict[str, Any], int] | dict[str, Any]
+
+
+def signed_request() -> SignedRequest:
+    """The request as the client signed it: the path as sent (not decoded: gunicorn's
+    ``RAW_URI``, else the server's ``REQUEST_URI``), the raw query string, lowercased
+    headers, the raw body."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    path = raw.partition("?")[0] if raw else request.environ.get("PATH_INFO", "/")
+    query = request.environ.get("QUERY_STRING", "")
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return SignedRequest(request.method, path, query, headers, request.get_data(cache=True))
+
+
+def authenticate(service: str) -> Verified:
+    """Verify the request's SigV4 signature for ``service``, set ``caller()`` and count
+    the request against the principal's rate limit; SigV4Refused (401) or Throttled
+    (429) otherwise."""
+    g.caller = Caller(request_id(), None)
+    verified = services().sigv4.verify(signed_request(), service)
+    g.caller = Caller(request_id(), verified.principal)
+    admit(verified.principal)  # 429 over the principal's rate limit
+    return verified
+
+
+@bp.post("/principals/<name>/sigv4-credentials")
+@operation("issue_sigv4_credential")
+def issue(name: str) -> Json:
+    """-> 201 ``{access_key_id, secret_access_key}``; the secret is shown only here."""
+    p.json_body(set())
+    access_key_id, secret = services().sigv4.issue(caller(), name)
+    return {"access_key_id": access_key_id, "secret_access_key": secret}, 201
+
+
+@bp.delete("/principals/<name>/sigv4-credentials/<access_key_id>")
+@operation("revoke_sigv4_credential")
+def revoke(name: str, access_key_id: str) -> Json:
+    services().sigv4.revoke(caller(), name, check_access_key_id(access_key_id))
+    return {"access_key_id": access_key_id, "state": "revoked"}

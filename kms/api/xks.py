@@ -1,0 +1,433 @@
+"""The AWS External Key Store (XKS) proxy API face, spec v1.0.3, and the admin endpoints of
+the per-key XKS policy.
+
+XKS (SigV4, service ``kms-xks-proxy``), all ``POST`` under ``<KMS_XKS_URI_PREFIX>/kms/xks/v1``:
+``/health``, ``/keys/<externalKeyId>/metadata``, ``/encrypt``, ``/decrypt`` (wire format in
+kms/formats/xks.py). A request is checked in this order: path (an unknown path under the
+prefix, or any path holding ``/kms/xks/v1`` under another prefix: 404
+InvalidUriPathException; another method: 405), body size, SigV4 signature, body, then the
+service (kms/services/xks.py). Unknown fields, in ``requestMetadata`` and at the top level,
+are ignored (AWS may add some); unknown ``kmsOperation`` values are accepted.
+
+Errors are ``{"errorName", "errorMessage"}`` on one line (compact JSON), with these
+statuses:
+
+=====================================  ===  =============================================
+cause                                  HTTP errorName
+=====================================  ===  =============================================
+malformed JSON, missing or wrong-typed 400  ValidationException
+field, bad base64, IV not 12 or 16
+bytes, tag not 16 bytes, metadata over
+20 bytes, algorithm not AES_GCM/SHA_256
+key disabled, pending deletion or      400  InvalidStateException
+destroyed; ciphertext version retired
+wrong AAD, IV, tag or metadata         400  InvalidCiphertextException
+XKS usage of the key refuses it        400  InvalidKeyUsageException
+SigV4 missing, bad, expired, replayed, 401  AuthenticationFailedException
+wrong service, unknown or revoked key
+no grant; XKS policy refuses the AWS   403  AccessDeniedException
+principal or the KMS operation
+unknown external key id                404  KeyNotFoundException
+unknown path                           404  InvalidUriPathException
+method other than POST                 405  UnsupportedOperationException
+plaintext or ciphertext over 8192      501  UnsupportedOperationException
+bytes, AAD over 16384, body over 128 KiB
+HSM, database or replay store down     503  DependencyTimeoutException
+any other server failure               500  InternalException
+=====================================  ===  =============================================
+
+The replay store (the nonce table in the database) being down is a dependency failure:
+the request is refused (fail closed) with 503 DependencyTimeoutException, which AWS KMS
+treats as retryable, unlike an authentication failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed as RoutingMethodNotAllowed
+
+from kms.api import errors
+from kms.api import parsing as p
+from kms.api.context import caller, operation, services
+from kms.api.sigv4 import authenticate
+from kms.errors import (
+    ClientError,
+    Conflict,
+    DecryptionFailed,
+    Forbidden,
+    InvalidRequest,
+    KeyStateError,
+    KmsError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    Unauthenticated,
+)
+from kms.formats import xks as fmt
+from kms.formats.xks import RequestMetadata, XksKeyPolicy
+from kms.services.xks import DecryptRequest, EncryptRequest, KeyUsageRefused
+
+log = logging.getLogger("kms.api.xks")
+SERVICE = "kms-xks-proxy"
+MAX_BODY = 128 * 1024
+MAX_ARN = 2048
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class InvalidUriPath(NotFound):
+    code = "invalid_uri_path"
+    public_message = "no such XKS API path"
+
+
+class Unsupported(ClientError):
+    """A request beyond what this proxy supports (above the spec's minimums)."""
+
+    status = 501
+    code = "unsupported"
+    public_message = "this request exceeds what this proxy supports"
+
+
+# First match wins: subclasses before their bases.
+_ERRORS: tuple[tuple[type[KmsError], int, str], ...] = (
+    (Unauthenticated, 401, "AuthenticationFailedException"),
+    (KeyUsageRefused, 400, "InvalidKeyUsageException"),
+    (DecryptionFailed, 400, "InvalidCiphertextException"),
+    (InvalidUriPath, 404, "InvalidUriPathException"),
+    (NotFound, 404, "KeyNotFoundException"),
+    (Forbidden, 403, "AccessDeniedException"),
+    (MethodNotAllowed, 405, "UnsupportedOperationException"),
+    (Unsupported, 501, "UnsupportedOperationException"),
+    (PayloadTooLarge, 501, "UnsupportedOperationException"),
+    (RateLimited, 429, "ThrottlingException"),
+    (KeyStateError, 400, "InvalidStateException"),
+    (Conflict, 400, "InvalidStateException"),  # includes KeyVersionRetired
+    (ClientError, 400, "ValidationException"),
+)
+
+
+def error_name(err: KmsError) -> tuple[int, str]:
+    """The spec's HTTP status and errorName for ``err``."""
+    for cls, status, name in _ERRORS:
+        if isinstance(err, cls):
+            return status, name
+    if err.status == 503:
+        return 503, "DependencyTimeoutException"
+    return 500, "InternalException"
+
+
+def blueprint(prefix: str) -> Blueprint:
+    """The XKS face under ``<prefix>/kms/xks/v1`` (``prefix`` as KMS_XKS_URI_PREFIX, checked
+    by formats.xks.check_uri_prefix) and the policy endpoints under ``/v1``."""
+    prefix = fmt.check_uri_prefix(prefix)
+    face = Blueprint("face", __name__, url_prefix=prefix + fmt.API_PATH)
+    for rule, view in (
+        ("/health", health),
+        ("/keys/<external_key_id>/metadata", key_metadata),
+        ("/keys/<external_key_id>/encrypt", encrypt),
+        ("/keys/<external_key_id>/decrypt", decrypt),
+    ):
+        face.add_url_rule(rule, view_func=view, methods=["POST"], provide_automatic_options=False)
+    face.register_error_handler(Exception, _error)
+
+    @face.before_app_request
+    def _unknown_path() -> Response | None:
+        """Paths of the XKS API that routed nowhere: answered before authentication."""
+        failed = request.routing_exception
+        if failed is None or not _is_xks_path(request.path, prefix):
+            return None
+        if isinstance(failed, RoutingMethodNotAllowed):
+            response = _respond(_body_of(MethodNotAllowed("only POST is allowed")), 405)
+            response.headers["Allow"] = "POST"
+            return response
+        return _respond(_body_of(InvalidUriPath()), 404)
+
+    policy = Blueprint("policy", __name__, url_prefix="/v1")
+    policy.add_url_rule("/keys/<path:ref>/xks", view_func=read_policy, methods=["GET"])
+    policy.add_url_rule("/keys/<path:ref>/xks", view_func=set_policy, methods=["POST"])
+    parent = Blueprint("xks", __name__)
+    parent.register_blueprint(face)
+    parent.register_blueprint(policy)
+    return parent
+
+
+def _is_xks_path(path: str, prefix: str) -> bool:
+    under_prefix = bool(prefix) and (path == prefix or path.startswith(prefix + "/"))
+    return under_prefix or fmt.API_PATH + "/" in path or path.endswith(fmt.API_PATH)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _error(err: Exception) -> Response:
+    """Any exception of the XKS face: audited like the native API's errors (kms/api/errors.py,
+    with the request metadata in the detail when it was parsed), answered in the spec's shape."""
+    if isinstance(err, KmsError):
+        error = err
+    elif isinstance(err, RequestEntityTooLarge):
+        error = Unsupported("the request body is too large")
+    elif isinstance(err, HTTPException):
+        error = InvalidRequest("the request could not be read")
+    else:
+        log.exception("unexpected error", extra={"error": type(err).__name__})
+        error = ServerError(detail=type(err).__name__)
+    meta: RequestMetadata | None = g.get("xks_meta")
+    if meta is not None and not error.audited:
+        error.detail = fmt.audit_detail(meta, error.detail or error.message)
+    errors.error_response(error)  # audit record, log line, metrics outcome
+    return _respond(_body_of(error), error_name(error)[0])
+
+
+def _body_of(error: KmsError) -> dict[str, str]:
+    message = error.message if isinstance(error, ClientError) else error.public_message
+    text = "".join(c if " " <= c <= "~" else "?" for c in message)[:500]
+    return {"errorName": error_name(error)[1], "errorMessage": text}
+
+
+def _respond(body: dict[str, Any], status: int = 200) -> Response:
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=True)
+    return Response(text, status=status, mimetype="application/json")
+
+
+# -- request parsing ------------------------------------------------------------------------
+
+
+def _face(name: str) -> Callable[[F], F]:
+    """An XKS operation: body size and key id checked, then ``g.operation`` set and the
+    SigV4 signature verified (``caller()`` is the credential's principal)."""
+
+    def wrap(view: F) -> F:
+        @functools.wraps(view)
+        def inner(**kwargs: Any) -> Any:
+            key_id = kwargs.get("external_key_id")
+            if key_id is not None and not fmt.EXTERNAL_KEY_ID.fullmatch(key_id):
+                raise InvalidUriPath("externalKeyId must be 1-128 of [A-Za-z0-9._-]")
+            if request.content_length is not None and request.content_length > MAX_BODY:
+                raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
+            g.operation = name
+            authenticate(SERVICE)
+            return view(**kwargs)
+
+        return cast(F, inner)
+
+    return wrap
+
+
+def _json() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if len(raw) > MAX_BODY:
+        raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], name: str, required: bool, max_len: int) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"requestMetadata.{name} is required")
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise InvalidRequest(f"requestMetadata.{name} must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidRequest(f"requestMetadata.{name} must be at most {max_len} characters")
+    return value
+
+
+def _metadata(body: dict[str, Any], principal: bool = False, key_arn: bool = False) -> None:
+    """Parse ``requestMetadata`` into ``g.xks_meta`` (kept for the audit of later errors)."""
+    data = body.get("requestMetadata")
+    if not isinstance(data, dict):
+        raise InvalidRequest("requestMetadata must be an object")
+    for optional in ("awsSourceVpc", "awsSourceVpce"):
+        _text(data, optional, False, MAX_ARN)
+    g.xks_meta = RequestMetadata(
+        kms_request_id=cast(str, _text(data, "kmsRequestId", True, 256)),
+        kms_operation=cast(str, _text(data, "kmsOperation", True, 128)),
+        aws_principal_arn=_text(data, "awsPrincipalArn", principal, MAX_ARN),
+        kms_key_arn=_text(data, "kmsKeyArn", key_arn, MAX_ARN),
+        kms_via_service=_text(data, "kmsViaService", False, 256),
+    )
+
+
+def _b64(
+    body: dict[str, Any],
+    name: str,
+    max_bytes: int,
+    *,
+    required: bool = True,
+    spec_limit: bool = False,
+    sizes: tuple[int, ...] = (),
+) -> bytes | None:
+    """Standard base64 (with padding) of at most ``max_bytes``; over it: 400 if the spec
+    sets the limit (``spec_limit``), else 501 (our limit)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a base64 string")
+    too_big = InvalidRequest if spec_limit else Unsupported
+    if len(value) > 4 * (max_bytes // 3 + 1):
+        raise too_big(f"{name} must be at most {max_bytes} bytes")
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{name} is not valid base64") from None
+    if len(decoded) > max_bytes:
+        raise too_big(f"{name} must be at most {max_bytes} bytes")
+    if sizes and len(decoded) not in sizes:
+        raise InvalidRequest(f"{name} must be " + " or ".join(map(str, sizes)) + " bytes")
+    return decoded
+
+
+def _algorithm(body: dict[str, Any], name: str, allowed: str, required: bool = True) -> bool:
+    value = body.get(name)
+    if value is None and not required:
+        return False
+    if value != allowed:
+        raise InvalidRequest(f"{name} must be {allowed}")
+    return True
+
+
+def _meta() -> RequestMetadata:
+    return cast(RequestMetadata, g.xks_meta)
+
+
+def _b(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- XKS views ------------------------------------------------------------------------------
+
+
+@_face("xks_health")
+def health() -> Response:
+    _metadata(_json())
+    out = services().xks.health(caller(), _meta())
+    return _respond(
+        {
+            "xksProxyFleetSize": out.fleet_size,
+            "xksProxyVendor": out.proxy_vendor,
+            "xksProxyModel": out.proxy_model,
+            "ekmVendor": out.ekm_vendor,
+            "ekmFleetDetails": [
+                {"id": out.ekm_id, "model": out.ekm_model, "healthStatus": out.status}
+            ],
+        }
+    )
+
+
+@_face("xks_metadata")
+def key_metadata(external_key_id: str) -> Response:
+    _metadata(_json(), principal=True)
+    out = services().xks.metadata(caller(), external_key_id, _meta())
+    return _respond(
+        {"keySpec": out.key_spec, "keyUsage": list(out.key_usage), "keyStatus": out.key_status}
+    )
+
+
+@_face("xks_encrypt")
+def encrypt(external_key_id: str) -> Response:
+    body = _json()
+    _metadata(body, principal=True, key_arn=True)
+    _algorithm(body, "encryptionAlgorithm", "AES_GCM")
+    want_cdiv = _algorithm(body, "ciphertextDataIntegrityValueAlgorithm", "SHA_256", False)
+    request_ = EncryptRequest(
+        _meta(),
+        cast(bytes, _b64(body, "plaintext", fmt.MAX_PLAINTEXT_BYTES)),
+        _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
+        want_cdiv,
+    )
+    out = services().xks.encrypt(caller(), external_key_id, request_)
+    response = {
+        "authenticationTag": _b(out.tag),
+        "ciphertext": _b(out.ciphertext),
+        "ciphertextMetadata": _b(out.ciphertext_metadata),
+        "initializationVector": _b(out.iv),
+    }
+    if out.cdiv is not None:
+        response["ciphertextDataIntegrityValue"] = _b(out.cdiv)
+    return _respond(response)
+
+
+@_face("xks_decrypt")
+def decrypt(external_key_id: str) -> Response:
+    body = _json()
+    _metadata(body, principal=True, key_arn=True)
+    _algorithm(body, "encryptionAlgorithm", "AES_GCM")
+    request_ = DecryptRequest(
+        _meta(),
+        cast(bytes, _b64(body, "ciphertext", fmt.MAX_PLAINTEXT_BYTES)),
+        cast(bytes, _b64(body, "initializationVector", 16, spec_limit=True, sizes=(12, 16))),
+        cast(bytes, _b64(body, "authenticationTag", 16, spec_limit=True, sizes=(16,))),
+        _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
+        _b64(
+            body,
+            "ciphertextMetadata",
+            fmt.MAX_CIPHERTEXT_METADATA_BYTES,
+            required=False,
+            spec_limit=True,
+        ),
+    )
+    plaintext = services().xks.decrypt(caller(), external_key_id, request_)
+    return _respond({"plaintext": _b(plaintext)})
+
+
+# -- the per-key XKS policy (bearer-authenticated admin endpoints) -------------------------
+
+
+def _policy_json(ref: str, policy: XksKeyPolicy) -> dict[str, Any]:
+    return {
+        "key": ref,
+        "usage": [u for u in fmt.USAGES if u in policy.usage],
+        "aws_principals": None if policy.aws_principals is None else list(policy.aws_principals),
+        "kms_operations": None if policy.kms_operations is None else list(policy.kms_operations),
+    }
+
+
+@operation("read_xks_policy")
+def read_policy(ref: str) -> dict[str, Any]:
+    """-> ``{key, usage, aws_principals, kms_operations}`` (admins and auditors)."""
+    key, policy = services().xks.policy(caller(), ref)
+    return {**_policy_json(ref, policy), "key_id": key.key_id}
+
+
+@operation("set_xks_policy")
+def set_policy(ref: str) -> dict[str, Any]:
+    """``{usage?, aws_principals?, kms_operations?}`` replaces the key's XKS policy; an absent
+    field takes its default (usage ["encrypt", "decrypt"]; lists null: any)."""
+    body = p.json_body({"usage", "aws_principals", "kms_operations"})
+
+    def optional_list(name: str) -> tuple[str, ...] | None:
+        if body.get(name) is None:
+            return None
+        return tuple(p.string_list(body, name, max_items=fmt.MAX_POLICY_ENTRIES))
+
+    usage = optional_list("usage")
+    try:
+        policy = XksKeyPolicy(
+            frozenset(fmt.USAGES if usage is None else usage),
+            optional_list("aws_principals"),
+            optional_list("kms_operations"),
+        )
+    except fmt.XksFormatError as e:
+        raise InvalidRequest(str(e)) from None
+    key = services().xks.set_policy(caller(), ref, policy)
+    return {**_policy_json(ref, policy), "key_id": key.key_id}

@@ -1,0 +1,51 @@
+"""The XKS per-key policy table's part of the Tx port."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Connection
+
+from kms.backends.storage import schema as t
+from kms.formats.xks import USAGES, XksKeyPolicy
+
+
+class XksTx:
+    """Mixed into SqlTx; ``_c`` is the transaction's connection."""
+
+    _c: Connection
+
+    def xks_policy(self, key_id: str) -> XksKeyPolicy | None:
+        c = t.xks_key_policies.c
+        row = self._c.execute(
+            select(c.usage, c.aws_principals, c.kms_operations).where(c.key_id == key_id)
+        ).first()
+        if row is None:
+            return None
+        return XksKeyPolicy(
+            frozenset(u for u in row.usage.split(",") if u),
+            _load(row.aws_principals),
+            _load(row.kms_operations),
+        )
+
+    def put_xks_policy(self, key_id: str, policy: XksKeyPolicy, now: str) -> None:
+        c = t.xks_key_policies.c
+        self._c.execute(delete(t.xks_key_policies).where(c.key_id == key_id))
+        self._c.execute(
+            insert(t.xks_key_policies).values(
+                key_id=key_id,
+                usage=",".join(u for u in USAGES if u in policy.usage),
+                aws_principals=_dump(policy.aws_principals),
+                kms_operations=_dump(policy.kms_operations),
+                updated_at=now,
+            )
+        )
+
+
+def _dump(values: tuple[str, ...] | None) -> str | None:
+    return None if values is None else json.dumps(list(values))
+
+
+def _load(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(str(v) for v in json.loads(text))

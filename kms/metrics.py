@@ -1,0 +1,126 @@
+"""Prometheus metrics of this server, all named ``kms_*``.
+
+=============================  =========  =====================  ==========================
+metric                         type       labels                 meaning
+=============================  =========  =====================  ==========================
+kms_requests_total             counter    operation, outcome     API operations finished
+kms_request_seconds            histogram  operation              their latency (seconds)
+kms_hsm_errors_total           counter    kind                   errors the HSM backend saw
+kms_audit_append_seconds       histogram  (none)                 time to chain audit records
+kms_rotation_due_keys          gauge      (none)                 keys due for rotation
+kms_redis_errors_total         counter    use                    uses that Redis failed
+=============================  =========  =====================  ==========================
+
+- ``operation``: the audited operation name of the API view (``encrypt``, ``decrypt``,
+  ``create_key``, ...), a fixed set defined in kms/api.
+- ``outcome``: ``ok`` for a 2xx answer, otherwise the stable error code of kms/errors.py
+  (``forbidden``, ``decryption_failed``, ``hsm_unavailable``, ...).
+- ``kind``: the PKCS#11 exception class of a failed HSM call (``DeviceError``,
+  ``SessionHandleInvalid``, ...; a retried call counts each attempt), ``connect`` when no
+  session could be opened, ``pin_rejected`` for calls refused because the PIN was rejected.
+- ``kms_rotation_due_keys`` is computed from the database when /metrics is scraped; NaN if
+  the database could not answer.
+
+Labels never hold key ids, aliases, principal names, tokens, contexts or any request data:
+only the bounded sets above. The values are nevertheless usage information, so /metrics
+(unauthenticated, for Prometheus) should be reachable only from the monitoring network.
+
+Across gunicorn workers: when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is
+first imported (deploy/gunicorn.conf.py does it), every worker writes its values to files
+in that directory and a scrape sums them (the gauge takes the most recent value), so one
+scrape answers for the whole server whichever worker serves it. Without it (tests, a
+single process) the values live in this process's private registry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from kms.errors import KmsError
+
+# Our metrics only: the default registry would add process_* and python_* series.
+_REGISTRY = CollectorRegistry()
+# prometheus_client chose file-backed values at import if this was set; read it as it did.
+_MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+REQUESTS = Counter(
+    "kms_requests_total",
+    "API operations finished, by operation and outcome (ok or the error code).",
+    ["operation", "outcome"],
+    registry=_REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "kms_request_seconds",
+    "Latency of API operations, from the start of the request to the response.",
+    ["operation"],
+    registry=_REGISTRY,
+)
+HSM_ERRORS = Counter(
+    "kms_hsm_errors_total",
+    "Errors the HSM backend saw, by PKCS#11 exception class, connect or pin_rejected.",
+    ["kind"],
+    registry=_REGISTRY,
+)
+AUDIT_APPEND_SECONDS = Histogram(
+    "kms_audit_append_seconds",
+    "Time to chain audit records in a transaction (includes waiting for the head lock).",
+    registry=_REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+ROTATION_DUE = Gauge(
+    "kms_rotation_due_keys",
+    "Enabled keys due for scheduled rotation (computed at scrape time).",
+    registry=_REGISTRY,
+    multiprocess_mode="mostrecent",
+)
+
+
+def observe_request(operation: str, outcome: str, seconds: float) -> None:
+    """Count one finished API operation and record its latency."""
+    REQUESTS.labels(operation, outcome).inc()
+    REQUEST_SECONDS.labels(operation).observe(seconds)
+
+
+def hsm_error(kind: str) -> None:
+    """Count one HSM error of ``kind`` (a PKCS#11 exception class name or a fixed word)."""
+    HSM_ERRORS.labels(kind).inc()
+
+
+REDIS_ERRORS = Counter(
+    "kms_redis_errors_total",
+    "Uses of Redis that failed (or were skipped for a second after a failure), by use: "
+    "nonce (request refused), rate_limit (counted per worker instead), lease, invalidation.",
+    ["use"],
+    registry=_REGISTRY,
+)
+
+
+def redis_error(use: str) -> None:
+    """Count one use of Redis (``use``: a fixed word) that could not be served by it."""
+    REDIS_ERRORS.labels(use).inc()
+
+
+def exposition(rotation_due: Callable[[], int]) -> tuple[bytes, str]:
+    """The Prometheus text exposition of every ``kms_*`` metric (summed over all worker
+    processes in multiprocess mode) and its content type. ``rotation_due`` is called now
+    to refresh the gauge; if it raises a KmsError the gauge reads NaN (unknown)."""
+    try:
+        ROTATION_DUE.set(rotation_due())
+    except KmsError:
+        ROTATION_DUE.set(float("nan"))
+    registry = _REGISTRY
+    if _MULTIPROCESS_DIR:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, _MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
