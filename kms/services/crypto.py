@@ -43,6 +43,7 @@ from kms.services.model import (
     Grant,
     KekRef,
     Key,
+    KeyAccess,
     KeyState,
     Principal,
     Role,
@@ -191,35 +192,38 @@ class _Keys:
     def recheck(self, tx: Tx) -> None:
         """Inside the audit write transaction, from the database (never the cache): refuse
         if a key the request used was disabled or deleted, its grant revoked, or a version it
-        opened retired, meanwhile."""
-        for key_id, operation in sorted(self.used):
-            access = tx.key_access(key_id, self._principal.id)
-            if access is None:
+        opened retired, meanwhile. One read per key."""
+        seen: dict[str, KeyAccess | None] = {}
+
+        def access(key_id: str) -> KeyAccess | None:
+            if key_id not in seen:
+                seen[key_id] = tx.key_access(key_id, self._principal.id)
+            return seen[key_id]
+
+        for key_id in sorted({k for k, _ in self.used} | self.enabled):
+            now = access(key_id)
+            if now is None:
                 raise KeyStateError("the key no longer exists", detail="deleted during request")
-            if operation.value not in access.grant.operations:
+            if now.state is not KeyState.ENABLED:
+                raise KeyStateError.of(now.state.value)
+        for key_id, operation in sorted(self.used):
+            granted = access(key_id)
+            if granted is not None and operation.value not in granted.grant.operations:
                 raise Forbidden(f"no {operation.value} grant on this key", detail="grant revoked")
-            if access.state is not KeyState.ENABLED:
-                raise KeyStateError.of(access.state.value)
-        for key_id, oldest in sorted(self.oldest_opened.items()):  # grants and escrow alike
-            access = tx.key_access(key_id, self._principal.id)
-            if access is not None and oldest < access.min_decryption_version:
-                raise KeyVersionRetired(
-                    f"version {oldest} of this key was retired during the request",
-                    detail="retired during request",
-                )
         for key_id, code in sorted(self.justifications):
-            access = tx.key_access(key_id, self._principal.id)
-            if access is None or code not in access.grant.justifications:
+            granted = access(key_id)
+            if granted is None or code not in granted.grant.justifications:
                 raise Forbidden(
                     f"justification {code!r} is no longer allowed on this key",
                     detail="justification revoked",
                 )
-        for key_id in sorted(self.enabled):
-            access = tx.key_access(key_id, self._principal.id)
-            if access is None:
-                raise KeyStateError("the key no longer exists", detail="deleted during request")
-            if access.state is not KeyState.ENABLED:
-                raise KeyStateError.of(access.state.value)
+        for key_id, oldest in sorted(self.oldest_opened.items()):  # grants and escrow alike
+            now = access(key_id)
+            if now is not None and oldest < now.min_decryption_version:
+                raise KeyVersionRetired(
+                    f"version {oldest} of this key was retired during the request",
+                    detail="retired during request",
+                )
 
 
 class CryptoService:

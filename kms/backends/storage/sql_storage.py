@@ -194,7 +194,8 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
         )
 
     def key_by_id(self, key_id: str) -> Key | None:
-        return self._one_key(t.keys.c.key_id == key_id)
+        row = self._c.execute(_KEY_BY_ID, {"key_id": key_id}).first()
+        return _key(row) if row else None
 
     def key_by_alias(self, alias: str) -> Key | None:
         return self._one_key(t.aliases.c.alias == alias)
@@ -207,11 +208,7 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
         return [_key(r) for r in self._c.execute(stmt.order_by(t.keys.c.created_at))]
 
     def key_version(self, key_id: str, version: int) -> KeyVersion | None:
-        row = self._c.execute(
-            select(t.key_versions).where(
-                t.key_versions.c.key_id == key_id, t.key_versions.c.version == version
-            )
-        ).first()
+        row = self._c.execute(_KEY_VERSION, {"key_id": key_id, "version": version}).first()
         if row is None:
             return None
         return KeyVersion(
@@ -251,11 +248,7 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
         return KeyAccess(KeyState(row.state), grant, row.min_decryption_version)
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
-        row = self._c.execute(
-            select(t.grants.c.operations, t.grants.c.justifications).where(
-                t.grants.c.key_id == key_id, t.grants.c.principal_id == principal_id
-            )
-        ).first()
+        row = self._c.execute(_GRANT, {"key_id": key_id, "principal_id": principal_id}).first()
         if row is None:
             return Grant()
         return Grant(_split(row.operations), _split(row.justifications))
@@ -392,6 +385,19 @@ def _key_select() -> Any:
     return select(t.keys, t.aliases.c.alias).outerjoin(
         t.aliases, t.aliases.c.key_id == t.keys.c.key_id
     )
+
+
+# Statements of the crypto hot path, built once (building a statement per call costs more
+# than running it on SQLite).
+_KEY_BY_ID = _key_select().where(t.keys.c.key_id == bindparam("key_id"))
+_KEY_VERSION = select(t.key_versions).where(
+    t.key_versions.c.key_id == bindparam("key_id"),
+    t.key_versions.c.version == bindparam("version"),
+)
+_GRANT = select(t.grants.c.operations, t.grants.c.justifications).where(
+    t.grants.c.key_id == bindparam("key_id"),
+    t.grants.c.principal_id == bindparam("principal_id"),
+)
 
 
 def _key(row: Row[Any]) -> Key:
