@@ -122,18 +122,19 @@ def open_loop(
     for t in pool:
         t.join()
     latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
-
     return {
         "target_rps": rate,
         "achieved_rps": len(latencies) / seconds,
-        "p50_ms": pct(50),
-        "p99_ms": pct(99),
-        "p999_ms": pct(99.9),
+        "p50_ms": percentile_ms(latencies, 50),
+        "p99_ms": percentile_ms(latencies, 99),
+        "p999_ms": percentile_ms(latencies, 99.9),
         "errors": errors[0],
     }
+
+
+def percentile_ms(latencies: list[float], p: float) -> float:
+    """The ``p``-th percentile of sorted latencies in seconds, in milliseconds."""
+    return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
 
 
 @contextmanager

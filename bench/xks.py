@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.common import bare_flask_server  # noqa: E402
+from bench.common import bare_flask_server, percentile_ms  # noqa: E402
 from tests.helpers import gunicorn_server, init_data_dir  # noqa: E402
 
 PREFIX = "/bench"
@@ -114,15 +114,11 @@ def drive(
     for p in procs:
         p.join()
     latencies = sorted(x for r in results for x in r[0])
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q / 100 * len(latencies)))] * 1000
-
     return {
         "rps": len(latencies) / seconds,
-        "p50_ms": pct(50),
-        "p99_ms": pct(99),
-        "p999_ms": pct(99.9),
+        "p50_ms": percentile_ms(latencies, 50),
+        "p99_ms": percentile_ms(latencies, 99),
+        "p999_ms": percentile_ms(latencies, 99.9),
         "max_ms": latencies[-1] * 1000,
         "errors": float(sum(r[1] for r in results)),
     }

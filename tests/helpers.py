@@ -75,9 +75,14 @@ class Server:
 
 @contextmanager
 def gunicorn_server(
-    data_dir: Path, workers: int = 2, env: dict[str, str] | None = None
+    data_dir: Path,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> Iterator[Server]:
-    """``kms serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit."""
+    """``kms serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit.
+    With ``tls`` (the requests arguments the readiness probe needs: ``verify``, ``cert``)
+    the server is reached as https://localhost (KMS_TLS_* go in ``env``)."""
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
@@ -99,21 +104,22 @@ def gunicorn_server(
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, proc, log_path)
+    url = f"https://localhost:{port}" if tls is not None else f"http://127.0.0.1:{port}"
+    server = Server(url, data_dir, proc, log_path)
     try:
-        wait_ready(server)
+        wait_ready(server, **(tls or {}))
         yield server
     finally:
         stop(proc)
 
 
-def wait_ready(server: Server, timeout: float = 30.0) -> None:
+def wait_ready(server: Server, timeout: float = 30.0, **probe: Any) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log_text()[-3000:]}")
         try:
-            if requests.get(server.url + "/readyz", timeout=1).status_code == 200:
+            if requests.get(server.url + "/readyz", timeout=1, **probe).status_code == 200:
                 return
         except requests.RequestException:
             pass

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import request
 
-from kms.errors import InvalidRequest, PayloadTooLarge
+from kms.errors import InvalidRequest, KmsError, PayloadTooLarge
 from kms.formats import context as ctxfmt
 
 Body = dict[str, Any]
@@ -95,19 +95,22 @@ def integer(data: Body, name: str) -> int:
     return value
 
 
-def b64(data: Body, name: str, *, max_bytes: int) -> bytes:
-    """Standard base64 (with padding) of at most ``max_bytes`` decoded bytes."""
+def b64(
+    data: Body, name: str, *, max_bytes: int, too_big: type[KmsError] = InvalidRequest
+) -> bytes:
+    """Standard base64 (with padding) of at most ``max_bytes`` decoded bytes; more is
+    refused with ``too_big`` (checked on the text before decoding, and after)."""
     value = data.get(name)
     if not isinstance(value, str):
         raise InvalidRequest(f"{name} must be a base64 string")
     if len(value) > 4 * (max_bytes // 3 + 1):
-        raise InvalidRequest(f"{name} must be at most {max_bytes} bytes")
+        raise too_big(f"{name} must be at most {max_bytes} bytes")
     try:
         decoded = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{name} is not valid base64") from None
     if len(decoded) > max_bytes:
-        raise InvalidRequest(f"{name} must be at most {max_bytes} bytes")
+        raise too_big(f"{name} must be at most {max_bytes} bytes")
     return decoded
 
 

@@ -13,11 +13,12 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kms.errors import InvalidRequest, Unauthenticated
 from kms.services.audit import AuditTrail, Caller, Operation
 from kms.services.model import Principal, Role
-from kms.services.ports import Clock, Storage
+from kms.services.ports import Clock, Storage, Tx
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
@@ -54,33 +55,40 @@ class PrincipalService:
         if not token or len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
             raise Unauthenticated()
         digest = token_hash(token)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(digest)
-            if hit is not None and hit[1] > now:
-                self._cache.move_to_end(digest)
-                return hit[0]
-        with self._storage.reader() as tx:
-            principal = tx.principal_by_token_hash(digest)
+        principal = self._remembered(
+            "token:" + digest, lambda tx: tx.principal_by_token_hash(digest)
+        )
         if principal is None:
             raise Unauthenticated()
-        if self._cache_seconds > 0:
-            with self._lock:
-                self._cache[digest] = (principal, now + self._cache_seconds)
-                while len(self._cache) > AUTH_CACHE_SIZE:
-                    self._cache.popitem(last=False)
         return principal
 
     def by_certificate_name(self, name: str) -> Principal:
         """The principal called ``name``, for a caller whose identity a verified client
         certificate already proves (its subject CN, kms/api/peer.py); Unauthenticated if
-        no principal has exactly that name. One indexed read, not cached."""
+        no principal has exactly that name. Remembered like a token."""
         if not NAME_RE.fullmatch(name):
             raise Unauthenticated(detail="client certificate CN is not a principal name")
-        with self._storage.reader() as tx:
-            principal = tx.principal_by_name(name)
+        principal = self._remembered("cn:" + name, lambda tx: tx.principal_by_name(name))
         if principal is None:
             raise Unauthenticated(detail="client certificate CN names no principal")
+        return principal
+
+    def _remembered(self, key: str, load: Callable[[Tx], Principal | None]) -> Principal | None:
+        """``load``'s principal for ``key``; a hit is remembered for ``cache_seconds`` (per
+        worker, at most AUTH_CACHE_SIZE entries), a miss never."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[1] > now:
+                self._cache.move_to_end(key)
+                return hit[0]
+        with self._storage.reader() as tx:
+            principal = load(tx)
+        if principal is not None and self._cache_seconds > 0:
+            with self._lock:
+                self._cache[key] = (principal, now + self._cache_seconds)
+                while len(self._cache) > AUTH_CACHE_SIZE:
+                    self._cache.popitem(last=False)
         return principal
 
     def create(self, caller: Caller, name: str, role: str) -> tuple[Principal, str]:

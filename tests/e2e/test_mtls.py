@@ -7,14 +7,9 @@ refuses any handshake without a valid certificate from the configured CA.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
@@ -28,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import Server, free_port, init_data_dir, run_kms, stop
+from tests.helpers import Server, free_port, gunicorn_server, init_data_dir, run_kms
 
 pytestmark = pytest.mark.e2e
 
@@ -113,39 +108,6 @@ class Ca:
         return str(cert_path), str(key_path)
 
 
-@contextmanager
-def mtls_server(
-    data_dir: Path, env: dict[str, str], ca: Path, admin: tuple[str, str]
-) -> Iterator[Server]:
-    """``kms serve`` with mutual TLS on a free port, ready once /readyz answers to a
-    client presenting ``admin``'s certificate."""
-    port = free_port()
-    log_path = data_dir / f"server-mtls-{port}.log"
-    with open(log_path, "wb") as log:
-        serve = ["serve", "--data-dir", str(data_dir), "--bind", f"127.0.0.1:{port}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kms", *serve, "--workers", "2"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    server = Server(f"https://localhost:{port}", data_dir, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mTLS server not ready:\n{server.log_text()[-3000:]}")
-            try:
-                if requests.get(server.url + "/readyz", cert=admin, verify=ca, timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        yield server
-    finally:
-        stop(proc)
-
-
 @dataclass
 class Setup:
     server: Server
@@ -212,7 +174,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "KMS_TLS_KEY_FILE": server_key,
         "KMS_TLS_CLIENT_CA_FILE": str(ca.path),
     }
-    with mtls_server(data, env, ca.path, certs["admin"]) as server:
+    with gunicorn_server(
+        data, env=env, tls={"verify": str(ca.path), "cert": certs["admin"]}
+    ) as server:
         s = Setup(server, ca.path, certs, {})
         for name in ("svc-mtls", "other-svc"):  # the admin authenticated by its certificate
             r = s.call("POST", "/v1/principals", "admin", json={"name": name, "role": "service"})

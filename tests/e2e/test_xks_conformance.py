@@ -19,11 +19,8 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import Server, free_port, gunicorn_server, init_data_dir, stop
+from tests.helpers import gunicorn_server, init_data_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -88,37 +85,6 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@contextmanager
-def https_server(data_dir: Path, env: dict[str, str], cert: Path) -> Iterator[Server]:
-    """``kms serve`` with TLS (KMS_TLS_* in ``env``) on a free port, ready when /readyz
-    answers over https://localhost with ``cert`` as the only trusted certificate."""
-    port = free_port()
-    log_path = data_dir / f"server-tls-{port}.log"
-    with open(log_path, "wb") as log:
-        serve = ["serve", "--data-dir", str(data_dir), "--bind", f"127.0.0.1:{port}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kms", *serve, "--workers", "2"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    server = Server(f"https://localhost:{port}", data_dir, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TLS server not ready:\n{server.log_text()[-3000:]}")
-            try:
-                if requests.get(server.url + "/readyz", verify=str(cert), timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        yield server
-    finally:
-        stop(proc)
-
-
 @dataclass
 class Setup:
     http: str  # http://localhost:<port>
@@ -140,7 +106,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tls = {**env, "KMS_TLS_CERT_FILE": str(cert), "KMS_TLS_KEY_FILE": str(key)}
     with (
         gunicorn_server(data, workers=2, env=env) as plain,
-        https_server(data, tls, cert) as tls_srv,
+        gunicorn_server(data, env=tls, tls={"verify": str(cert)}) as tls_srv,
     ):
         admin = {"Authorization": f"Bearer {plain.admin_token}"}
 
