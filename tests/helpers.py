@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,3 +262,23 @@ class Receiver:
                     return entry
             time.sleep(0.1)
         raise AssertionError(f"{event} not delivered; attempts: {self.attempts}")
+
+
+@contextmanager
+def immutable(paths: list[Path]) -> Iterator[None]:
+    """Make files immutable (``chattr +i``): every write to them fails with EPERM, for root
+    too and through descriptors already open for writing (ext4, xfs, btrfs), as on a
+    filesystem that went read-only under the server. Always undone on exit. Skips the test
+    where the filesystem or the process cannot set the flag."""
+    probe = paths[0].with_name("chattr-probe")
+    probe.touch()
+    supported = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, text=True)
+    subprocess.run(["chattr", "-i", str(probe)], capture_output=True, check=False)
+    probe.unlink()
+    if supported.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {supported.stderr.strip()}")
+    try:
+        subprocess.run(["chattr", "+i", *map(str, paths)], check=True)
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], capture_output=True, check=False)

@@ -10,8 +10,8 @@ import pytest
 from pkcs11 import exceptions as p11e
 
 from kms.backends.hsm import Pkcs11Hsm
-from kms.backends.storage import SqlStorage
-from tests.helpers import Api
+from kms.backends.storage import SqlStorage, make_engine
+from tests.helpers import Api, immutable
 
 
 def _refuse_audit(db_path: Path) -> None:
@@ -141,3 +141,20 @@ def test_refused_audit_appends_are_logged(api: Api, db_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
     assert [getattr(r, "code", None) for r in seen] == ["storage_unavailable"]
+
+
+def test_a_connection_opened_while_read_only_is_replaced_once_writable(tmp_path: Path) -> None:
+    """SQLite silently opens a file it cannot write read-only, for the connection's whole
+    life. The engine replaces such a connection at checkout once the files are writable, so
+    the first write after an outage already succeeds."""
+    db = tmp_path / "ro.sqlite3"
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    engine.dispose()  # the next connection is opened during the outage
+    with immutable([db]), engine.connect() as c:  # reads work, and the connection is pooled
+        assert c.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+    with engine.begin() as c:  # writable again: the pooled read-only connection is replaced
+        c.exec_driver_sql("INSERT INTO t VALUES (2)")
+    with engine.connect() as c:
+        assert c.exec_driver_sql("SELECT x FROM t").scalars().all() == [2]

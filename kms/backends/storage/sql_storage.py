@@ -69,6 +69,19 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     # Wait at most 5 s for the write lock: well inside gunicorn's 30 s worker timeout, so a
     # congested database answers 503 instead of a killed worker.
     engine = create_engine(url, connect_args={"timeout": 5})
+    files = [f"{parsed.database}{suffix}" for suffix in ("", "-wal", "-shm")]
+
+    @event.listens_for(engine, "do_connect")
+    def _note_read_only(_dialect: Any, record: Any, _cargs: Any, _cparams: Any) -> None:
+        # SQLite opens a file it cannot write read-only, silently, for the connection's
+        # whole life (a filesystem gone read-only, an immutable file). Remember that here,
+        # before the open, so the connection can be replaced once the files are writable.
+        record.info["opened_read_only"] = not _writable(files)
+
+    @event.listens_for(engine, "checkout")
+    def _replace_if_writable_again(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("opened_read_only") and _writable(files):
+            raise sa_exc.DisconnectionError("reopening: the database is writable again")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -88,8 +101,8 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
 
     @event.listens_for(engine, "handle_error")
     def _drop_read_only(ctx: Any) -> None:
-        # A connection opened while the file was write-protected stays read-only for its
-        # whole life: drop it from the pool, so writes work again once the file does.
+        # Backstop for a file that became write-protected between the check above and the
+        # open: a write refused as read-only drops the connection from the pool.
         error = ctx.original_exception
         if isinstance(error, sqlite3.OperationalError) and (
             getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
@@ -97,6 +110,12 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
             ctx.is_disconnect = True
 
     return engine
+
+
+def _writable(paths: list[str]) -> bool:
+    """True unless one of the SQLite files that exist refuses writing (checked with
+    access(2), which reports immutable files and read-only mounts, for root too)."""
+    return all(os.access(p, os.W_OK) for p in paths if os.path.exists(p))
 
 
 def _utc(value: datetime | None) -> datetime | None:
