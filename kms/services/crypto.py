@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -111,17 +112,24 @@ I = TypeVar("I")  # noqa: E741
 
 
 class _Keys:
-    """Key, version and grant look-ups for one request (keys and grants read fresh, KEK
-    material from the worker's cache); remembers every (key id, operation) the request
-    relied on, for the re-check at commit."""
+    """Key, version and grant look-ups for one request; remembers every (key id, operation)
+    the request relied on, for the re-check at commit.
 
-    def __init__(self, tx: Tx, principal: Principal, cache: LookupCache) -> None:
-        self._tx = tx
+    Keys and grants are read in one read transaction, opened on the first look-up that
+    needs the database. KEK material comes from the worker's cache. A plain decrypt may
+    also be admitted from the (key, grant) pair the worker last read for this principal:
+    only provisionally, because the re-check at commit decides from the database, and
+    never to refuse (a refusal is always made on data read by this request)."""
+
+    def __init__(self, reader: Callable[[], Tx], principal: Principal, cache: LookupCache) -> None:
+        self._reader = reader
+        self._tx: Tx | None = None
         self._principal = principal
         self._cache = cache
         self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, Grant] = {}
+        self._provisional: set[str] = set()  # key ids admitted from the worker's cache
         self.used: set[tuple[str, Op]] = set()
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.justifications: set[tuple[str, str]] = set()  # (key id, code) relied on
@@ -134,12 +142,14 @@ class _Keys:
 
     @property
     def tx(self) -> Tx:
+        if self._tx is None:
+            self._tx = self._reader()
         return self._tx
 
     def by_ref(self, ref: str, operation: Op) -> Key:
         """The key a caller named (id or alias), if the caller may use it for ``operation``."""
         if ref not in self._refs:
-            resolved = resolve(self._tx, ref)
+            resolved = resolve(self.tx, ref)
             self._refs[ref] = resolved.key_id
             self._keys[resolved.key_id] = resolved
         key = self._keys[self._refs[ref]]
@@ -148,15 +158,40 @@ class _Keys:
 
     def by_id(self, key_id: str) -> Key | None:
         if key_id not in self._keys:
-            self._keys[key_id] = self._tx.key_by_id(key_id)
+            self._keys[key_id] = self.tx.key_by_id(key_id)
         return self._keys[key_id]
 
     def by_blob(self, parsed: blobfmt.Blob, operation: Op) -> tuple[Key, KekRef]:
+        if operation is Op.DECRYPT:  # never for sealing: that needs the current version
+            self._admit_from_cache(parsed)
         key = self.by_id(parsed.key_id)
         if key is None:
             raise DecryptionFailed(detail="blob names an unknown key")
         self.allowed(key, operation)
+        if operation is Op.DECRYPT and parsed.key_id not in self._provisional:
+            self._cache.put(self._access_ident(parsed.key_id), (key, self._grant(key.key_id)))
         return key, self.opening(key, parsed.key_version)
+
+    def _access_ident(self, key_id: str) -> tuple[str, str, int]:
+        return ("decrypt-access", key_id, self._principal.id)
+
+    def _admit_from_cache(self, parsed: blobfmt.Blob) -> None:
+        """Take the worker's cached (key, grant) for this request if it admits the decrypt;
+        otherwise leave the look-up to the database."""
+        if parsed.key_id in self._keys:
+            return
+        cached: tuple[Key, Grant] | None = self._cache.get(self._access_ident(parsed.key_id))
+        if cached is None:
+            return
+        key, grant = cached
+        if (
+            key.state is KeyState.ENABLED
+            and Op.DECRYPT.value in grant.operations
+            and parsed.key_version >= key.min_decryption_version
+        ):
+            self._keys[key.key_id] = key
+            self._grants[key.key_id] = grant
+            self._provisional.add(key.key_id)
 
     def opening(self, key: Key, version: int) -> KekRef:
         """The KEK to open a blob under ``version``, unless that version is retired."""
@@ -166,15 +201,18 @@ class _Keys:
         return self.kek(key, version)
 
     def kek(self, key: Key, version: int) -> KekRef:
-        return cached_kek(self._cache, self._tx, key.key_id, version)
+        return cached_kek(self._cache, lambda: self.tx, key.key_id, version)
 
     def _grant(self, key_id: str) -> Grant:
         if key_id not in self._grants:
-            self._grants[key_id] = self._tx.grant(key_id, self._principal.id)
+            self._grants[key_id] = self.tx.grant(key_id, self._principal.id)
         return self._grants[key_id]
 
     def justified(self, key_id: str, code: str) -> None:
         """Forbidden unless the grant on the key allows this justification."""
+        if code not in self._grant(key_id).justifications and key_id in self._provisional:
+            self._provisional.discard(key_id)  # refuse only on a grant read now
+            del self._grants[key_id]
         if code not in self._grant(key_id).justifications:
             raise Forbidden(
                 f"justification {code!r} is not allowed by your grant on this key",
@@ -240,10 +278,8 @@ class CryptoService:
         self._hsm = hsm
         self._audit = audit
         self._escrow = escrow
-        self._random = random
-        self._cache = LookupCache(
-            lookup_cache_seconds
-        )  # IVs; injectable so tests can reproduce exact blobs
+        self._random = random  # IVs; injectable so tests can reproduce exact blobs
+        self._cache = LookupCache(lookup_cache_seconds)
 
     def datakey(
         self, caller: Caller, ref: str, items: Sequence[DataKeyRequest]
@@ -372,8 +408,10 @@ class CryptoService:
         # re-checks what the request relied on (keys, grants, escrow budget) and appends
         # the audit records. Results leave only after the records committed.
         try:
-            with self._storage.reader() as tx:
-                keys = _Keys(tx, principal, self._cache)
+            with ExitStack() as reading:
+                keys = _Keys(
+                    lambda: reading.enter_context(self._storage.reader()), principal, self._cache
+                )
                 for item in items:
                     op = Operation(caller, name)
                     try:

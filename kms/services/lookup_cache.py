@@ -1,6 +1,8 @@
-"""A small per-worker cache with a time limit, for data that never changes once written
-(the wrapped material of a KEK version): it saves a database read per request. Key state
-and grants are not cached; they are read per request and re-checked at commit.
+"""A small per-worker cache with a time limit. It holds data that never changes once
+written (the wrapped material of a KEK version), which saves a database read per request,
+and the (key, grant) pair last read for a principal's decrypts, which admits a decrypt
+only provisionally: the re-check at commit reads key state and grant from the database,
+and refusals are made on data read by the request itself (kms/services/crypto.py).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from kms.errors import DecryptionFailed
@@ -44,13 +47,13 @@ class LookupCache:
                 self._data.popitem(last=False)
 
 
-def cached_kek(cache: LookupCache, tx: Tx, key_id: str, version: int) -> KekRef:
-    """A KEK version's wrapped material (immutable, so the worker-wide cache serves it);
-    DecryptionFailed if the version does not exist."""
+def cached_kek(cache: LookupCache, tx: Callable[[], Tx], key_id: str, version: int) -> KekRef:
+    """A KEK version's wrapped material (immutable, so the worker-wide cache serves it; on a
+    miss read through ``tx()``); DecryptionFailed if the version does not exist."""
     ident = ("kek", key_id, version)
     kek: KekRef | None = cache.get(ident)
     if kek is None:
-        kv = tx.key_version(key_id, version)
+        kv = tx().key_version(key_id, version)
         if kv is None:
             raise DecryptionFailed(detail=f"unknown key version {version}")
         kek = KekRef(key_id, version, kv.wrapped, kv.root_label)

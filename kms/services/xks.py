@@ -345,7 +345,7 @@ class XksService:
             require_not_retired(version, access.min_decryption_version)
 
     def _kek(self, tx: Tx, key_id: str, version: int) -> KekRef:
-        return cached_kek(self._cache, tx, key_id, version)
+        return cached_kek(self._cache, lambda: tx, key_id, version)
 
     def _test_decrypt(
         self, kek: KekRef, iv: bytes, sealed: bytes, aad: bytes, plaintext: bytes

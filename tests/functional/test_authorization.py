@@ -145,7 +145,7 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     storage = app.extensions["kms"].crypto._storage
     principal = app.extensions["kms"].principals.authenticate(svc["Authorization"][7:])
     with storage.reader() as tx:
-        keys = _Keys(tx, principal, LookupCache(0))
+        keys = _Keys(lambda: tx, principal, LookupCache(0))
         keys.by_ref("k", Op.DECRYPT)
     with storage.reader() as tx:
         keys.recheck(tx)  # nothing changed
@@ -158,3 +158,87 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     )
     with storage.reader() as tx, pytest.raises(Forbidden):
         keys.recheck(tx)
+
+
+def _decrypt(api: Api, svc: dict[str, str], blob: str, **extra: Any) -> Any:
+    return api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob, **extra})
+
+
+def _transactions_during(app, call) -> int:  # type: ignore[no-untyped-def]
+    """How many database transactions ``call()`` began."""
+    import sqlalchemy as sa
+
+    engine = app.extensions["kms"].crypto._storage._engine
+    begun: list[object] = []
+    listener = lambda conn: begun.append(conn)  # noqa: E731
+    sa.event.listen(engine, "begin", listener)
+    try:
+        call()
+    finally:
+        sa.event.remove(engine, "begin", listener)
+    return len(begun)
+
+
+def test_a_repeated_decrypt_runs_one_transaction(api: Api, app) -> None:  # type: ignore[no-untyped-def]
+    """The worker remembers the key and grant a decrypt was admitted with: the next decrypt
+    of that key skips the read transaction and runs only the audited write transaction,
+    which re-checks key state and grant from the database."""
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    assert _transactions_during(app, lambda: _decrypt(api, svc, blob)) == 2  # read, write
+    assert _transactions_during(app, lambda: _decrypt(api, svc, blob)) == 1  # write only
+    assert _decrypt(api, svc, blob).status_code == 200
+
+
+def test_a_decrypt_admitted_from_the_cache_is_still_refused_at_commit(api: Api) -> None:
+    """Disabled, grant revoked, version retired after the worker cached the key: refused,
+    audited, and no plaintext leaves."""
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    old = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    assert _decrypt(api, svc, old).status_code == 200  # cached now
+
+    api.call("POST", "/v1/keys/k/disable", api.admin)
+    refused = _decrypt(api, svc, old)
+    assert refused.status_code == 409 and "plaintext" not in refused.json
+    assert api.audit()[-1]["outcome"] == refused.json["error"]["code"] == "key_state"
+    api.call("POST", "/v1/keys/k/enable", api.admin)
+
+    assert _decrypt(api, svc, old).status_code == 200  # cached again
+    api.call("POST", "/v1/keys/k/rotate", api.admin)
+    api.call("POST", "/v1/keys/k/config", api.admin, json={"min_decryption_version": 2})
+    refused = _decrypt(api, svc, old)
+    assert refused.status_code == 409 and "plaintext" not in refused.json
+    assert refused.json["error"]["code"] == "key_version_retired"
+
+    new = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    assert _decrypt(api, svc, new).status_code == 200  # cached again
+    api.call(
+        "POST", "/v1/keys/k/grants", api.admin, json={"principal": "svc", "operations": ["datakey"]}
+    )
+    refused = _decrypt(api, svc, new)
+    assert refused.status_code == 403 and "plaintext" not in refused.json
+    assert api.audit()[-1]["detail"] == "grant revoked"
+
+
+def test_the_cache_never_refuses_what_the_database_allows(api: Api) -> None:
+    """A justification granted after the worker cached the grant is honoured at once: a
+    refusal is only ever made on data the request read itself."""
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    assert _decrypt(api, svc, blob).status_code == 200  # cached: service_processing only
+    refused = _decrypt(api, svc, blob, justification="customer_initiated")
+    assert refused.status_code == 403
+    api.call(
+        "POST",
+        "/v1/keys/k/grants",
+        api.admin,
+        json={
+            "principal": "svc",
+            "operations": ["decrypt"],
+            "justifications": ["service_processing", "customer_initiated"],
+        },
+    )
+    assert _decrypt(api, svc, blob, justification="customer_initiated").status_code == 200

@@ -26,6 +26,7 @@ from sqlalchemy import bindparam, create_engine, delete, event, func, insert, se
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, Row, make_url
 
+from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
 from kms.backends.storage.alias_tx import AliasTx
 from kms.backends.storage.escrow_tx import EscrowTx
@@ -258,13 +259,12 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
             )
 
     def key_access(self, key_id: str, principal_id: int) -> KeyAccess | None:
-        row = self._c.execute(_KEY_ACCESS, {"key_id": key_id, "principal_id": principal_id}).first()
-        if row is None:
+        rows = prepared.KEY_ACCESS.rows(self._c, {"key_id": key_id, "principal_id": principal_id})
+        if not rows:
             return None
-        grant = (
-            Grant(_split(row.operations), _split(row.justifications)) if row.operations else Grant()
-        )
-        return KeyAccess(KeyState(row.state), grant, row.min_decryption_version)
+        state, min_version, operations, justifications = rows[0]
+        grant = Grant(_split(operations), _split(justifications)) if operations else Grant()
+        return KeyAccess(KeyState(state), grant, int(min_version))
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
         row = self._c.execute(_GRANT, {"key_id": key_id, "principal_id": principal_id}).first()
@@ -275,23 +275,15 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
     # -- audit ----------------------------------------------------------------------------
 
     def audit_head(self) -> AuditHead:
-        row = self._c.execute(
-            select(t.audit_head).where(t.audit_head.c.id == 1).with_for_update()
-        ).one()
-        return AuditHead(
-            int(row.seq), str(row.hash), int(row.checkpoint_seq), int(row.archived_seq)
-        )
+        (seq, hash_, checkpoint_seq, archived_seq), *_ = prepared.AUDIT_HEAD.rows(self._c, {})
+        return AuditHead(int(seq), str(hash_), int(checkpoint_seq), int(archived_seq))
 
     def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
         if not records:
             return
-        self._c.execute(insert(t.audit_records), list(records))
+        prepared.AUDIT_INSERT.execute(self._c, records)
         last = records[-1]
-        self._c.execute(
-            update(t.audit_head)
-            .where(t.audit_head.c.id == 1)
-            .values(seq=last["seq"], hash=last["hash"])
-        )
+        prepared.AUDIT_HEAD_MOVE.execute(self._c, [{"seq": last["seq"], "hash": last["hash"]}])
 
     def audit_records(
         self, after: int, limit: int, until: int | None = None, query: AuditQuery | None = None
@@ -357,24 +349,6 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
 
 
 # One statement for the commit-time re-check: the key's state and the caller's grant.
-_KEY_ACCESS = (
-    select(
-        t.keys.c.state,
-        t.keys.c.min_decryption_version,
-        t.grants.c.operations,
-        t.grants.c.justifications,
-    )
-    .select_from(
-        t.keys.outerjoin(
-            t.grants,
-            (t.grants.c.key_id == t.keys.c.key_id)
-            & (t.grants.c.principal_id == bindparam("principal_id")),
-        )
-    )
-    .where(t.keys.c.key_id == bindparam("key_id"))
-)
-
-
 def _split(text: str | None) -> frozenset[str]:
     return frozenset(x for x in (text or "").split(",") if x)
 
