@@ -99,23 +99,32 @@ class AuditTrail:
         self._policy = policy
         self._fingerprint: str | None = None
 
+    @staticmethod
+    def drafts(events: Sequence[AuditEvent]) -> list[audit_record.Draft]:
+        """The records of ``events``, encoded ahead of append() (outside the transaction,
+        so the writer lock is held only to chain them)."""
+        drafts = []
+        for ev in events:
+            fields: dict[str, Any] = {"v": audit_record.FORMAT_VERSION, **vars(ev)}
+            if fields["detail"] is not None:
+                fields["detail"] = fields["detail"][:MAX_DETAIL]
+            drafts.append(audit_record.Draft(fields))
+        return drafts
+
     @AUDIT_APPEND_SECONDS.time()
-    def append(self, tx: Tx, events: Sequence[AuditEvent]) -> bool:
-        """Chain ``events`` after the current head inside ``tx``. Returns whether the count
-        policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``
-        committed)."""
+    def append(self, tx: Tx, events: Sequence[AuditEvent] | Sequence[audit_record.Draft]) -> bool:
+        """Chain ``events`` (or their drafts) after the current head inside ``tx``. Returns
+        whether the count policy now wants a checkpoint (sign it with checkpoint_quietly()
+        once ``tx`` committed)."""
+        drafts = [e if isinstance(e, audit_record.Draft) else self.drafts([e])[0] for e in events]
         head = tx.audit_head()
         seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())
         rows = []
-        for ev in events:
+        for draft in drafts:
             seq += 1
-            row: dict[str, Any] = {"v": audit_record.FORMAT_VERSION, "seq": seq, "time": now}
-            row.update(vars(ev))
-            if row["detail"] is not None:
-                row["detail"] = row["detail"][:MAX_DETAIL]
-            row["prev_hash"] = prev
-            row["hash"] = prev = audit_record.record_hash(row)
+            row = draft.seal(seq, now, prev)
+            prev = row["hash"]
             rows.append(row)
         tx.insert_audit(rows)
         every = self._policy.every_records

@@ -422,9 +422,10 @@ class CryptoService:
                         results.append(e)
                         events.append(op.failed(e.code, e.detail or e.message))
             op = Operation(caller, name)  # failures past this point are request-wide
+            drafts = self._audit.drafts(events)
             with self._storage.transaction() as tx:
                 self._recheck(keys, tx)
-                due = self._audit.append(tx, events)
+                due = self._audit.append(tx, drafts)
         except Exception as e:
             # Nothing is returned, so every item is recorded as failed.
             failed = events if len(events) == len(items) else [*events, op.event]

@@ -151,6 +151,23 @@ def test_a_rolled_back_append_leaves_the_chain_as_it_was(
     assert_linear(records)
 
 
+def test_a_second_record_after_the_same_predecessor_is_refused(
+    any_storage: SqlStorage, hsm: Pkcs11Hsm
+) -> None:
+    """A fork needs two records at one seq (seq is the primary key): refused, and the
+    chain stays as it was."""
+    trail = AuditTrail(any_storage, SystemClock(), hsm, CheckpointPolicy(0))
+    trail.record([AuditEvent("r1", "svc", "encrypt")])
+    with any_storage.reader() as tx:
+        first = tx.audit_records(0, 10)[0]
+    fork = {**first, "request_id": "forged", "hash": "f" * 64}
+    with pytest.raises(StorageUnavailable), any_storage.transaction() as tx:
+        tx.insert_audit([fork])
+    with any_storage.reader() as tx:
+        assert tx.audit_records(0, 10) == [first]
+        assert tx.audit_head().hash == first["hash"]
+
+
 @pytest.mark.parametrize(
     ("statement", "expected"),
     [

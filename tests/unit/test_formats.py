@@ -153,6 +153,51 @@ def test_audit_record_refuses_wrong_shape(changes: dict[str, object]) -> None:
         a.canonical_bytes(_record(**changes))
 
 
+_text = st.text(max_size=40)  # any Unicode: escaping must match the whole-record encoding
+_maybe = st.none() | _text
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "request_id": _text,
+            "principal": _maybe,
+            "operation": _text,
+            "key_id": _maybe,
+            "key_version": st.none() | st.integers(0, 2**40),
+            "context_sha256": _maybe,
+            "justification": _maybe,
+            "case_id": _maybe,
+            "outcome": _text,
+            "detail": _maybe,
+        }
+    ),
+    st.integers(1, 2**62),
+    _text,
+    _text,
+)
+def test_a_sealed_draft_hashes_as_the_whole_record(
+    fields: dict[str, object], seq: int, time: str, prev: str
+) -> None:
+    sealed = a.Draft({"v": 1, **fields}).seal(seq, time, prev)
+    body = {k: v for k, v in sealed.items() if k != "hash"}
+    assert body == {"v": 1, **fields, "seq": seq, "time": time, "prev_hash": prev}
+    assert sealed["hash"] == a.record_hash(body)
+
+
+def test_a_draft_refuses_what_a_record_refuses() -> None:
+    fields = {k: v for k, v in _record().items() if k not in a.CHAIN_FIELDS}
+    with pytest.raises(a.RecordError):
+        a.Draft({**fields, "v": 2})
+    with pytest.raises(a.RecordError):
+        a.Draft({**fields, "seq": 1})
+    with pytest.raises(a.RecordError):
+        a.Draft(fields).seal(True, "2026-01-01T00:00:00.000Z", a.GENESIS_HASH)
+    assert a.Draft(fields).seal(1, "2026-01-01T00:00:00.000Z", a.GENESIS_HASH)["hash"] == (
+        a.record_hash(_record())
+    )
+
+
 def _chain(n: int) -> list[dict[str, object]]:
     out, prev = [], a.GENESIS_HASH
     for seq in range(1, n + 1):

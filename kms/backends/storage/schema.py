@@ -15,7 +15,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -100,7 +99,8 @@ audit_records = Table(
     Column("detail", String(256), nullable=True),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
-    UniqueConstraint("prev_hash", name="uq_audit_prev_hash"),
+    # no unique index on prev_hash (dropped in 0007): seq is the key and appends are
+    # serialised, so no two records share a predecessor
     Index("ix_audit_time", "time"),
     Index("ix_audit_key", "key_id"),
     Index("ix_audit_principal", "principal"),
