@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,3 +283,56 @@ def immutable(paths: list[Path]) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", *map(str, paths)], capture_output=True, check=False)
+
+
+# the columns of audit_records at schema 0001 (v came with a later revision)
+INSERT_AUDIT_AT_0001 = sqlalchemy.text(
+    "INSERT INTO audit_records (seq, time, request_id, principal, operation, key_id, "
+    "key_version, context_sha256, justification, case_id, outcome, detail, prev_hash, hash) "
+    "VALUES (:seq, :time, :request_id, :principal, :operation, :key_id, :key_version, "
+    ":context_sha256, :justification, :case_id, :outcome, :detail, :prev_hash, :hash)"
+)
+
+
+def write_audit_chain_at_0001(conn: Any, count: int = 3) -> list[dict[str, Any]]:
+    """Insert a valid chain of ``count`` audit records with the columns of schema 0001
+    (raw SQL, as a first-release database has them) and point the head at it."""
+    from kms.formats import audit_record
+
+    records, prev = [], audit_record.GENESIS_HASH
+    for seq in range(1, count + 1):
+        rec: dict[str, Any] = {
+            "v": 1,
+            "seq": seq,
+            "time": f"2026-01-01T00:00:0{seq}.000Z",
+            "request_id": f"r{seq}",
+            "principal": "svc",
+            "operation": "decrypt",
+            "key_id": "k1",
+            "key_version": 1,
+            "context_sha256": None,
+            "justification": "service_processing",
+            "case_id": None,
+            "outcome": "ok",
+            "detail": None,
+            "prev_hash": prev,
+        }
+        rec["hash"] = prev = audit_record.record_hash(rec)
+        records.append(rec)
+        conn.execute(INSERT_AUDIT_AT_0001, {k: v for k, v in rec.items() if k != "v"})
+    conn.execute(
+        sqlalchemy.text("UPDATE audit_head SET seq = :seq, hash = :hash"),
+        {"seq": count, "hash": prev},
+    )
+    return records
+
+
+def assert_audit_chain_kept(conn: Any, chain: list[dict[str, Any]]) -> None:
+    """The records write_audit_chain_at_0001 wrote are unchanged by every later revision
+    (0007 copies the table on SQLite) and still verify as a chain."""
+    from kms.formats import audit_record
+
+    query = sqlalchemy.text("SELECT * FROM audit_records ORDER BY seq")
+    rows = [r._asdict() for r in conn.execute(query)]
+    assert rows == chain
+    assert audit_record.verify_chain(rows) == chain[-1]["hash"]

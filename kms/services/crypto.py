@@ -116,20 +116,24 @@ class _Keys:
     the request relied on, for the re-check at commit.
 
     Keys and grants are read in one read transaction, opened on the first look-up that
-    needs the database. KEK material comes from the worker's cache. A plain decrypt may
-    also be admitted from the (key, grant) pair the worker last read for this principal:
-    only provisionally, because the re-check at commit decides from the database, and
-    never to refuse (a refusal is always made on data read by this request)."""
+    needs the database. KEK material comes from the worker's cache. With ``admissions``,
+    a plain decrypt may also be admitted from the (key, grant) pair the worker last read
+    for this principal: only provisionally, because the re-check at commit decides from
+    the database, and never to refuse (before any refusal the pair is read again)."""
 
-    def __init__(self, reader: Callable[[], Tx], principal: Principal, cache: LookupCache) -> None:
+    def __init__(
+        self, reader: Callable[[], Tx], principal: Principal, cache: LookupCache, admissions: bool
+    ) -> None:
         self._reader = reader
         self._tx: Tx | None = None
         self._principal = principal
         self._cache = cache
+        self._admissions = admissions
         self._refs: dict[str, str] = {}
         self._keys: dict[str, Key | None] = {}
         self._grants: dict[str, Grant] = {}
-        self._provisional: set[str] = set()  # key ids admitted from the worker's cache
+        self.provisional: set[str] = set()  # key ids admitted from the worker's cache
+        self._remembered: set[str] = set()  # key ids whose fresh pair this request cached
         self.used: set[tuple[str, Op]] = set()
         self.enabled: set[str] = set()  # keys used under an escrow case (state re-checked)
         self.justifications: set[tuple[str, str]] = set()  # (key id, code) relied on
@@ -162,36 +166,47 @@ class _Keys:
         return self._keys[key_id]
 
     def by_blob(self, parsed: blobfmt.Blob, operation: Op) -> tuple[Key, KekRef]:
-        if operation is Op.DECRYPT:  # never for sealing: that needs the current version
-            self._admit_from_cache(parsed)
-        key = self.by_id(parsed.key_id)
+        key_id = parsed.key_id
+        if operation is Op.DECRYPT and self._admissions:  # never for sealing (current version)
+            self._admit_from_cache(key_id, parsed.key_version)
+        key = self.by_id(key_id)
         if key is None:
             raise DecryptionFailed(detail="blob names an unknown key")
         self.allowed(key, operation)
-        if operation is Op.DECRYPT and parsed.key_id not in self._provisional:
-            self._cache.put(self._access_ident(parsed.key_id), (key, self._grant(key.key_id)))
+        if operation is Op.DECRYPT and key_id not in self.provisional | self._remembered:
+            self._cache.put(self._access_ident(key_id), (key, self._grant(key_id)))
+            self._remembered.add(key_id)
         return key, self.opening(key, parsed.key_version)
 
     def _access_ident(self, key_id: str) -> tuple[str, str, int]:
         return ("decrypt-access", key_id, self._principal.id)
 
-    def _admit_from_cache(self, parsed: blobfmt.Blob) -> None:
-        """Take the worker's cached (key, grant) for this request if it admits the decrypt;
-        otherwise leave the look-up to the database."""
-        if parsed.key_id in self._keys:
-            return
-        cached: tuple[Key, Grant] | None = self._cache.get(self._access_ident(parsed.key_id))
-        if cached is None:
-            return
-        key, grant = cached
-        if (
-            key.state is KeyState.ENABLED
-            and Op.DECRYPT.value in grant.operations
-            and parsed.key_version >= key.min_decryption_version
-        ):
-            self._keys[key.key_id] = key
-            self._grants[key.key_id] = grant
-            self._provisional.add(key.key_id)
+    def _admit_from_cache(self, key_id: str, version: int) -> None:
+        """Use the worker's cached (key, grant) if it admits a decrypt under ``version``;
+        otherwise, and whenever cached data would refuse, read from the database."""
+        if key_id in self._keys and key_id not in self.provisional:
+            return  # read by this request
+        pair: tuple[Key | None, Grant] | None = (
+            (self._keys[key_id], self._grants[key_id])
+            if key_id in self.provisional
+            else self._cache.get(self._access_ident(key_id))
+        )
+        if pair is not None and _admits(*pair, version):
+            self._keys[key_id], self._grants[key_id] = pair
+            self.provisional.add(key_id)
+        else:
+            self._read_again(key_id)
+
+    def _read_again(self, key_id: str) -> None:
+        """Forget what this request took from the cache for ``key_id``."""
+        if key_id in self.provisional:
+            self.provisional.discard(key_id)
+            del self._keys[key_id], self._grants[key_id]
+
+    def forget_admissions(self) -> None:
+        """Drop the worker's cached pairs this request was admitted with (they were stale)."""
+        for key_id in self.provisional:
+            self._cache.drop(self._access_ident(key_id))
 
     def opening(self, key: Key, version: int) -> KekRef:
         """The KEK to open a blob under ``version``, unless that version is retired."""
@@ -210,9 +225,8 @@ class _Keys:
 
     def justified(self, key_id: str, code: str) -> None:
         """Forbidden unless the grant on the key allows this justification."""
-        if code not in self._grant(key_id).justifications and key_id in self._provisional:
-            self._provisional.discard(key_id)  # refuse only on a grant read now
-            del self._grants[key_id]
+        if code not in self._grant(key_id).justifications:
+            self._read_again(key_id)  # refuse only on a grant this request read
         if code not in self._grant(key_id).justifications:
             raise Forbidden(
                 f"justification {code!r} is not allowed by your grant on this key",
@@ -401,6 +415,26 @@ class CryptoService:
             principal = caller.require(*roles)
             if not 1 <= len(items) <= MAX_BATCH:
                 raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
+        try:
+            results, due = self._attempt(caller, name, principal, items, one, admissions=True)
+        except _StaleAdmission:  # once, reading everything from the database
+            results, due = self._attempt(caller, name, principal, items, one, admissions=False)
+        if due:
+            self._audit.checkpoint_quietly()
+        return results
+
+    def _attempt(
+        self,
+        caller: Caller,
+        name: str,
+        principal: Principal,
+        items: Sequence[I],
+        one: Callable[[_Keys, Operation, I], R],
+        admissions: bool,
+    ) -> tuple[list[R | ClientError], bool]:
+        """Run the request; its results and whether an audit checkpoint is due. Raises
+        _StaleAdmission, having recorded nothing, if the re-check refused a request that
+        had been admitted from the worker's cache."""
         results: list[R | ClientError] = []
         events: list[AuditEvent] = []
         op = Operation(caller, name)
@@ -410,7 +444,10 @@ class CryptoService:
         try:
             with ExitStack() as reading:
                 keys = _Keys(
-                    lambda: reading.enter_context(self._storage.reader()), principal, self._cache
+                    lambda: reading.enter_context(self._storage.reader()),
+                    principal,
+                    self._cache,
+                    admissions,
                 )
                 for item in items:
                     op = Operation(caller, name)
@@ -424,16 +461,22 @@ class CryptoService:
             op = Operation(caller, name)  # failures past this point are request-wide
             drafts = self._audit.drafts(events)
             with self._storage.transaction() as tx:
-                self._recheck(keys, tx)
+                try:
+                    self._recheck(keys, tx)
+                except ClientError as e:
+                    if keys.provisional:
+                        keys.forget_admissions()
+                        raise _StaleAdmission from e
+                    raise
                 due = self._audit.append(tx, drafts)
+        except _StaleAdmission:
+            raise
         except Exception as e:
             # Nothing is returned, so every item is recorded as failed.
             failed = events if len(events) == len(items) else [*events, op.event]
             self._abort(caller, name, len(items), failed, e)
             raise
-        if due:
-            self._audit.checkpoint_quietly()
-        return results
+        return results, due
 
     def _recheck(self, keys: _Keys, tx: Tx) -> None:
         keys.recheck(tx)
@@ -476,6 +519,20 @@ class CryptoService:
             return self._hsm.decrypt(kek, parsed.iv, parsed.ciphertext, parsed.aad(context))
         except IntegrityFailure as e:
             raise DecryptionFailed(detail=f"authentication failed ({e})") from e
+
+
+class _StaleAdmission(Exception):
+    """The commit-time re-check refused what the worker's cache had admitted."""
+
+
+def _admits(key: Key | None, grant: Grant, version: int) -> bool:
+    """Whether ``key`` and ``grant`` allow a plain decrypt of a blob under ``version``."""
+    return (
+        key is not None
+        and key.state is KeyState.ENABLED
+        and Op.DECRYPT.value in grant.operations
+        and version >= key.min_decryption_version
+    )
 
 
 def _parse_blob(data: bytes) -> blobfmt.Blob:

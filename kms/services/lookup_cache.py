@@ -37,6 +37,10 @@ class LookupCache:
                 return None
             return hit[0]
 
+    def drop(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
     def put(self, key: tuple[Any, ...], value: Any) -> None:
         if self._ttl <= 0 or value is None:
             return

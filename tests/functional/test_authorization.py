@@ -145,7 +145,7 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     storage = app.extensions["kms"].crypto._storage
     principal = app.extensions["kms"].principals.authenticate(svc["Authorization"][7:])
     with storage.reader() as tx:
-        keys = _Keys(lambda: tx, principal, LookupCache(0))
+        keys = _Keys(lambda: tx, principal, LookupCache(0), admissions=False)
         keys.by_ref("k", Op.DECRYPT)
     with storage.reader() as tx:
         keys.recheck(tx)  # nothing changed
@@ -192,8 +192,9 @@ def test_a_repeated_decrypt_runs_one_transaction(api: Api, app) -> None:  # type
 
 
 def test_a_decrypt_admitted_from_the_cache_is_still_refused_at_commit(api: Api) -> None:
-    """Disabled, grant revoked, version retired after the worker cached the key: refused,
-    audited, and no plaintext leaves."""
+    """Disabled, grant revoked, version retired after the worker cached the key: the
+    re-check at commit refuses, the request is run again from the database and refused
+    as without the cache, audited once, and no plaintext leaves."""
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
     old = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
@@ -203,6 +204,8 @@ def test_a_decrypt_admitted_from_the_cache_is_still_refused_at_commit(api: Api) 
     refused = _decrypt(api, svc, old)
     assert refused.status_code == 409 and "plaintext" not in refused.json
     assert api.audit()[-1]["outcome"] == refused.json["error"]["code"] == "key_state"
+    rid = refused.headers["X-Request-Id"]
+    assert [r["request_id"] for r in api.audit()].count(rid) == 1
     api.call("POST", "/v1/keys/k/enable", api.admin)
 
     assert _decrypt(api, svc, old).status_code == 200  # cached again
@@ -219,7 +222,7 @@ def test_a_decrypt_admitted_from_the_cache_is_still_refused_at_commit(api: Api) 
     )
     refused = _decrypt(api, svc, new)
     assert refused.status_code == 403 and "plaintext" not in refused.json
-    assert api.audit()[-1]["detail"] == "grant revoked"
+    assert api.audit()[-1]["detail"] == "no grant"
 
 
 def test_the_cache_never_refuses_what_the_database_allows(api: Api) -> None:
@@ -242,3 +245,31 @@ def test_the_cache_never_refuses_what_the_database_allows(api: Api) -> None:
         },
     )
     assert _decrypt(api, svc, blob, justification="customer_initiated").status_code == 200
+
+
+def test_a_stale_cached_admission_refuses_only_its_own_batch_items(api: Api, app) -> None:  # type: ignore[no-untyped-def]
+    """A key disabled after the worker cached it: the re-check at commit notices, the
+    request is run again from the database, and only that key's items are refused (as
+    without the cache); the stale entry is dropped, so the next request needs no rerun."""
+    svc = api.principal("service", "svc")
+    api.key("k1", grant=svc)
+    api.key("k2", grant=svc)
+    blobs = [api.call("POST", f"/v1/keys/{k}/datakey", svc, json={}).json for k in ("k1", "k2")]
+    items = [{"ciphertext": b["ciphertext"]} for b in blobs]
+    assert api.call("POST", "/v1/decrypt", svc, json={"items": items}).status_code == 200
+    api.call("POST", "/v1/keys/k1/disable", api.admin)
+    before = len(api.audit())
+
+    batch = api.call("POST", "/v1/decrypt", svc, json={"items": items})
+    assert batch.status_code == 200
+    first, second = batch.json["results"]
+    assert first["error"]["code"] == "key_state" and "plaintext" not in first
+    assert second["plaintext"] == blobs[1]["plaintext"]
+    records = api.audit()[before:]
+    assert [(r["outcome"], r["request_id"]) for r in records] == [
+        ("key_state", batch.headers["X-Request-Id"]),
+        ("ok", batch.headers["X-Request-Id"]),
+    ]  # one record per item, of the rerun only
+
+    again = lambda: api.call("POST", "/v1/decrypt", svc, json={"items": items})  # noqa: E731
+    assert _transactions_during(app, again) == 2  # read and write: no rerun

@@ -14,6 +14,7 @@ from kms import config
 from kms.app import create_app
 from kms.backends.storage import SchemaNotCurrent, make_engine, migrate, upgrade
 from kms.backends.storage.schema import metadata
+from tests.helpers import assert_audit_chain_kept, write_audit_chain_at_0001
 
 EXTRA = """
 import sqlalchemy as sa
@@ -48,7 +49,7 @@ def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
                 "INSERT INTO keys VALUES ('k1', 'kept', 'enabled', 1, '2026-01-01 00:00:00', NULL)"
             )
         )
-        conn.execute(sa.text("UPDATE audit_head SET seq = 7, hash = :h"), {"h": "ab" * 32})
+        chain = write_audit_chain_at_0001(conn)
     versions = tmp_path / "versions"
     versions.mkdir()
     head = ScriptDirectory.from_config(migrate._config()).get_current_head()
@@ -58,7 +59,8 @@ def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
         row = conn.execute(sa.text("SELECT description, owner FROM keys")).one()
         assert tuple(row) == ("kept", None)
         head = conn.execute(sa.text("SELECT seq, hash, checkpoint_seq FROM audit_head")).one()
-        assert tuple(head) == (7, "ab" * 32, 0)  # 0002 added checkpoint_seq to the row
+        assert tuple(head) == (3, chain[-1]["hash"], 0)  # 0002 added checkpoint_seq
+        assert_audit_chain_kept(conn, chain)
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
     upgrade(engine, extra_versions=[versions])  # idempotent
     engine.dispose()

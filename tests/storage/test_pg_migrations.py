@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from kms.backends.storage import SchemaNotCurrent, make_engine, migrate, upgrade
 from kms.backends.storage.migrate import check_current
 from kms.backends.storage.schema import metadata
-from tests.helpers import free_port, run_kms
+from tests.helpers import assert_audit_chain_kept, free_port, run_kms, write_audit_chain_at_0001
 from tests.pg import PgCluster, PgDatabase, fresh_name
 
 # tests/functional/test_migrations.py's extra revision, made on top of the newest one
@@ -68,7 +68,7 @@ def test_upgrade_in_place_keeps_data(empty_db: PgDatabase, tmp_path: Path) -> No
                 "INSERT INTO key_versions VALUES ('k1', 1, 'w', 'kms-root', '2026-01-01 00:00:00Z')"
             )
         )
-        conn.execute(sa.text("UPDATE audit_head SET seq = 7, hash = :h"), {"h": "ab" * 32})
+        chain = write_audit_chain_at_0001(conn)
     versions = tmp_path / "versions"
     versions.mkdir()
     head = ScriptDirectory.from_config(migrate._config()).get_current_head()
@@ -78,7 +78,8 @@ def test_upgrade_in_place_keeps_data(empty_db: PgDatabase, tmp_path: Path) -> No
         row = conn.execute(sa.text("SELECT description, owner, rotated_at FROM keys")).one()
         assert row[:2] == ("kept", None) and row[2].isoformat() == "2026-01-01T00:00:00+00:00"
         head_row = conn.execute(sa.text("SELECT seq, hash, checkpoint_seq FROM audit_head")).one()
-        assert tuple(head_row) == (7, "ab" * 32, 0)
+        assert tuple(head_row) == (3, chain[-1]["hash"], 0)
+        assert_audit_chain_kept(conn, chain)
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
     upgrade(engine, extra_versions=[versions])  # idempotent
     engine.dispose()

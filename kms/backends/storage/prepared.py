@@ -9,9 +9,11 @@ the development machine); run here they cost the latter.
 
 Only for statements whose parameters and result columns are plain strings and integers,
 so that no type conversion is skipped. A database error is re-raised as SQLAlchemy's
-DBAPIError (the storage layer turns it into StorageUnavailable, or Conflict for a
-constraint), after the connection is invalidated: a connection that failed under us is
-never handed out again, and its transaction is gone with it.
+DBAPIError (the storage layer turns it into StorageUnavailable), after the connection is
+invalidated. This bypasses the engine's own error handling, which would tell a lost
+connection from a refused statement. Errors here are rare, so a reconnect is cheaper than
+being wrong about which connections are still good: a connection that failed is never
+handed out again, and its transaction goes with it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ class Prepared:
 
     def __init__(self, statement: Executable) -> None:
         self._statement = statement
-        self._compiled: dict[str, tuple[str, Sequence[str] | None]] = {}
+        self._compiled: dict[tuple[str, str], tuple[str, Sequence[str] | None]] = {}
 
     def _for(self, dialect: Dialect) -> tuple[str, Sequence[str] | None]:
-        found = self._compiled.get(dialect.name)
+        ident = (dialect.name, dialect.paramstyle)
+        found = self._compiled.get(ident)
         if found is None:
             compiled = self._statement.compile(dialect=dialect)  # type: ignore[attr-defined]
             order = compiled.positiontup if compiled.positional else None
-            found = self._compiled[dialect.name] = (str(compiled), order)
+            found = self._compiled[ident] = (str(compiled), order)
         return found
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
@@ -66,15 +69,16 @@ class Prepared:
                 cursor.execute(sql, args[0])
             else:
                 cursor.executemany(sql, args)
-            rows = [tuple(r) for r in cursor.fetchall()] if fetch else []
+            return [tuple(r) for r in cursor.fetchall()] if fetch else []
         except dbapi.Error as e:
             error = sa_exc.DBAPIError.instance(sql, args, e, dbapi.Error, dialect=conn.dialect)
             with contextlib.suppress(dbapi.Error):
                 cursor.close()
             conn.invalidate(e)
             raise error from e
-        cursor.close()
-        return rows
+        finally:
+            if not conn.invalidated:
+                cursor.close()
 
 
 KEY_ACCESS = Prepared(

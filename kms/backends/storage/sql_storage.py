@@ -70,7 +70,8 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     # Wait at most 5 s for the write lock: well inside gunicorn's 30 s worker timeout, so a
     # congested database answers 503 instead of a killed worker.
     engine = create_engine(url, connect_args={"timeout": 5})
-    files = [f"{parsed.database}{suffix}" for suffix in ("", "-wal", "-shm")]
+    on_disk = parsed.database not in (None, "", ":memory:")
+    files = [f"{parsed.database}{suffix}" for suffix in ("", "-wal", "-shm")] if on_disk else []
 
     @event.listens_for(engine, "do_connect")
     def _note_read_only(_dialect: Any, record: Any, _cargs: Any, _cparams: Any) -> None:
@@ -348,7 +349,6 @@ class SqlTx(AliasTx, EscrowTx, LifecycleTx, SigV4Tx, XksTx):
         return int(deleted)
 
 
-# One statement for the commit-time re-check: the key's state and the caller's grant.
 def _split(text: str | None) -> frozenset[str]:
     return frozenset(x for x in (text or "").split(",") if x)
 
