@@ -173,7 +173,8 @@ class _Keys:
         if key is None:
             raise DecryptionFailed(detail="blob names an unknown key")
         self.allowed(key, operation)
-        if operation is Op.DECRYPT and key_id not in self.provisional | self._remembered:
+        remember = key_id not in self.provisional and key_id not in self._remembered
+        if operation is Op.DECRYPT and remember:
             self._cache.put(self._access_ident(key_id), (key, self._grant(key_id)))
             self._remembered.add(key_id)
         return key, self.opening(key, parsed.key_version)
