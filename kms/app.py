@@ -245,6 +245,8 @@ def create_app(
     def _finish(response: Response) -> Response:
         response.headers["X-Request-Id"] = request_id()
         response.headers["Cache-Control"] = "no-store"
+        if not log.isEnabledFor(logging.INFO):
+            return response
         caller: Any = g.get("caller")
         log.info(
             "request",
