@@ -44,7 +44,7 @@ CALLS = [
     (crypto.CryptoService, "_open", "HSM decrypt (PKCS#11)"),
     (AuditTrail, "drafts", "audit records encoded (outside the lock)"),
     (crypto.CryptoService, "_recheck", "commit re-check of key and grant"),
-    (AuditTrail, "append", "audit append: head, chain, insert"),
+    (AuditTrail, "append_drafts", "audit append: head, chain, insert"),
 ]
 
 

@@ -71,6 +71,27 @@ class Server:
     def admin_token(self) -> str:
         return (self.data_dir / "admin.token").read_text().strip()
 
+    @property
+    def admin_env(self) -> dict[str, str]:
+        """The environment that points the ``kms`` CLI at this server as its admin."""
+        return {"KMS_URL": self.url, "KMS_TOKEN_FILE": str(self.data_dir / "admin.token")}
+
+    def kms(self, *args: str) -> str:
+        """Run the ``kms`` CLI as this server's admin; its standard output (it must succeed)."""
+        done = run_kms(*args, env=self.admin_env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def export_and_verify(self, tmp_path: Path) -> tuple[Path, str]:
+        """Export the audit bundle and public key with the CLI, verify them offline with
+        ``kms audit verify`` (it must succeed); the bundle's path and the report."""
+        bundle, pem = tmp_path / "all.jsonl", tmp_path / "audit.pem"
+        self.kms("audit", "export", "--out", str(bundle))
+        self.kms("audit", "public-key", "--out", str(pem))
+        done = run_kms("audit", "verify", str(bundle), "--public-key", str(pem))
+        assert done.returncode == 0, done.stdout + done.stderr
+        return bundle, done.stdout
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -336,3 +357,64 @@ def assert_audit_chain_kept(conn: Any, chain: list[dict[str, Any]]) -> None:
     rows = [r._asdict() for r in conn.execute(query)]
     assert rows == chain
     assert audit_record.verify_chain(rows) == chain[-1]["hash"]
+
+
+_EXTRA_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9001"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    with op.batch_alter_table("keys") as batch:
+        batch.add_column(sa.Column("owner", sa.String(64), nullable=True))
+"""
+
+
+def extra_revision(tmp_path: Path) -> Path:
+    """A versions folder holding revision 9001 (adds ``keys.owner``) on top of the newest
+    real revision, as a later release would ship it."""
+    from alembic.script import ScriptDirectory
+
+    from kms.backends.storage import migrate
+
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    head = ScriptDirectory.from_config(migrate._config()).get_current_head()
+    (versions / "9001_owner.py").write_text(_EXTRA_REVISION.replace("{head}", str(head)))
+    return versions
+
+
+def write_pem(cert: Any, cert_path: Path, key: Any, key_path: Path) -> None:
+    """Write an x509 certificate and its private key (PKCS#8, unencrypted, mode 0600) as PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+
+
+class FailingPkcs11:
+    """Stands in for a PKCS#11 session or key object of a real token (a fault injected, as
+    by a device that fails): every method call raises a PKCS#11 device error."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*_a: Any, **_k: Any) -> Any:
+            from pkcs11 import exceptions
+
+            raise exceptions.DeviceError()
+
+        return fail

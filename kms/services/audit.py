@@ -111,12 +111,15 @@ class AuditTrail:
             drafts.append(audit_record.Draft(fields))
         return drafts
 
+    def append(self, tx: Tx, events: Sequence[AuditEvent]) -> bool:
+        """Chain ``events`` after the current head inside ``tx``. Returns whether the count
+        policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``
+        committed)."""
+        return self.append_drafts(tx, self.drafts(events))
+
     @AUDIT_APPEND_SECONDS.time()
-    def append(self, tx: Tx, events: Sequence[AuditEvent] | Sequence[audit_record.Draft]) -> bool:
-        """Chain ``events`` (or their drafts) after the current head inside ``tx``. Returns
-        whether the count policy now wants a checkpoint (sign it with checkpoint_quietly()
-        once ``tx`` committed)."""
-        drafts = [e if isinstance(e, audit_record.Draft) else self.drafts([e])[0] for e in events]
+    def append_drafts(self, tx: Tx, drafts: Sequence[audit_record.Draft]) -> bool:
+        """append() for records already encoded with drafts()."""
         head = tx.audit_head()
         seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())

@@ -469,7 +469,7 @@ class CryptoService:
                         keys.forget_admissions()
                         raise _StaleAdmission from e
                     raise
-                due = self._audit.append(tx, drafts)
+                due = self._audit.append_drafts(tx, drafts)
         except _StaleAdmission:
             raise
         except Exception as e:

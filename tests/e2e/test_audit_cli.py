@@ -18,13 +18,6 @@ from tests.helpers import Server, gunicorn_server, run_kms
 pytestmark = pytest.mark.e2e
 
 
-def _kms(server: Server, *args: str) -> str:
-    env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(server.data_dir / "admin.token")}
-    done = run_kms(*args, env=env)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def test_concurrent_operations_leave_one_signed_linear_chain(
     fresh_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -42,13 +35,9 @@ def test_concurrent_operations_leave_one_signed_linear_chain(
 
         with ThreadPoolExecutor(max_workers=6) as pool:
             list(pool.map(work, range(100)))
-        _kms(server, "audit", "checkpoint")
-        bundle, pem = tmp_path / "all.jsonl", tmp_path / "audit.pem"
-        _kms(server, "audit", "export", "--out", str(bundle))
-        _kms(server, "audit", "public-key", "--out", str(pem))
-    done = run_kms("audit", "verify", str(bundle), "--public-key", str(pem))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "VERIFIED" in done.stdout and "unsigned tail: 0" in done.stdout
+        server.kms("audit", "checkpoint")
+        bundle, report = server.export_and_verify(tmp_path)
+    assert "VERIFIED" in report and "unsigned tail: 0" in report
     records = [json.loads(x) for x in bundle.read_text().splitlines() if '"record"' in x]
     ops = [r["operation"] for r in records if r["seq"] > before]
     assert ops.count("datakey") == 100 and ops.count("decrypt") == 100
@@ -78,7 +67,7 @@ def test_auditor_workflow(server: Server, tmp_path: Path) -> None:
 
     pem = tmp_path / "audit.pem"
     kms("audit", "public-key", "--out", str(pem))
-    _kms(server, "audit", "checkpoint")
+    server.kms("audit", "checkpoint")
     held = tmp_path / "held.json"
     held.write_text(kms("audit", "checkpoints", "--limit", "1000").splitlines()[-1])
     admin.create_key("later")
@@ -109,7 +98,7 @@ def test_auditor_workflow(server: Server, tmp_path: Path) -> None:
 
 def test_verify_refuses_unusable_inputs_clearly(server: Server, tmp_path: Path) -> None:
     bundle = tmp_path / "b.jsonl"
-    _kms(server, "audit", "export", "--out", str(bundle))
+    server.kms("audit", "export", "--out", str(bundle))
     rsa_pem = tmp_path / "rsa.pem"
     rsa_pem.write_bytes(
         rsa.generate_private_key(65537, 2048)
@@ -121,7 +110,7 @@ def test_verify_refuses_unusable_inputs_clearly(server: Server, tmp_path: Path) 
     anchor = tmp_path / "anchor.json"
     anchor.write_text("[1, 2]")
     good_pem = tmp_path / "good.pem"
-    _kms(server, "audit", "public-key", "--out", str(good_pem))
+    server.kms("audit", "public-key", "--out", str(good_pem))
     cases = [
         (("audit", "verify", str(bundle), "--public-key", str(rsa_pem)), 2, "not an EC P-256 key"),
         (("audit", "verify", str(bundle), "--public-key", str(junk)), 2, "not a PEM public key"),
@@ -182,9 +171,9 @@ def test_archive_from_the_command_line(fresh_data_dir: Path, tmp_path: Path) -> 
         )
         assert again.returncode == 1 and "checkpoint after" in again.stderr
         rest = tmp_path / "rest.jsonl"
-        _kms(server, "audit", "export", "--out", str(rest))
+        server.kms("audit", "export", "--out", str(rest))
         pem, held = tmp_path / "a.pem", tmp_path / "held.json"
-        _kms(server, "audit", "public-key", "--out", str(pem))
+        server.kms("audit", "public-key", "--out", str(pem))
         held.write_text(json.dumps(cp))
     assert run_kms("audit", "verify", str(out), "--public-key", str(pem)).returncode == 0
     ok = run_kms(

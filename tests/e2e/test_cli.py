@@ -24,7 +24,7 @@ def test_init_is_idempotent_and_private(fresh_data_dir: Path) -> None:
 
 
 def test_admin_commands_against_a_live_server(server: Server) -> None:
-    env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(server.data_dir / "admin.token")}
+    env = server.admin_env
 
     def kms(*args: str) -> object:
         done = run_kms(*args, env=env)
@@ -66,7 +66,7 @@ def test_admin_commands_against_a_live_server(server: Server) -> None:
     ],
 )
 def test_cli_errors_are_one_clear_line(server: Server, args: tuple[str, ...], message: str) -> None:
-    env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(server.data_dir / "admin.token")}
+    env = server.admin_env
     done = run_kms(*args, env=env)
     assert done.returncode != 0 and message in done.stderr
     assert "Traceback" not in done.stderr

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from kms.client import KmsClient
-from tests.helpers import Server, gunicorn_server, immutable, run_kms
+from tests.helpers import Server, gunicorn_server, immutable
 
 pytestmark = pytest.mark.e2e
 
@@ -52,18 +52,8 @@ def _all_records(admin: KmsClient) -> list[dict[str, Any]]:
 
 def _verify_chain(server: Server, tmp_path: Path) -> str:
     """Sign a checkpoint, export everything, verify it offline with the real CLI."""
-    env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(server.data_dir / "admin.token")}
-    bundle, pem = tmp_path / "bundle.jsonl", tmp_path / "audit.pem"
-    for args in (
-        ("audit", "checkpoint"),
-        ("audit", "export", "--out", str(bundle)),
-        ("audit", "public-key", "--out", str(pem)),
-    ):
-        done = run_kms(*args, env=env)
-        assert done.returncode == 0, done.stderr
-    done = run_kms("audit", "verify", str(bundle), "--public-key", str(pem))
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    server.kms("audit", "checkpoint")
+    return server.export_and_verify(tmp_path)[1]
 
 
 class Load:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import Server, free_port, gunicorn_server, init_data_dir, run_kms
+from tests.helpers import Server, free_port, gunicorn_server, init_data_dir, run_kms, write_pem
 
 pytestmark = pytest.mark.e2e
 
@@ -96,15 +96,7 @@ class Ca:
         cert = builder.sign(self.key, hashes.SHA256())
         stem = directory / (file_name or f"{cn}-{'expired' if expired else 'valid'}")
         cert_path, key_path = stem.with_suffix(".crt"), stem.with_suffix(".key")
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        key_path.chmod(0o600)
+        write_pem(cert, cert_path, key, key_path)
         return str(cert_path), str(key_path)
 
 

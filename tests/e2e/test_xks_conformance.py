@@ -32,11 +32,11 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import gunicorn_server, init_data_dir
+from tests.helpers import gunicorn_server, init_data_dir, write_pem
 
 pytestmark = pytest.mark.e2e
 
@@ -73,15 +73,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "server-cert.pem", directory / "server-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
+    write_pem(cert, cert_path, key, key_path)
     return cert_path, key_path
 
 

@@ -38,14 +38,15 @@ def svc(api: Api) -> dict[str, str]:
 
 
 def traffic(api: Api, svc: dict[str, str], n: int) -> None:
+    """``n`` datakeys on key ``k``, each decrypted again: 2n audit records."""
     for i in range(n):
-        blob = api.call("POST", "/v1/keys/k/datakey", svc, json={"context": {"i": str(i)}})
-        api.call(
-            "POST",
-            "/v1/decrypt",
-            svc,
-            json={"ciphertext": blob.json["ciphertext"], "context": {"i": str(i)}},
+        ctx = {"i": str(i)}
+        blob = api.call("POST", "/v1/keys/k/datakey", svc, json={"context": ctx})
+        assert blob.status_code == 200, blob.json
+        r = api.call(
+            "POST", "/v1/decrypt", svc, json={"ciphertext": blob.json["ciphertext"], "context": ctx}
         )
+        assert r.status_code == 200, r.json
 
 
 def checkpoint(api: Api) -> dict[str, Any]:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pkcs11 import exceptions as p11e
 
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
-from tests.helpers import Api, immutable
+from tests.helpers import Api, FailingPkcs11, immutable
 
 
 def _refuse_audit(db_path: Path) -> None:
@@ -53,27 +51,14 @@ def test_no_operation_without_its_audit_record(api: Api, db_path: Path) -> None:
     assert api.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}).status_code == 200
 
 
-class _Failing:
-    """Wraps a real PKCS#11 object; every method call raises a PKCS#11 device error."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        def fail(*_a: Any, **_k: Any) -> Any:
-            raise p11e.DeviceError()
-
-        return fail
-
-
 def test_transient_hsm_error_is_retried_after_reconnect(api: Api, hsm: Pkcs11Hsm) -> None:
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
     hsm.check()
     conn = hsm._conn  # inject at the backend boundary: the cached session breaks once
     assert conn is not None
-    conn.session = _Failing(conn.session)
-    conn.root = _Failing(conn.root)
+    conn.session = FailingPkcs11(conn.session)
+    conn.root = FailingPkcs11(conn.root)
     conn.keks.clear()
     r = api.call("POST", "/v1/keys/k/datakey", svc, json={})
     assert r.status_code == 200  # reconnected and retried

@@ -51,6 +51,20 @@ class World:
     def decrypt(self, blob: str) -> Any:
         return self.api.call("POST", "/v1/decrypt", self.svc, json={"ciphertext": blob})
 
+    def delete_after_waiting(self, ref: str, key_id: str, blob: str) -> None:
+        """Schedule deletion with the shortest wait (7 days): refused but kept while
+        pending, not destroyed a minute early, destroyed by the scheduler a minute late."""
+        body = {"pending_days": 7}
+        r = self.api.call("POST", f"/v1/keys/{ref}/schedule-deletion", self.api.admin, json=body)
+        assert r.json["state"] == "pending_deletion"
+        assert self.decrypt(blob).json["error"]["code"] == "key_state"  # refused, kept
+        self.clock.advance(7 * DAY - 60)
+        assert self.run_due().destroyed == []
+        self.clock.advance(120)
+        run = self.run_due()
+        assert run.destroyed == [key_id] and not run.failed
+        assert self.key(key_id)["state"] == "destroyed"
+
 
 @pytest.fixture
 def world(
@@ -227,15 +241,7 @@ def test_scheduled_deletion_destroys_material_after_the_waiting_period(w: World)
     with sqlite3.connect(w.db_path) as db:
         material = [bytes(r[0]) for r in db.execute("SELECT wrapped_kek FROM key_versions")]
     assert len(material) == 2
-    r = w.api.call("POST", "/v1/keys/k/schedule-deletion", w.api.admin, json={"pending_days": 7})
-    assert r.json["state"] == "pending_deletion"
-    assert w.decrypt(blob).json["error"]["code"] == "key_state"  # refused, material kept
-    w.clock.advance(7 * DAY - 60)
-    assert w.run_due().destroyed == []
-    w.clock.advance(120)
-    run = w.run_due()
-    assert run.destroyed == [key_id] and not run.failed
-    assert w.key(key_id)["state"] == "destroyed"
+    w.delete_after_waiting("k", key_id, blob)
 
     for path, body in (
         ("/v1/decrypt", {"ciphertext": blob}),

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pkcs11 import exceptions as p11e
 from prometheus_client.parser import text_string_to_metric_families
 
 from kms import config
@@ -17,7 +16,7 @@ from kms.app import create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
 from kms.errors import HsmUnavailable
-from tests.helpers import Api, b64
+from tests.helpers import Api, FailingPkcs11, b64
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -96,19 +95,6 @@ def test_counters_show_exactly_the_requests_made_with_their_outcomes(api: Api) -
     assert "metrics" not in {dict(labels).get("operation") for _, labels in after}
 
 
-class _Failing:
-    """Wraps a real PKCS#11 object; every method call raises a PKCS#11 device error."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        def fail(*_a: Any, **_k: Any) -> Any:
-            raise p11e.DeviceError()
-
-        return fail
-
-
 def test_hsm_errors_are_counted_by_kind(api: Api, hsm: Pkcs11Hsm) -> None:
     svc = api.principal("service", "svc")
     key_id = api.key("k", grant=svc)
@@ -116,8 +102,8 @@ def test_hsm_errors_are_counted_by_kind(api: Api, hsm: Pkcs11Hsm) -> None:
     _, before = scrape(api)
     conn = hsm._conn  # the cached session breaks once; the backend reconnects and retries
     assert conn is not None
-    conn.session = _Failing(conn.session)
-    conn.root = _Failing(conn.root)
+    conn.session = FailingPkcs11(conn.session)
+    conn.root = FailingPkcs11(conn.root)
     conn.keks.clear()
     assert api.call("POST", f"/v1/keys/{key_id}/datakey", svc, json={}).status_code == 200
     _, after = scrape(api)

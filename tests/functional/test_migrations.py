@@ -8,28 +8,12 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from kms import config
 from kms.app import create_app
-from kms.backends.storage import SchemaNotCurrent, make_engine, migrate, upgrade
+from kms.backends.storage import SchemaNotCurrent, make_engine, upgrade
 from kms.backends.storage.schema import metadata
-from tests.helpers import assert_audit_chain_kept, write_audit_chain_at_0001
-
-EXTRA = """
-import sqlalchemy as sa
-from alembic import op
-
-revision = "9001"
-down_revision = "{head}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade():
-    with op.batch_alter_table("keys") as batch:
-        batch.add_column(sa.Column("owner", sa.String(64), nullable=True))
-"""
+from tests.helpers import assert_audit_chain_kept, extra_revision, write_audit_chain_at_0001
 
 
 def test_migrations_match_the_schema_module(tmp_path: Path) -> None:
@@ -50,10 +34,7 @@ def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
             )
         )
         chain = write_audit_chain_at_0001(conn)
-    versions = tmp_path / "versions"
-    versions.mkdir()
-    head = ScriptDirectory.from_config(migrate._config()).get_current_head()
-    (versions / "9001_owner.py").write_text(EXTRA.replace("{head}", str(head)))
+    versions = extra_revision(tmp_path)
     upgrade(engine, extra_versions=[versions])  # 0002 (real) and 9001 (made here)
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT description, owner FROM keys")).one()

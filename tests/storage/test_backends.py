@@ -35,6 +35,7 @@ from kms.services.model import (
     Role,
     SigV4Credential,
 )
+from tests.functional.test_audit_trail import public_key, traffic
 from tests.helpers import Api, free_port
 
 
@@ -51,25 +52,10 @@ def svc(api: Api) -> dict[str, str]:
     return svc
 
 
-def traffic(api: Api, svc: dict[str, str], n: int) -> None:
-    for i in range(n):
-        ctx = {"i": str(i)}
-        blob = api.call("POST", "/v1/keys/k/datakey", svc, json={"context": ctx})
-        assert blob.status_code == 200, blob.json
-        r = api.call(
-            "POST", "/v1/decrypt", svc, json={"ciphertext": blob.json["ciphertext"], "context": ctx}
-        )
-        assert r.status_code == 200, r.json
-
-
 def export(api: Api) -> list[str]:
     r = api.call("GET", "/v1/audit/export", api.admin)
     assert r.status_code == 200, r.get_data()[:300]
     return [line.decode() for line in r.get_data().splitlines()]
-
-
-def public_key(api: Api) -> bytes:
-    return bytes(api.call("GET", "/v1/audit/public-key", api.admin).data)
 
 
 def assert_linear(records: list[dict[str, Any]]) -> None:

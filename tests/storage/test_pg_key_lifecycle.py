@@ -38,15 +38,7 @@ def test_scheduled_deletion_destroys_material_after_the_waiting_period(
     assert w.api.call("POST", "/v1/keys/k/rotate", w.api.admin).status_code == 200
     material = [bytes(m) for (m,) in pg_database.execute("SELECT wrapped_kek FROM key_versions")]
     assert len(material) == 2
-    r = w.api.call("POST", "/v1/keys/k/schedule-deletion", w.api.admin, json={"pending_days": 7})
-    assert r.json["state"] == "pending_deletion"
-    assert w.decrypt(blob).json["error"]["code"] == "key_state"  # refused, material kept
-    w.clock.advance(7 * DAY - 60)
-    assert w.run_due().destroyed == []
-    w.clock.advance(120)
-    run = w.run_due()
-    assert run.destroyed == [key_id] and not run.failed
-    assert w.key(key_id)["state"] == "destroyed"
+    w.delete_after_waiting("k", key_id, blob)
     refused = w.api.call("POST", "/v1/decrypt", w.svc, json={"ciphertext": blob})
     assert refused.status_code == 409 and refused.json["error"]["code"] == "key_state"
     assert pg_database.execute("SELECT count(*) FROM key_versions") == [(0,)]

@@ -16,24 +16,14 @@ from alembic.script import ScriptDirectory
 from kms.backends.storage import SchemaNotCurrent, make_engine, migrate, upgrade
 from kms.backends.storage.migrate import check_current
 from kms.backends.storage.schema import metadata
-from tests.helpers import assert_audit_chain_kept, free_port, run_kms, write_audit_chain_at_0001
+from tests.helpers import (
+    assert_audit_chain_kept,
+    extra_revision,
+    free_port,
+    run_kms,
+    write_audit_chain_at_0001,
+)
 from tests.pg import PgCluster, PgDatabase, fresh_name
-
-# tests/functional/test_migrations.py's extra revision, made on top of the newest one
-EXTRA = """
-import sqlalchemy as sa
-from alembic import op
-
-revision = "9001"
-down_revision = "{head}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade():
-    with op.batch_alter_table("keys") as batch:
-        batch.add_column(sa.Column("owner", sa.String(64), nullable=True))
-"""
 
 
 @pytest.fixture
@@ -69,10 +59,7 @@ def test_upgrade_in_place_keeps_data(empty_db: PgDatabase, tmp_path: Path) -> No
             )
         )
         chain = write_audit_chain_at_0001(conn)
-    versions = tmp_path / "versions"
-    versions.mkdir()
-    head = ScriptDirectory.from_config(migrate._config()).get_current_head()
-    (versions / "9001_owner.py").write_text(EXTRA.replace("{head}", str(head)))
+    versions = extra_revision(tmp_path)
     upgrade(engine, extra_versions=[versions])  # every real revision, then 9001
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT description, owner, rotated_at FROM keys")).one()

@@ -30,13 +30,6 @@ def init(data_dir: Path, url: str) -> Path:
     return data_dir
 
 
-def kms(server: Server, *args: str) -> str:
-    env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(server.data_dir / "admin.token")}
-    done = run_kms(*args, env=env)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def setup_service(server: Server) -> dict[str, str]:
     """A service principal with encrypt and decrypt on key ``k``; its auth header."""
     admin = KmsClient(server.url, server.admin_token)
@@ -53,11 +46,8 @@ def encrypt(server: Server, svc: dict[str, str], i: int) -> requests.Response:
 
 def export_and_verify(server: Server, tmp_path: Path) -> list[dict[str, Any]]:
     """Export through ``server`` and verify with ``kms audit verify``; the records."""
-    bundle, pem = tmp_path / "all.jsonl", tmp_path / "audit.pem"
-    kms(server, "audit", "export", "--out", str(bundle))
-    kms(server, "audit", "public-key", "--out", str(pem))
-    done = run_kms("audit", "verify", str(bundle), "--public-key", str(pem))
-    assert done.returncode == 0 and "VERIFIED" in done.stdout, done.stdout + done.stderr
+    bundle, report = server.export_and_verify(tmp_path)
+    assert "VERIFIED" in report
     lines = [json.loads(x) for x in bundle.read_text().splitlines()]
     return [x for x in lines if x["type"] == "record"]
 
@@ -88,7 +78,7 @@ def test_two_nodes_appending_at_once_leave_one_linear_chain(
             d = requests.post(other.url + "/v1/decrypt", json=body, headers=svc, timeout=30)
             assert d.status_code == 200 and d.json()["plaintext"] == b64(f"record {i}".encode())
             decrypted.append(d)
-        kms(a, "audit", "checkpoint")
+        a.kms("audit", "checkpoint")
         records = export_and_verify(b, tmp_path)
         logs = a.log_text() + b.log_text()
         served = [n.log_text().count('"path": "/v1/keys/k/encrypt"') for n in nodes]
