@@ -47,7 +47,7 @@ bench: venv
 	$(BIN)/python bench/sdk_cache.py
 	$(BIN)/python bench/xks.py
 	$(BIN)/python bench/load.py
-	$(BIN)/python bench/profile.py
+	$(BIN)/python bench/profile_decrypt.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import multiprocessing
 import os
 import re
@@ -138,8 +139,11 @@ def percentile_ms(latencies: list[float], p: float) -> float:
 
 
 @contextmanager
-def bare_flask_server() -> Iterator[str]:
-    """bench/bare_app.py under gunicorn with the KMS's gunicorn.conf.py and 2 workers."""
+def bare_flask_server(
+    app: str = "bare_app:app", env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``app`` (a module of bench/, default the ceiling's bench/bare_app.py) under gunicorn
+    with the KMS's gunicorn.conf.py and 2 workers, with ``env`` added to the environment."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -154,11 +158,12 @@ def bare_flask_server() -> Iterator[str]:
             "2",
             "--chdir",
             str(ROOT / "bench"),
-            "bare_app:app",
+            app,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         for _ in range(100):
@@ -170,6 +175,39 @@ def bare_flask_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+def floor_rates(data_dir: Path, seconds: float, work: Path) -> dict[str, Any]:
+    """bench/floor_app.py's single decrypt and 1000-item batch decrypt under wrk, as the
+    KMS's are measured (8 and 2 connections)."""
+    import hashlib
+    import secrets
+
+    ctx = multiprocessing.get_context("fork")  # PKCS#11 only ever in the child
+    queue = ctx.Queue()
+    db = work / "floor.sqlite3"
+    contexts = [{"row": str(i)} for i in range(200)]
+    proc = ctx.Process(target=_prepare_floor, args=(str(data_dir), str(db), contexts, queue))
+    proc.start()
+    bodies = queue.get(timeout=120)
+    proc.join()
+    token = secrets.token_urlsafe(32)
+    env = {
+        "FLOOR_DATA_DIR": str(data_dir),
+        "FLOOR_DB": str(db),
+        "FLOOR_TOKEN_SHA256": hashlib.sha256(token.encode()).hexdigest(),
+    }
+    batch = json.dumps({"items": [json.loads(bodies[i % len(bodies)]) for i in range(1000)]})
+    with bare_flask_server("floor_app:app", env) as url:
+        single = run_wrk(url, "/v1/decrypt", token, bodies, seconds, 8, work / "floor")
+        many = run_wrk(url, "/v1/decrypt", token, [batch], seconds, 2, work / "floor-batch")
+    return {"decrypt": single, "batch decrypt 1000": {**many, "items_per_s": many["rps"] * 1000}}
+
+
+def _prepare_floor(data_dir: str, db: str, contexts: list[dict[str, str]], out: Any) -> None:
+    from bench.floor_app import prepare
+
+    out.put(prepare(data_dir, db, contexts))
 
 
 def _raw_worker(data_dir: str, seconds: float, op: str, out: Any) -> None:

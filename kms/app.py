@@ -146,9 +146,11 @@ def build_services(
 
 
 def start_background(services: Services, settings: config_mod.Settings) -> None:
-    """Per-worker loops (started after fork, by kms.wsgi): timed audit checkpoints and
-    webhook delivery. PKCS#11 calls go through the backend's process-wide lock."""
+    """Per-worker loops (started after fork, by kms.wsgi): timed audit checkpoints, the
+    scheduler, the database's log upkeep and webhook delivery. PKCS#11 calls go through
+    the backend's process-wide lock."""
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
+    _every(1, services.health.storage_upkeep, "wal-checkpoint")
     _every(settings.scheduler_seconds, lambda: _run_due(services), "scheduler")
     if services.notifier.configured:
         _every(1, services.notifier.deliver_quietly, "notifications")

@@ -46,11 +46,12 @@ def operation(name: str) -> Callable[[F], F]:
         @functools.wraps(view)
         def inner(*args: Any, **kwargs: Any) -> Any:
             g.operation = name
-            g.caller = Caller(request_id(), None)
+            ident = request_id()
+            g.caller = Caller(ident, None)
             principal = peer.authenticate(  # bearer token and/or verified client certificate
                 services().principals, request.environ, request.headers.get("Authorization")
             )
-            g.caller = Caller(request_id(), principal)
+            g.caller = Caller(ident, principal)
             admit(principal)  # 429 over the principal's rate limit
             return view(*args, **kwargs)
 

@@ -51,7 +51,9 @@ class Caller:
 
 
 def format_time(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    """``when`` (UTC) as "YYYY-MM-DDTHH:MM:SS.mmmZ", the milliseconds truncated: the
+    time field of audit records, ordered as text. Years 1000 to 9999."""
+    return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 class Operation:

@@ -21,6 +21,11 @@ class HealthService:
         self._storage = storage
         self._hsm = hsm
 
+    def storage_upkeep(self) -> None:
+        """The database's routine upkeep outside any request (Storage.checkpoint_wal);
+        never raises."""
+        self._storage.checkpoint_wal()
+
     def worker_stats(self) -> dict[str, int]:
         """This process's HSM cache counters."""
         return self._hsm.cache_stats()

@@ -185,6 +185,11 @@ class Storage(Protocol):
         only at the next routine checkpoint). Never raises."""
         ...
 
+    def checkpoint_wal(self) -> None:
+        """Background upkeep, every second per worker: move the database's write-ahead log
+        into its files (SQLite; nothing on PostgreSQL). Never raises."""
+        ...
+
     def check(self) -> None:
         """Return only if the database answers and its schema is current."""
 

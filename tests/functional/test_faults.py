@@ -9,6 +9,7 @@ import pytest
 
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
+from kms.errors import StorageUnavailable
 from tests.helpers import Api, FailingPkcs11, immutable
 
 
@@ -143,3 +144,74 @@ def test_a_connection_opened_while_read_only_is_replaced_once_writable(tmp_path:
         c.exec_driver_sql("INSERT INTO t VALUES (2)")
     with engine.connect() as c:
         assert c.exec_driver_sql("SELECT x FROM t").scalars().all() == [2]
+
+
+def test_a_database_locked_by_another_program_is_refused_then_recovers(tmp_path: Path) -> None:
+    """A write transaction that cannot start (another program holds SQLite's write lock
+    past the 5 s busy timeout) is StorageUnavailable, which the API answers 503, and the
+    next transaction after the lock is released succeeds."""
+    db = tmp_path / "locked.sqlite3"
+    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a maintenance script that never commits
+    try:
+        with pytest.raises(StorageUnavailable) as refused, storage.transaction():
+            pytest.fail("the transaction began although the database was locked")
+        assert refused.value.detail == "database: OperationalError"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("INSERT INTO t VALUES (1)")
+    with storage.reader() as tx:
+        assert tx._c.exec_driver_sql("SELECT x FROM t").scalars().all() == [1]
+
+
+def _rows_in_database_file(db: Path, copy: Path) -> int:
+    """Rows of t in the database file alone, without its write-ahead log."""
+    copy.write_bytes(db.read_bytes())
+    with sqlite3.connect(copy) as c:
+        return int(c.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+def test_requests_leave_the_wal_checkpoint_to_the_background_loop(tmp_path: Path) -> None:
+    """A commit does not checkpoint (that syncs both files under the writer lock, the tail
+    latency of every request behind it); SqlStorage.checkpoint_wal, run every second by
+    each worker, does, without the writer lock."""
+    db = tmp_path / "wal.sqlite3"
+    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage.checkpoint_wal()
+    for i in range(1500):  # 1,500 commits: over SQLite's default of a checkpoint per 1,000 pages
+        with storage.transaction() as tx:
+            tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (f"{i:0>500}",))
+    assert _rows_in_database_file(db, tmp_path / "before.sqlite3") == 0
+    with storage._writer_lock():  # held by a writer meanwhile: the checkpoint goes on
+        storage.checkpoint_wal()
+    assert _rows_in_database_file(db, tmp_path / "after.sqlite3") == 1500
+
+
+def test_a_failing_wal_checkpoint_is_logged_once_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "gone.sqlite3"
+    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage._engine.dispose()
+    db.rename(tmp_path / "moved")
+    db.mkdir()  # every open fails
+    for _ in range(3):
+        storage.checkpoint_wal()
+    assert [r.getMessage() for r in caplog.records] == ["WAL checkpoint failed"]
+    db.rmdir()
+    (tmp_path / "moved").rename(db)
+    storage.checkpoint_wal()
+    db.rename(tmp_path / "moved")
+    db.mkdir()
+    storage._engine.dispose()
+    storage.checkpoint_wal()  # failing again after a success: logged again
+    assert [r.getMessage() for r in caplog.records] == ["WAL checkpoint failed"] * 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from kms.formats import audit_record as a
 from kms.formats import blob as b
 from kms.formats import context as c
+from kms.services.audit import format_time
 
 # -- encryption context -------------------------------------------------------------------
 
@@ -222,3 +224,16 @@ def test_chain_verifies_and_detects_each_kind_of_tampering() -> None:
         with pytest.raises(a.ChainError) as info:
             a.verify_chain(bad)
         assert info.value.seq == at
+
+
+def test_audit_time_format_is_fixed() -> None:
+    when = datetime(2026, 11, 28, 7, 5, 9, 999_999, tzinfo=UTC)
+    assert format_time(when) == "2026-11-28T07:05:09.999Z"  # truncated, never rounded up
+    assert format_time(when.replace(microsecond=0)) == "2026-11-28T07:05:09.000Z"
+
+
+@given(st.datetimes(min_value=datetime(1000, 1, 1), timezones=st.sampled_from([UTC, None])))
+def test_audit_time_is_the_documented_text(when: datetime) -> None:
+    # the record format's "YYYY-MM-DDTHH:MM:SS.mmmZ", as strftime spells it
+    expected = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    assert format_time(when) == expected

@@ -5,7 +5,8 @@ Every audited request runs these in its write transaction: the commit-time re-ch
 key state and grant, the audit head read, the record insert and the head move. Through
 SQLAlchemy's executor each costs about 20 µs of Python (cache key, parameter and result
 processing, events) against 2 to 3 µs for the database itself (measured with SQLite on
-the development machine); run here they cost the latter.
+the development machine); run here they cost the latter. ``run_on_cursor`` runs plain
+SQL the same way: the ``BEGIN`` that opens every SQLite transaction.
 
 Only for statements whose parameters and result columns are plain strings and integers,
 so that no type conversion is skipped. A database error is re-raised as SQLAlchemy's
@@ -62,23 +63,32 @@ class Prepared:
         args: list[Any] = [
             tuple(p[name] for name in order) if order is not None else p for p in params
         ]
-        dbapi = conn.dialect.loaded_dbapi
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if len(args) == 1:
-                cursor.execute(sql, args[0])
-            else:
-                cursor.executemany(sql, args)
-            return [tuple(r) for r in cursor.fetchall()] if fetch else []
-        except dbapi.Error as e:
-            error = sa_exc.DBAPIError.instance(sql, args, e, dbapi.Error, dialect=conn.dialect)
-            with contextlib.suppress(dbapi.Error):
-                cursor.close()
-            conn.invalidate(e)
-            raise error from e
-        finally:
-            if not conn.invalidated:
-                cursor.close()
+        return run_on_cursor(conn, sql, args, fetch)
+
+
+def run_on_cursor(
+    conn: Connection, sql: str, args: Sequence[Any] = ((),), fetch: bool = False
+) -> list[tuple[Any, ...]]:
+    """Execute ``sql`` once per parameter set in ``args`` on ``conn``'s DBAPI cursor (one
+    executemany for several); every row as a tuple if ``fetch``. A database error
+    invalidates ``conn`` and is raised as DBAPIError (see the module docstring)."""
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if len(args) == 1:
+            cursor.execute(sql, args[0])
+        else:
+            cursor.executemany(sql, args)
+        return [tuple(r) for r in cursor.fetchall()] if fetch else []
+    except dbapi.Error as e:
+        error = sa_exc.DBAPIError.instance(sql, list(args), e, dbapi.Error, dialect=conn.dialect)
+        with contextlib.suppress(dbapi.Error):
+            cursor.close()
+        conn.invalidate(e)
+        raise error from e
+    finally:
+        if not conn.invalidated:
+            cursor.close()
 
 
 KEY_ACCESS = Prepared(

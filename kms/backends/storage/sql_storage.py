@@ -53,6 +53,9 @@ from kms.services.model import (
 log = logging.getLogger("kms.storage")
 
 
+WAL_BACKSTOP_PAGES = 16384
+
+
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     """An engine with the pragmas and transaction behaviour this module relies on, for a
     ``sqlite:///`` or ``postgresql+psycopg://`` URL; ConfigError for anything else."""
@@ -94,12 +97,20 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA secure_delete=ON")  # erased key material is zeroed on disk
         cur.execute("PRAGMA busy_timeout=5000")
+        # The write-ahead log is copied into the database by SqlStorage.checkpoint_wal in
+        # each worker's background loop, not by the committing request: a checkpoint syncs
+        # both files, and a slow sync under the writer lock stalled every request (p99 at
+        # half load 30-300 ms instead of 3-5). A request checkpoints only if that loop has
+        # fallen this far behind (pages of 4 KiB: 64 MiB of log).
+        cur.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
+        # On the DBAPI cursor: every request's transaction starts here, and SQLAlchemy's
+        # executor would add about 15 µs to the statement's 2 (kms.backends.storage.prepared).
         immediate = conn.get_execution_options().get("kms_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        prepared.run_on_cursor(conn, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     @event.listens_for(engine, "handle_error")
     def _drop_read_only(ctx: Any) -> None:
@@ -430,6 +441,7 @@ class SqlStorage:
         self._lock_fd: int | None = None
         self._lock_pid = 0
         self._thread_lock = threading.Lock()
+        self._wal_checkpoints_ok = True
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTx]:
@@ -479,6 +491,23 @@ class SqlStorage:
                 log.warning("WAL truncation incomplete; erased material may linger in the WAL")
         except (sa_exc.SQLAlchemyError, OSError):
             log.exception("WAL truncation failed")
+
+    def checkpoint_wal(self) -> None:
+        """On SQLite, copy the write-ahead log into the database file (a PASSIVE checkpoint:
+        it never waits for readers or writers, and does not take the writer lock, so
+        requests go on committing meanwhile). Nothing on PostgreSQL. Best effort, never
+        raises: a failure is logged once until a checkpoint succeeds again."""
+        if self._postgres or self._lock_path is None:
+            return
+        try:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        except sa_exc.SQLAlchemyError as e:
+            if self._wal_checkpoints_ok:
+                log.warning("WAL checkpoint failed", extra={"error": type(e).__name__})
+            self._wal_checkpoints_ok = False
+        else:
+            self._wal_checkpoints_ok = True
 
     def check(self) -> None:
         with self._translate():

@@ -1,23 +1,30 @@
 """Where a decrypt's time goes: one process, no HTTP server, no load generator.
 
-    .venv/bin/python bench/profile.py --requests 3000
+    .venv/bin/python bench/profile_decrypt.py --requests 3000
 
 Drives the Flask app in process through WSGI and times, per request, the bare Flask
 endpoint of bench/run.py's ceiling, a KMS single decrypt and a 1000-item batch decrypt,
 and inside them the phases of the request path (wall-clock time spent in each, summed
 over the run). Same data directory layout, SQLite ``synchronous=NORMAL``, metrics and
-rate limiting on, as in bench/run.py. Not a test: nothing here asserts.
+rate limiting on, as in bench/run.py.
+
+Then, in a separate pass under cProfile, it counts the Python function calls a request
+makes (exact, unlike times) and splits them and the profiled time by library, bare
+endpoint beside KMS decrypt: the request path is bound by the interpreter, so the calls
+it makes are what a leaner path would have to remove. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import inspect
 import json
+import pstats
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +103,52 @@ def per_request(app: Any, path: str, body: bytes, headers: dict[str, str], n: in
     return spent / n
 
 
+def by_library(
+    app: Any, path: str, body: bytes, headers: dict[str, str], n: int
+) -> tuple[Counter[str], Counter[str]]:
+    """Python function calls and profiled seconds per request, by library, for ``n``
+    requests under cProfile (the environs are built before profiling starts)."""
+    environs = [
+        EnvironBuilder(path=path, method="POST", data=body, headers=headers).get_environ()
+        for _ in range(n)
+    ]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for environ in environs:
+        b"".join(app(environ, lambda _s, _h, _e=None: None))
+    profiler.disable()
+    calls: Counter[str] = Counter()
+    spent: Counter[str] = Counter()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    for (filename, _line, _name), (_prim, ncalls, own, _cum, _callers) in stats.items():
+        library = _library(filename)
+        calls[library] += ncalls / n
+        spent[library] += own / n
+    return calls, spent
+
+
+def _library(filename: str) -> str:
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1].split("/", 1)[0]
+    if filename.startswith(str(ROOT)):
+        return "/".join(Path(filename).relative_to(ROOT).parts[:2])
+    if filename == "~":
+        return "C functions (SQLite, json, hashlib, ...)"
+    return "standard library"
+
+
+def report_calls(
+    bare: tuple[Counter[str], Counter[str]], kms: tuple[Counter[str], Counter[str]]
+) -> None:
+    print("\nPython function calls per request, by library (cProfile; time is profiled time)")
+    print(f"  {'library':<44}{'bare calls':>11}{'KMS calls':>11}{'KMS time':>10}")
+    total = sum(kms[1].values())
+    for library, count in sorted(kms[0].items(), key=lambda kv: -kv[1])[:16]:
+        share = kms[1][library] / total
+        print(f"  {library:<44}{bare[0][library]:>11.0f}{count:>11.0f}{share:>10.1%}")
+    print(f"  {'all':<44}{sum(bare[0].values()):>11.0f}{sum(kms[0].values()):>11.0f}")
+
+
 def report(title: str, total: float, units: int, unit: str) -> None:
     print(f"\n{title}: {total / units * 1e6:.1f} µs per {unit}")
     for label, spent in SPENT.items():
@@ -143,6 +196,8 @@ def main() -> None:
         n = args.requests
         bare = per_request(bare_app.wsgi_app, "/echo", single[0], headers, n)
         per_request(app.wsgi_app, "/v1/decrypt", single[0], headers, 300)  # warm caches
+        calls_bare = by_library(bare_app.wsgi_app, "/echo", single[0], headers, n)
+        calls_kms = by_library(app.wsgi_app, "/v1/decrypt", single[0], headers, n)
         instrument()
         SPENT.clear()
         one = per_request(app.wsgi_app, "/v1/decrypt", single[0], headers, n)
@@ -155,6 +210,7 @@ def main() -> None:
         batches = max(3, n // 300)
         many = per_request(app.wsgi_app, "/v1/decrypt", batch, headers, batches)
         report("batch decrypt, 1000 items", many * batches, batches * 1000, "item")
+        report_calls(calls_bare, calls_kms)
 
 
 if __name__ == "__main__":
