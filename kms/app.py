@@ -150,7 +150,7 @@ def start_background(services: Services, settings: config_mod.Settings) -> None:
     scheduler, the database's log upkeep and webhook delivery. PKCS#11 calls go through
     the backend's process-wide lock."""
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
-    _every(1, services.health.storage_upkeep, "wal-checkpoint")
+    _every(0.5, services.health.storage_upkeep, "wal-checkpoint")
     _every(settings.scheduler_seconds, lambda: _run_due(services), "scheduler")
     if services.notifier.configured:
         _every(1, services.notifier.deliver_quietly, "notifications")
@@ -171,7 +171,7 @@ def _run_due(services: Services) -> None:
         )
 
 
-def _every(seconds: int, task: Callable[[], None], name: str) -> None:
+def _every(seconds: float, task: Callable[[], None], name: str) -> None:
     if seconds <= 0:
         return
 

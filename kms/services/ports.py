@@ -186,8 +186,8 @@ class Storage(Protocol):
         ...
 
     def checkpoint_wal(self) -> None:
-        """Background upkeep, every second per worker: move the database's write-ahead log
-        into its files (SQLite; nothing on PostgreSQL). Never raises."""
+        """Background upkeep, twice a second per worker: move the database's write-ahead
+        log into its files (SQLite; nothing on PostgreSQL). Never raises."""
         ...
 
     def check(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,11 +179,13 @@ def _rows_in_database_file(db: Path, copy: Path) -> int:
 
 
 def test_requests_leave_the_wal_checkpoint_to_the_background_loop(tmp_path: Path) -> None:
-    """A commit does not checkpoint (that syncs both files under the writer lock, the tail
-    latency of every request behind it); SqlStorage.checkpoint_wal, run every second by
-    each worker, does, without the writer lock."""
+    """A commit does not checkpoint (that syncs both files under the writer lock: the tail
+    latency of every request queued behind it). SqlStorage.checkpoint_wal, run twice a
+    second by each worker, copies the log without the writer lock, then takes the lock
+    only to finish what writers added meanwhile, so the log starts over."""
     db = tmp_path / "wal.sqlite3"
-    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
+    url = f"sqlite:///{db}"
+    storage = SqlStorage(make_engine(url, "NORMAL"))
     with storage.transaction() as tx:
         tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
     storage.checkpoint_wal()
@@ -189,9 +193,26 @@ def test_requests_leave_the_wal_checkpoint_to_the_background_loop(tmp_path: Path
         with storage.transaction() as tx:
             tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (f"{i:0>500}",))
     assert _rows_in_database_file(db, tmp_path / "before.sqlite3") == 0
-    with storage._writer_lock():  # held by a writer meanwhile: the checkpoint goes on
-        storage.checkpoint_wal()
-    assert _rows_in_database_file(db, tmp_path / "after.sqlite3") == 1500
+
+    writer = SqlStorage(make_engine(url, "NORMAL"))  # another worker, mid-transaction
+    with writer._writer_lock():
+        checkpoint = threading.Thread(target=storage.checkpoint_wal)
+        checkpoint.start()
+        for _ in range(100):  # the first pass copies while the lock is held elsewhere
+            if _rows_in_database_file(db, tmp_path / "during.sqlite3") == 1500:
+                break
+            time.sleep(0.05)
+        assert _rows_in_database_file(db, tmp_path / "during.sqlite3") == 1500
+        assert checkpoint.is_alive()  # the second pass waits for the writer lock
+    checkpoint.join(timeout=10)
+    assert not checkpoint.is_alive()
+
+    wal = db.with_name(db.name + "-wal")
+    size = wal.stat().st_size
+    for i in range(20):
+        with storage.transaction() as tx:
+            tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (str(i),))
+    assert wal.stat().st_size == size  # the log started over instead of growing
 
 
 def test_a_failing_wal_checkpoint_is_logged_once_and_never_raises(
