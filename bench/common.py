@@ -214,6 +214,7 @@ def _raw_worker(data_dir: str, seconds: float, op: str, out: Any) -> None:
     import pkcs11
     from pkcs11 import GCMParams, KeyType, Mechanism, ObjectClass
 
+    from bench.floor_app import unwrap_kek
     from hsm_config import templates
     from kms import config
 
@@ -231,14 +232,7 @@ def _raw_worker(data_dir: str, seconds: float, op: str, out: Any) -> None:
     root = session.get_key(object_class=ObjectClass.SECRET_KEY, label=settings.root_key_label)
     tmp = session.generate_key(KeyType.AES, 256, store=False, template=templates.KEK_TO_WRAP)
     wrapped = root.wrap_key(tmp, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-    kek = root.unwrap_key(
-        ObjectClass.SECRET_KEY,
-        KeyType.AES,
-        wrapped,
-        mechanism=Mechanism.AES_KEY_WRAP_PAD,
-        store=False,
-        template=templates.KEK_IN_USE,
-    )
+    kek = unwrap_kek(root, wrapped)
     aad, dek, iv = b"a" * 60, os.urandom(32), os.urandom(12)
     ct = kek.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad))
     count, end = 0, time.perf_counter() + seconds

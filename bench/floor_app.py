@@ -72,7 +72,7 @@ def prepare(data_dir: str, db: str, contexts: list[dict[str, str]]) -> list[str]
     fresh = session.generate_key(KeyType.AES, 256, store=False, template=templates.KEK_TO_WRAP)
     wrapped = bytes(root.wrap_key(fresh, mechanism=Mechanism.AES_KEY_WRAP_PAD))
     Path(f"{db}.kek").write_bytes(wrapped)
-    kek = _unwrap(root, wrapped)
+    kek = unwrap_kek(root, wrapped)
     engine = create_engine(f"sqlite:///{db}")
     t.audit_records.create(engine)
     t.audit_head.create(engine)
@@ -95,8 +95,9 @@ def prepare(data_dir: str, db: str, contexts: list[dict[str, str]]) -> list[str]
     return bodies
 
 
-def _unwrap(root: Any, wrapped: bytes) -> Any:
-    """A session object of the KEK, usable to encrypt and decrypt, as the KMS caches."""
+def unwrap_kek(root: Any, wrapped: bytes) -> Any:
+    """A session object of the KEK, usable to encrypt and decrypt, as the KMS caches
+    (also the raw SoftHSM measurement's key, bench/common.py)."""
     from pkcs11 import KeyType, Mechanism, ObjectClass
 
     from hsm_config import templates
@@ -118,7 +119,7 @@ def _aad(context: dict[str, str]) -> bytes:
 def _state() -> dict[str, Any]:
     if not _worker:
         session, root = _open(os.environ["FLOOR_DATA_DIR"])
-        _worker["kek"] = _unwrap(root, Path(os.environ["FLOOR_DB"] + ".kek").read_bytes())
+        _worker["kek"] = unwrap_kek(root, Path(os.environ["FLOOR_DB"] + ".kek").read_bytes())
         _worker["session"] = session
         db = sqlite3.connect(os.environ["FLOOR_DB"], isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")
