@@ -6,7 +6,8 @@ Drives the Flask app in process through WSGI and times, per request, the bare Fl
 endpoint of bench/run.py's ceiling, a KMS single decrypt and a 1000-item batch decrypt,
 and inside them the phases of the request path (wall-clock time spent in each, summed
 over the run). Same data directory layout, SQLite ``synchronous=NORMAL``, metrics and
-rate limiting on, as in bench/run.py.
+rate limiting on, as in bench/run.py. No background loop runs here, so the WAL is not
+checkpointed (a server's workers do that off the request path, twice a second).
 
 Then, in a separate pass under cProfile, it counts the Python function calls a request
 makes (exact, unlike times) and splits them and the profiled time by library, bare

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -11,6 +12,7 @@ import pytest
 
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
+from kms.backends.storage.sql_storage import WAL_BACKSTOP_PAGES
 from kms.errors import StorageUnavailable
 from tests.helpers import Api, FailingPkcs11, immutable
 
@@ -171,48 +173,96 @@ def test_a_database_locked_by_another_program_is_refused_then_recovers(tmp_path:
         assert tx._c.exec_driver_sql("SELECT x FROM t").scalars().all() == [1]
 
 
-def _rows_in_database_file(db: Path, copy: Path) -> int:
-    """Rows of t in the database file alone, without its write-ahead log."""
+def _rows_in_database_file(db: Path, copy: Path) -> int | None:
+    """Rows of t in the database file alone, without its write-ahead log (None if the
+    file is not readable alone: copied in the middle of a checkpoint, or after one that
+    could not copy everything)."""
     copy.write_bytes(db.read_bytes())
-    with sqlite3.connect(copy) as c:
-        return int(c.execute("SELECT count(*) FROM t").fetchone()[0])
+    try:
+        with contextlib.closing(sqlite3.connect(copy)) as c:
+            return int(c.execute("SELECT count(*) FROM t").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return None
+
+
+def _insert(storage: SqlStorage, values: range) -> None:
+    for i in values:
+        with storage.transaction() as tx:
+            tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (f"{i:0>500}",))
 
 
 def test_requests_leave_the_wal_checkpoint_to_the_background_loop(tmp_path: Path) -> None:
     """A commit does not checkpoint (that syncs both files under the writer lock: the tail
     latency of every request queued behind it). SqlStorage.checkpoint_wal, run twice a
     second by each worker, copies the log without the writer lock, then takes the lock
-    only to finish what writers added meanwhile, so the log starts over."""
+    only to finish what writers added meanwhile, so that the log starts over."""
     db = tmp_path / "wal.sqlite3"
     url = f"sqlite:///{db}"
     storage = SqlStorage(make_engine(url, "NORMAL"))
     with storage.transaction() as tx:
         tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
     storage.checkpoint_wal()
-    for i in range(1500):  # 1,500 commits: over SQLite's default of a checkpoint per 1,000 pages
-        with storage.transaction() as tx:
-            tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (f"{i:0>500}",))
-    assert _rows_in_database_file(db, tmp_path / "before.sqlite3") == 0
+    _insert(storage, range(1500))  # over SQLite's default of a checkpoint per 1,000 pages
+    assert _rows_in_database_file(db, tmp_path / "copy.sqlite3") == 0
+    with storage.reader() as tx:  # requests checkpoint only past the 64 MiB backstop
+        backstop = tx._c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+    assert backstop == WAL_BACKSTOP_PAGES == 16384
 
+    # a reader's snapshot keeps the first pass from copying the 50 rows committed after
+    # it, as commits during the pass would: so the second pass has something to finish
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1500
+    _insert(storage, range(1500, 1550))
     writer = SqlStorage(make_engine(url, "NORMAL"))  # another worker, mid-transaction
+    before = db.stat().st_size
     with writer._writer_lock():
-        checkpoint = threading.Thread(target=storage.checkpoint_wal)
+        checkpoint = threading.Thread(target=storage.checkpoint_wal, kwargs={"finish_at": 1})
         checkpoint.start()
         for _ in range(100):  # the first pass copies while the lock is held elsewhere
-            if _rows_in_database_file(db, tmp_path / "during.sqlite3") == 1500:
+            if db.stat().st_size > before + 750_000:  # 1,500 rows of 500 bytes
                 break
             time.sleep(0.05)
-        assert _rows_in_database_file(db, tmp_path / "during.sqlite3") == 1500
+        assert db.stat().st_size > before + 750_000
+        time.sleep(0.2)
         assert checkpoint.is_alive()  # the second pass waits for the writer lock
     checkpoint.join(timeout=10)
     assert not checkpoint.is_alive()
+    reader.execute("COMMIT")
+    reader.close()
+    storage.checkpoint_wal(finish_at=1)
+    assert _rows_in_database_file(db, tmp_path / "copy.sqlite3") == 1550
 
     wal = db.with_name(db.name + "-wal")
     size = wal.stat().st_size
-    for i in range(20):
-        with storage.transaction() as tx:
-            tx._c.exec_driver_sql("INSERT INTO t VALUES (?)", (str(i),))
+    _insert(storage, range(20))
     assert wal.stat().st_size == size  # the log started over instead of growing
+
+
+def test_one_checkpoint_at_a_time_and_the_purge_waits_for_it(tmp_path: Path) -> None:
+    """SQLite answers a second concurrent checkpoint "busy" at once: the background loop
+    skips its turn while another checkpoints, and the WAL truncation after a key's
+    destruction waits instead of leaving erased material in the log."""
+    db = tmp_path / "purge.sqlite3"
+    url = f"sqlite:///{db}"
+    storage = SqlStorage(make_engine(url, "NORMAL"))
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage.checkpoint_wal()
+    _insert(storage, range(200))
+    wal = db.with_name(db.name + "-wal")
+    other = SqlStorage(make_engine(url, "NORMAL"))  # another worker, checkpointing
+    with other._checkpointer.held():
+        storage.checkpoint_wal(finish_at=1)  # skipped: nothing copied
+        assert _rows_in_database_file(db, tmp_path / "copy.sqlite3") == 0
+        purge = threading.Thread(target=storage.purge_erased)
+        purge.start()
+        time.sleep(0.3)
+        assert purge.is_alive() and wal.stat().st_size > 0
+    purge.join(timeout=10)
+    assert not purge.is_alive()
+    assert wal.stat().st_size == 0  # truncated: no old page image left in the log
+    assert _rows_in_database_file(db, tmp_path / "copy.sqlite3") == 200
 
 
 def test_a_failing_wal_checkpoint_is_logged_once_and_never_raises(

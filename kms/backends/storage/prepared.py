@@ -73,8 +73,9 @@ def run_on_cursor(
     executemany for several); every row as a tuple if ``fetch``. A database error
     invalidates ``conn`` and is raised as DBAPIError (see the module docstring)."""
     dbapi = conn.dialect.loaded_dbapi
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor = None
     try:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         if len(args) == 1:
             cursor.execute(sql, args[0])
         else:
@@ -82,12 +83,13 @@ def run_on_cursor(
         return [tuple(r) for r in cursor.fetchall()] if fetch else []
     except dbapi.Error as e:
         error = sa_exc.DBAPIError.instance(sql, list(args), e, dbapi.Error, dialect=conn.dialect)
-        with contextlib.suppress(dbapi.Error):
-            cursor.close()
+        if cursor is not None:
+            with contextlib.suppress(dbapi.Error):
+                cursor.close()
         conn.invalidate(e)
         raise error from e
     finally:
-        if not conn.invalidated:
+        if cursor is not None and not conn.invalidated:
             cursor.close()
 
 

@@ -54,6 +54,7 @@ log = logging.getLogger("kms.storage")
 
 
 WAL_BACKSTOP_PAGES = 16384
+WAL_FINISH_FRAMES = 4096  # 16 MiB: the log a background checkpoint finishes under the lock
 
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
@@ -425,6 +426,45 @@ def _principal(row: Row[Any]) -> Principal:
     return Principal(int(row.id), row.name, Role(row.role), _utc(row.created_at))  # type: ignore[arg-type]
 
 
+class _FileLock:
+    """An exclusive ``flock`` of one file (opened again after a fork), held by one thread
+    of the process at a time. No file (``None``): always granted, nothing locked."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._pid = 0
+        self._thread_lock = threading.Lock()
+
+    @contextmanager
+    def held(self, wait: bool = True) -> Iterator[bool]:
+        """Yield True while holding the lock; without ``wait``, yield False at once if
+        another thread or process holds it."""
+        if self._path is None:
+            yield True
+            return
+        if not self._thread_lock.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._pid = os.getpid()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                got = False
+            else:
+                got = True
+            try:
+                yield got
+            finally:
+                if got:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
 class SqlStorage:
     """The Storage port. One engine (connection pool) per process, made at start.
 
@@ -438,10 +478,12 @@ class SqlStorage:
         self._engine = engine
         self._postgres = engine.url.get_backend_name() == "postgresql"
         path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-        self._lock_path = f"{path}.lock" if path and path != ":memory:" else None
-        self._lock_fd: int | None = None
-        self._lock_pid = 0
-        self._thread_lock = threading.Lock()
+        on_disk = bool(path) and path != ":memory:"
+        self._lock_path = f"{path}.lock" if on_disk else None
+        self._writer = _FileLock(self._lock_path)
+        # held by whoever checkpoints the WAL (checkpoint_wal, purge_erased): SQLite runs
+        # one checkpoint at a time and answers a second one "busy" without waiting
+        self._checkpointer = _FileLock(f"{path}.ckpt" if on_disk else None)
         self._wal_checkpoints_ok = True
 
     @contextmanager
@@ -455,20 +497,10 @@ class SqlStorage:
 
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
-        if self._lock_path is None:
+        # Blocking: the kernel hands the lock over at once. A writer stuck while holding
+        # it is ended by gunicorn's worker timeout, and its lock dies with the process.
+        with self._writer.held():
             yield
-            return
-        with self._thread_lock:
-            if self._lock_fd is None or self._lock_pid != os.getpid():
-                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-                self._lock_pid = os.getpid()
-            # Blocking: the kernel hands the lock over at once. A writer stuck while holding
-            # it is ended by gunicorn's worker timeout, and its lock dies with the process.
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def reader(self) -> Iterator[SqlTx]:
@@ -478,40 +510,52 @@ class SqlStorage:
     def purge_erased(self) -> None:
         """On SQLite, checkpoint the WAL into the database and truncate it: deleted rows
         were zeroed in their pages (``secure_delete``), but older page images stay in the
-        WAL until it is truncated. Readers holding old snapshots can make the truncation
-        incomplete; it then happens at a later call or routine checkpoint (logged).
+        WAL until it is truncated. It waits for a background checkpoint to finish
+        (checkpoint_wal), then holds the writer lock. Readers holding old snapshots can
+        still make the truncation incomplete (logged); it then happens at the next call.
         On PostgreSQL, VACUUM the erased rows' table (postgres.vacuum_erased says what
         that does and does not remove)."""
         if self._postgres:
             vacuum_erased(self._engine)
             return
         try:
-            with self._writer_lock(), self._engine.connect() as conn:
+            with self._checkpointer.held(), self._writer_lock(), self._engine.connect() as conn:
                 busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
             if busy is not None and busy[0]:
                 log.warning("WAL truncation incomplete; erased material may linger in the WAL")
         except (sa_exc.SQLAlchemyError, OSError):
             log.exception("WAL truncation failed")
 
-    def checkpoint_wal(self) -> None:
-        """On SQLite, copy the write-ahead log into the database file, in two passes.
-        The first copies what the log holds now, and syncs, without the writer lock:
-        requests go on committing meanwhile. The second, under the writer lock, copies
-        only what they committed during the first, so that the log is complete and the
-        next writer starts it over (otherwise a log written to without pause never
-        restarts and grows to the backstop of make_engine). Both are PASSIVE: they never
-        wait for readers. Nothing on PostgreSQL. Best effort, never raises: a failure is
-        logged once until a checkpoint succeeds again."""
+    def checkpoint_wal(self, finish_at: int = WAL_FINISH_FRAMES) -> None:
+        """On SQLite, copy the write-ahead log into the database file. Nothing on
+        PostgreSQL, or while another process or thread is checkpointing (one at a time).
+
+        The first pass copies what the log holds and syncs, without the writer lock:
+        requests go on committing meanwhile. If they committed during it and the log has
+        reached ``finish_at`` frames, a second pass under the writer lock copies just
+        that, so that the log is complete and the next writer starts it over (a log
+        written to without pause never restarts otherwise, and would grow to the
+        backstop of make_engine). Both passes are PASSIVE: they never wait for readers,
+        and copy nothing a reader's snapshot still needs.
+
+        Best effort, never raises: a failure is logged once (per process) until a
+        checkpoint succeeds again."""
         if self._postgres or self._lock_path is None:
             return
         try:
-            with self._engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-                with self._writer_lock():
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            with self._checkpointer.held(wait=False) as mine:
+                if not mine:
+                    return
+                with self._engine.connect() as conn:
+                    row = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").first()
+                _busy, frames, copied = row if row is not None else (0, 0, 0)
+                if copied < frames and frames >= finish_at:
+                    with self._writer_lock(), self._engine.connect() as conn:
+                        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
         except (sa_exc.SQLAlchemyError, OSError) as e:
             if self._wal_checkpoints_ok:
-                log.warning("WAL checkpoint failed", extra={"error": type(e).__name__})
+                reason = getattr(getattr(e, "orig", None), "sqlite_errorname", None)
+                log.warning("WAL checkpoint failed", extra={"error": reason or type(e).__name__})
             self._wal_checkpoints_ok = False
         else:
             self._wal_checkpoints_ok = True
