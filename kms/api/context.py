@@ -46,12 +46,11 @@ def operation(name: str) -> Callable[[F], F]:
         @functools.wraps(view)
         def inner(*args: Any, **kwargs: Any) -> Any:
             g.operation = name
-            ident = request_id()
-            g.caller = Caller(ident, None)
+            g.caller = Caller(request_id(), None)
             principal = peer.authenticate(  # bearer token and/or verified client certificate
                 services().principals, request.environ, request.headers.get("Authorization")
             )
-            g.caller = Caller(ident, principal)
+            g.caller = Caller(request_id(), principal)
             admit(principal)  # 429 over the principal's rate limit
             return view(*args, **kwargs)
 

@@ -150,14 +150,20 @@ def test_a_connection_opened_while_read_only_is_replaced_once_writable(tmp_path:
         assert c.exec_driver_sql("SELECT x FROM t").scalars().all() == [2]
 
 
+def _storage_with_table(db: Path) -> SqlStorage:
+    """A SqlStorage on a new SQLite file ``db`` holding an empty table t (x)."""
+    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
+    with storage.transaction() as tx:
+        tx._c.exec_driver_sql("CREATE TABLE t (x)")
+    return storage
+
+
 def test_a_database_locked_by_another_program_is_refused_then_recovers(tmp_path: Path) -> None:
     """A write transaction that cannot start (another program holds SQLite's write lock
     past the 5 s busy timeout) is StorageUnavailable, which the API answers 503, and the
     next transaction after the lock is released succeeds."""
     db = tmp_path / "locked.sqlite3"
-    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
-    with storage.transaction() as tx:
-        tx._c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    storage = _storage_with_table(db)
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # e.g. a maintenance script that never commits
     try:
@@ -198,9 +204,7 @@ def test_requests_leave_the_wal_checkpoint_to_the_background_loop(tmp_path: Path
     only to finish what writers added meanwhile, so that the log starts over."""
     db = tmp_path / "wal.sqlite3"
     url = f"sqlite:///{db}"
-    storage = SqlStorage(make_engine(url, "NORMAL"))
-    with storage.transaction() as tx:
-        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage = _storage_with_table(db)
     storage.checkpoint_wal()
     _insert(storage, range(1500))  # over SQLite's default of a checkpoint per 1,000 pages
     assert _rows_in_database_file(db, tmp_path / "copy.sqlite3") == 0
@@ -245,9 +249,7 @@ def test_one_checkpoint_at_a_time_and_the_purge_waits_for_it(tmp_path: Path) -> 
     destruction waits instead of leaving erased material in the log."""
     db = tmp_path / "purge.sqlite3"
     url = f"sqlite:///{db}"
-    storage = SqlStorage(make_engine(url, "NORMAL"))
-    with storage.transaction() as tx:
-        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage = _storage_with_table(db)
     storage.checkpoint_wal()
     _insert(storage, range(200))
     wal = db.with_name(db.name + "-wal")
@@ -269,9 +271,7 @@ def test_a_failing_wal_checkpoint_is_logged_once_and_never_raises(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = tmp_path / "gone.sqlite3"
-    storage = SqlStorage(make_engine(f"sqlite:///{db}", "NORMAL"))
-    with storage.transaction() as tx:
-        tx._c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    storage = _storage_with_table(db)
     storage._engine.dispose()
     db.rename(tmp_path / "moved")
     db.mkdir()  # every open fails
