@@ -243,7 +243,7 @@ def _restore_files(source: Path, data_dir: Path, manifest: dict[str, Any]) -> No
 def _check_and_record(data_dir: Path, manifest: dict[str, Any]) -> str:
     """Schema up to date, HSM + database + audit key answering, restore recorded."""
     from kms.bootstrap import migrate_database, open_services
-    from kms.services.audit import Caller, Operation
+    from kms.services.audit import Caller, EventBuilder
 
     migrate_database(data_dir)
     with open_services(data_dir) as services:
@@ -251,7 +251,7 @@ def _check_and_record(data_dir: Path, manifest: dict[str, Any]) -> str:
         failed = {name: code for name, code in checks.items() if code != "ok"}
         if failed:
             raise click.ClickException(f"the restored directory does not work: {failed}")
-        op = Operation(Caller(f"kms-restore-{uuid.uuid4().hex}", None), "restore_backup")
+        op = EventBuilder(Caller(f"kms-restore-{uuid.uuid4().hex}", None), "restore_backup")
         detail = (
             f"backup created {manifest['created']}, audit head seq {manifest['audit_head_seq']}"
         )

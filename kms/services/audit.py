@@ -56,8 +56,8 @@ def format_time(when: datetime) -> str:
     return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
-class Operation:
-    """Collects what is known about one operation while it runs."""
+class EventBuilder:
+    """Collects the fields of one audit record while its operation runs."""
 
     def __init__(self, caller: Caller, name: str) -> None:
         self._fields: dict[str, Any] = {
@@ -222,7 +222,7 @@ class AuditTrail:
     def refused(self, caller: Caller, operation: str, error: BaseException) -> None:
         """Record a refusal that happened before any service saw the request (for the
         adapters' error handlers); nothing if a service already recorded it."""
-        self.record_failure(Operation(caller, operation).event, error)
+        self.record_failure(EventBuilder(caller, operation).event, error)
 
     def record_failure_batch(self, events: Sequence[AuditEvent], error: BaseException) -> None:
         """Record already-failed ``events`` for ``error``; never raises (see record_failure)."""
@@ -235,10 +235,10 @@ class AuditTrail:
             error.audited = True
 
     @contextmanager
-    def operation(self, caller: Caller, name: str) -> Iterator[Operation]:
+    def operation(self, caller: Caller, name: str) -> Iterator[EventBuilder]:
         """Run an operation; if it raises, its failure is recorded before re-raising.
         The body records success itself, inside its own transaction."""
-        op = Operation(caller, name)
+        op = EventBuilder(caller, name)
         try:
             yield op
         except Exception as e:

@@ -32,7 +32,7 @@ from kms.errors import (
 )
 from kms.formats import blob as blobfmt
 from kms.formats import context as ctxfmt
-from kms.services.audit import AuditTrail, Caller, Operation
+from kms.services.audit import AuditTrail, Caller, EventBuilder
 from kms.services.escrow import EscrowService
 from kms.services.keys import require_enabled, require_not_retired, resolve
 from kms.services.lookup_cache import LookupCache, cached_kek
@@ -49,7 +49,7 @@ from kms.services.model import (
     Principal,
     Role,
 )
-from kms.services.model import Operation as Op
+from kms.services.model import Permission as Op
 from kms.services.ports import Hsm, Storage, Tx
 
 MAX_PLAINTEXT = 4096
@@ -302,7 +302,7 @@ class CryptoService:
         """A fresh DEK from the HSM per item (256 bits unless ``size`` says otherwise),
         wrapped under the key's current version."""
 
-        def one(keys: _Keys, op: Operation, item: DataKeyRequest) -> Sealed:
+        def one(keys: _Keys, op: EventBuilder, item: DataKeyRequest) -> Sealed:
             op.note(context_sha256=ctxfmt.digest(item.context))
             if not 1 <= item.size <= MAX_DATAKEY_BYTES:
                 raise InvalidRequest(f"a data key is 1 to {MAX_DATAKEY_BYTES} bytes")
@@ -319,7 +319,7 @@ class CryptoService:
     ) -> list[Sealed | ClientError]:
         """Encrypt small plaintexts (at most 4096 bytes) under the key's current version."""
 
-        def one(keys: _Keys, op: Operation, item: EncryptRequest) -> Sealed:
+        def one(keys: _Keys, op: EventBuilder, item: EncryptRequest) -> Sealed:
             op.note(context_sha256=ctxfmt.digest(item.context))
             if len(item.plaintext) > MAX_PLAINTEXT:
                 raise InvalidRequest(f"plaintext must be at most {MAX_PLAINTEXT} bytes")
@@ -334,7 +334,7 @@ class CryptoService:
     ) -> list[Opened | ClientError]:
         """Open blobs; the key and version are read from each blob."""
 
-        def one(keys: _Keys, op: Operation, item: DecryptRequest) -> Opened:
+        def one(keys: _Keys, op: EventBuilder, item: DecryptRequest) -> Opened:
             _note_unwrap(op, item.context, item.justification, item.reference, item.case_id)
             if item.case_id is not None:
                 return self._open_under_case(keys, op, caller, item)
@@ -347,7 +347,7 @@ class CryptoService:
         return self._run(caller, "decrypt", items, one, (Role.SERVICE, Role.REQUESTER))
 
     def _open_under_case(
-        self, keys: _Keys, op: Operation, caller: Caller, item: DecryptRequest
+        self, keys: _Keys, op: EventBuilder, caller: Caller, item: DecryptRequest
     ) -> Opened:
         assert item.case_id is not None
         if keys.principal.role is not Role.REQUESTER or self._escrow is None:
@@ -382,7 +382,7 @@ class CryptoService:
         (``destination_context``), needs decrypt and rewrap on the source and rewrap on the
         destination, since whoever can decrypt there could read it."""
 
-        def one(keys: _Keys, op: Operation, item: RewrapRequest) -> Sealed:
+        def one(keys: _Keys, op: EventBuilder, item: RewrapRequest) -> Sealed:
             _note_unwrap(op, item.context, item.justification, item.reference, None)
             parsed, kek = self._parse(keys, op, item.ciphertext, Op.REWRAP)
             keys.justified(kek.key_id, item.justification)
@@ -409,7 +409,7 @@ class CryptoService:
         caller: Caller,
         name: str,
         items: Sequence[I],
-        one: Callable[[_Keys, Operation, I], R],
+        one: Callable[[_Keys, EventBuilder, I], R],
         roles: tuple[Role, ...] = (Role.SERVICE,),
     ) -> list[R | ClientError]:
         with self._audit.operation(caller, name):
@@ -430,7 +430,7 @@ class CryptoService:
         name: str,
         principal: Principal,
         items: Sequence[I],
-        one: Callable[[_Keys, Operation, I], R],
+        one: Callable[[_Keys, EventBuilder, I], R],
         admissions: bool,
     ) -> tuple[list[R | ClientError], bool]:
         """Run the request; its results and whether an audit checkpoint is due. Raises
@@ -438,7 +438,7 @@ class CryptoService:
         had been admitted from the worker's cache."""
         results: list[R | ClientError] = []
         events: list[AuditEvent] = []
-        op = Operation(caller, name)
+        op = EventBuilder(caller, name)
         # Look-ups and HSM work in a read transaction; then a short write transaction
         # re-checks what the request relied on (keys, grants, escrow budget) and appends
         # the audit records. Results leave only after the records committed.
@@ -451,7 +451,7 @@ class CryptoService:
                     admissions,
                 )
                 for item in items:
-                    op = Operation(caller, name)
+                    op = EventBuilder(caller, name)
                     try:
                         results.append(one(keys, op, item))
                         events.append(op.ok())
@@ -459,7 +459,7 @@ class CryptoService:
                         e.audited = True  # recorded with the others below
                         results.append(e)
                         events.append(op.failed(e.code, e.detail or e.message))
-            op = Operation(caller, name)  # failures past this point are request-wide
+            op = EventBuilder(caller, name)  # failures past this point are request-wide
             drafts = self._audit.drafts(events)
             with self._storage.transaction() as tx:
                 try:
@@ -493,7 +493,7 @@ class CryptoService:
         detail = (error.detail if isinstance(error, KmsError) else None) or type(error).__name__
         failed = [replace(ev, outcome=code, detail=detail) for ev in events]
         failed += [
-            replace(Operation(caller, name).event, outcome=code, detail="batch aborted")
+            replace(EventBuilder(caller, name).event, outcome=code, detail="batch aborted")
             for _ in range(total - len(failed))
         ]
         self._audit.record_failure_batch(failed, error)
@@ -508,7 +508,7 @@ class CryptoService:
         return Sealed(kek.key_id, kek.version, replace(header, ciphertext=ct).to_bytes())
 
     def _parse(
-        self, keys: _Keys, op: Operation, data: bytes, operation: Op
+        self, keys: _Keys, op: EventBuilder, data: bytes, operation: Op
     ) -> tuple[blobfmt.Blob, KekRef]:
         parsed = _parse_blob(data)
         op.note(key_id=parsed.key_id, key_version=parsed.key_version)
@@ -544,7 +544,7 @@ def _parse_blob(data: bytes) -> blobfmt.Blob:
 
 
 def _note_unwrap(
-    op: Operation, context: dict[str, str], code: str, reference: str | None, case_id: str | None
+    op: EventBuilder, context: dict[str, str], code: str, reference: str | None, case_id: str | None
 ) -> None:
     op.note(
         context_sha256=ctxfmt.digest(context),

@@ -34,7 +34,7 @@ from typing import Any
 from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from kms.formats import escrow as escrowfmt
 from kms.formats.blob import Blob
-from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
 from kms.services.keys import resolve
 from kms.services.model import (
@@ -425,7 +425,7 @@ class EscrowService:
     ) -> EscrowCase:
         new = replace(case, state=state)
         self._rows.put_case(tx, new)
-        event = Operation(caller, f"case_{state.value}").ok(
+        event = EventBuilder(caller, f"case_{state.value}").ok(
             case_id=case.case_id, detail=f"{case.state.value}->{state.value} ({why})"
         )
         self._audit.append(tx, [event])

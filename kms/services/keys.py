@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from kms.errors import InvalidRequest, KeyStateError, KeyVersionRetired, KmsError, NotFound
-from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
     ESCROW_ONLY_JUSTIFICATIONS,
@@ -40,7 +40,7 @@ from kms.services.model import (
     Role,
     VersionUsage,
 )
-from kms.services.model import Operation as GrantOp
+from kms.services.model import Permission as GrantOp
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
 ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
@@ -265,7 +265,9 @@ class KeyService:
             self._storage.purge_erased()
         return run
 
-    def _add_version(self, op: Operation, key: Key, check: Callable[[Key], object]) -> Key | None:
+    def _add_version(
+        self, op: EventBuilder, key: Key, check: Callable[[Key], object]
+    ) -> Key | None:
         """Make a KEK in the HSM (outside any transaction), then under the write lock
         re-read the key and, unless ``check`` raises or returns False (skip: None),
         add the version, make it current and append the audit record, all in one

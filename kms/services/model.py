@@ -23,8 +23,8 @@ class KeyState(enum.StrEnum):
     DESTROYED = "destroyed"  # deletion ran: every version's material is erased
 
 
-class Operation(enum.StrEnum):
-    """Operations a grant can allow on a key."""
+class Permission(enum.StrEnum):
+    """What a grant can allow on a key (the grant wire field is named "operations")."""
 
     DATAKEY = "datakey"
     ENCRYPT = "encrypt"

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from kms.errors import KmsError
-from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.model import EscrowCase, Notification
 from kms.services.ports import Clock, Storage, Tx
 
@@ -190,7 +190,7 @@ class Notifier:
                 n, state=state, attempts=attempts, next_attempt_at=retry_at, last_error=error
             )
         event = replace(
-            Operation(Caller(f"notification-{n.id}", None), "webhook_delivery").event,
+            EventBuilder(Caller(f"notification-{n.id}", None), "webhook_delivery").event,
             case_id=n.case_id,
             outcome="ok" if error is None else "delivery_failed",
             detail=f"{n.event} attempt {attempts}" + (f": {error}" if error else ""),

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from kms.errors import InvalidRequest, Unauthenticated
-from kms.services.audit import AuditTrail, Caller, Operation
+from kms.services.audit import AuditTrail, Caller, EventBuilder
 from kms.services.model import Principal, Role
 from kms.services.ports import Clock, Storage, Tx
 
@@ -116,7 +116,7 @@ class PrincipalService:
         """Create the first admin if the database has no principal yet; return its token.
         Idempotent: returns None when principals already exist."""
         _check_name(name)
-        op = Operation(Caller(request_id="kms-init", principal=None), "bootstrap_admin")
+        op = EventBuilder(Caller(request_id="kms-init", principal=None), "bootstrap_admin")
         with self._storage.transaction() as tx:
             if tx.list_principals():
                 return None

@@ -53,11 +53,11 @@ from kms.errors import (
 )
 from kms.formats import xks as fmt
 from kms.formats.xks import RequestMetadata, XksKeyPolicy
-from kms.services.audit import AuditTrail, Caller, Operation, format_time
+from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.keys import require_not_retired, resolve
 from kms.services.lookup_cache import LookupCache, cached_kek
 from kms.services.model import DEFAULT_JUSTIFICATION, Grant, KekRef, Key, KeyState, Principal, Role
-from kms.services.model import Operation as Op
+from kms.services.model import Permission as Op
 from kms.services.ports import Clock, Hsm, Storage, Tx
 
 log = logging.getLogger("kms.xks")
@@ -159,7 +159,7 @@ class XksService:
         round trip in the HSM on a probe key of this process, database answering) done at
         most every 30 s per worker; a failed check raises its error (HsmUnavailable ...)."""
 
-        def work(op: Operation) -> tuple[Health, None]:
+        def work(op: EventBuilder) -> tuple[Health, None]:
             if caller.principal is None:
                 raise Forbidden("not authenticated")
             self._deep_check()
@@ -174,7 +174,7 @@ class XksService:
         """keySpec, the usages this caller may use through XKS (its grant and the key's XKS
         usage), and ENABLED or DISABLED (any state but enabled)."""
 
-        def work(op: Operation) -> tuple[KeyMetadata, None]:
+        def work(op: EventBuilder) -> tuple[KeyMetadata, None]:
             with self._storage.reader() as tx:
                 _, key, grant, policy = self._prepare(tx, caller, op, ref)
                 op.note(key_version=key.current_version)
@@ -192,7 +192,7 @@ class XksService:
         returned (spec Appendix C); a failed test decrypt is a ServerError."""
         meta = request.metadata
 
-        def work(op: Operation) -> tuple[Encrypted, Callable[[Tx], None]]:
+        def work(op: EventBuilder) -> tuple[Encrypted, Callable[[Tx], None]]:
             with self._storage.reader() as tx:
                 principal, key, grant, policy = self._prepare(tx, caller, op, ref)
                 op.note(key_version=key.current_version)
@@ -222,7 +222,7 @@ class XksService:
         """The plaintext, if the ciphertext opens under the version its metadata names."""
         meta = request.metadata
 
-        def work(op: Operation) -> tuple[bytes, Callable[[Tx], None]]:
+        def work(op: EventBuilder) -> tuple[bytes, Callable[[Tx], None]]:
             md = request.ciphertext_metadata or b""
             try:
                 version: int | None = fmt.decode_metadata(md)
@@ -282,12 +282,12 @@ class XksService:
         caller: Caller,
         name: str,
         meta: RequestMetadata,
-        work: Callable[[Operation], tuple[T, Callable[[Tx], None] | None]],
+        work: Callable[[EventBuilder], tuple[T, Callable[[Tx], None] | None]],
     ) -> T:
         """Run ``work`` (look-ups and HSM calls), then in one write transaction its re-check
         and the audit record; on any failure record it (with the metadata) and raise a
         KmsError."""
-        op = Operation(caller, name)
+        op = EventBuilder(caller, name)
         op.note(detail=fmt.audit_detail(meta))
         try:
             result, recheck = work(op)
@@ -307,7 +307,7 @@ class XksService:
             self._audit.checkpoint_quietly()
         return result
 
-    def _failed(self, op: Operation, meta: RequestMetadata, error: KmsError) -> None:
+    def _failed(self, op: EventBuilder, meta: RequestMetadata, error: KmsError) -> None:
         if error.audited:
             return
         reason = error.detail or error.message
@@ -315,7 +315,7 @@ class XksService:
         self._audit.record_failure_batch([event], error)
 
     def _prepare(
-        self, tx: Tx, caller: Caller, op: Operation, ref: str
+        self, tx: Tx, caller: Caller, op: EventBuilder, ref: str
     ) -> tuple[Principal, Key, Grant, XksKeyPolicy]:
         principal = caller.require(Role.SERVICE)
         if not fmt.EXTERNAL_KEY_ID.fullmatch(ref):

@@ -138,7 +138,7 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     from kms.errors import Forbidden, KeyStateError
     from kms.services.crypto import _Keys
     from kms.services.lookup_cache import LookupCache
-    from kms.services.model import Operation as Op
+    from kms.services.model import Permission as Op
 
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
