@@ -20,6 +20,7 @@ from kms import config as config_mod
 from kms import logs
 from kms.api import admin, audit, aws_kms, crypto, errors, escrow, sigv4, throttle, xks
 from kms.api import metrics as metrics_api
+from kms.api import openapi as openapi_api
 from kms.api.context import request_id
 from kms.backends.hsm import HsmConfig, Pkcs11Hsm
 from kms.backends.redis_store import shared_backends
@@ -235,6 +236,7 @@ def create_app(
         app.register_blueprint(bp)
     app.register_blueprint(web_dashboard.bp, settings=settings)
     app.register_blueprint(aws_kms.bp, settings=settings)  # POST / (X-Amz-Target)
+    app.register_blueprint(openapi_api.bp)  # GET /v1/openapi.json
     metrics_api.install(app)
     throttle.install(app)
     errors.register(app)
