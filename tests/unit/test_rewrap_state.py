@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kms.cli.rewrap import Refused, _Run
+from kms.cli.rewrap.run import Refused, Run
 from kms.client import KmsClient, KmsClientError
 from kms.client.envelope import open_stream, seal_stream
 from kms.client.rewrap import (
@@ -185,14 +185,14 @@ def test_reseal_refuses_an_unusable_decrypt_answer(tmp_path: Path) -> None:
 def test_state_survives_a_reload_and_refuses_another_run(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     run_id = {"mode": "jsonl", "input": "/in"}
-    assert _Run.load(path, run_id) is None
-    run = _Run.start(path, run_id, {"lines": 0})
+    assert Run.load(path, run_id) is None
+    run = Run.start(path, run_id, {"lines": 0})
     run.record("line 1", RewrapResult("rewrapped", "k1", 2, b"x"))
     run.record("line 2", None, "not valid JSON")
     run.record("line 3", RewrapResult("failed", "k1", 1, error=KmsClientError("forbidden", "no")))
     run.commit({"lines": 3})
 
-    again = _Run.load(path, run_id)
+    again = Run.load(path, run_id)
     assert again is not None and again.position == {"lines": 3}
     assert again.state["counts"] == {"rewrapped": 1, "current": 0, "failed": 2}
     assert again.census.versions == {"k1": {2: 1, 1: 1}} and again.census.unreadable == 1
@@ -200,10 +200,10 @@ def test_state_survives_a_reload_and_refuses_another_run(tmp_path: Path) -> None
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
     with pytest.raises(Refused, match="belongs to another run"):
-        _Run.load(path, {**run_id, "input": "/other"})
+        Run.load(path, {**run_id, "input": "/other"})
     path.write_text('{"format": "something else"}')
     with pytest.raises(Refused, match="not a kms rewrap state file"):
-        _Run.load(path, run_id)
+        Run.load(path, run_id)
     path.write_bytes(b"\xff\x00")
     with pytest.raises(Refused, match="unreadable state file"):
-        _Run.load(path, run_id)
+        Run.load(path, run_id)

@@ -1,6 +1,7 @@
-"""The PKCS#11 backend: every call into the HSM goes through ``Pkcs11Hsm._call``.
+"""The Hsm port over PKCS#11: every call a server makes into the HSM goes through
+``Pkcs11Hsm._call``.
 
-Process and thread rules (see shared notes/pkcs11.md):
+Process and thread rules:
 - The module is initialised lazily in the process that uses it (the pid is checked on
   every call), never in the gunicorn master; state inherited through fork() is dropped.
 - python-pkcs11 initialises modules without OS locking and releases the GIL inside calls,
@@ -11,7 +12,8 @@ Process and thread rules (see shared notes/pkcs11.md):
 - A call failing with a session, token or device error is retried once after a reconnect
   (finalize, initialize, log in again); if that fails too the caller gets HsmUnavailable
   and the next call reconnects, so the service recovers by itself when the HSM comes back.
-  Other PKCS#11 errors are HsmUnavailable at once, without reconnecting. Each failed
+  Other PKCS#11 errors are HsmUnavailable at once, without reconnecting (pkcs11_errors.py
+  says which errors are which). Each failed
   attempt and each failed connect is counted in ``kms_hsm_errors_total`` (kms/metrics.py).
 - A rejected PIN is never tried again by this process (real HSMs lock a partition after a
   few bad logins): every later call is HsmUnavailable until a restart with the right PIN.
@@ -34,70 +36,25 @@ import pkcs11
 from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
-from pkcs11.util.ec import (
-    encode_ec_public_key,
-    encode_ecdsa_signature,
-    encode_named_curve_parameters,
-)
+from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature
 
 from hsm_config import templates
 from kms import metrics
+from kms.backends.hsm.pkcs11_errors import (
+    INTEGRITY_ERRORS,
+    PIN_ERRORS,
+    UNWRAP_ERRORS,
+    is_transient,
+)
 from kms.errors import HsmUnavailable, IntegrityFailure
 from kms.services.model import KekRef, WrappedKek
 
 log = logging.getLogger("kms.hsm")
 T = TypeVar("T")
 
-# Errors a real decrypt can return when the tag, AAD, IV or key is wrong. SoftHSM reports a
-# bad tag as CKR_GENERAL_ERROR, so a health probe tells tag failures from a broken HSM.
-_INTEGRITY_ERRORS = (
-    p11e.EncryptedDataInvalid,
-    p11e.EncryptedDataLenRange,
-    p11e.GeneralError,
-    p11e.FunctionFailed,
-)
-# Errors unwrapping a KEK whose wrapped bytes are corrupt or were made by another root key.
-_UNWRAP_ERRORS = (
-    p11e.WrappedKeyInvalid,
-    p11e.WrappedKeyLenRange,
-    p11e.GeneralError,
-    p11e.FunctionFailed,
-)
 # Attempts to open a session: several processes logging in to one SoftHSM token at once
 # can see a half-written token file.
 _CONNECT_RETRY = 5
-# Errors after which a fresh initialise + login may help.
-_TRANSIENT = (
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.DeviceError,
-    p11e.DeviceRemoved,
-    p11e.DeviceMemory,
-    p11e.TokenNotPresent,
-    p11e.TokenNotRecognised,
-    p11e.NoSuchToken,
-    p11e.ObjectHandleInvalid,
-    p11e.KeyHandleInvalid,
-    p11e.WrappingKeyHandleInvalid,
-    p11e.UnwrappingKeyHandleInvalid,
-    p11e.UserNotLoggedIn,
-    p11e.UserPinNotInitialized,
-    p11e.GeneralError,
-)
-_PIN_ERRORS = (
-    p11e.PinIncorrect,
-    p11e.PinInvalid,
-    p11e.PinLenRange,
-    p11e.PinExpired,
-    p11e.PinLocked,
-)
-
-
-def _is_transient(e: p11e.PKCS11Error) -> bool:
-    # A bare PKCS11Error carries a return value python-pkcs11 has no class for, such as
-    # CKR_CRYPTOKI_NOT_INITIALIZED after a fork: worth a reconnect.
-    return isinstance(e, _TRANSIENT) or type(e) is p11e.PKCS11Error
-
 
 _process_lock = threading.RLock()
 
@@ -112,6 +69,9 @@ os.register_at_fork(after_in_child=_renew_lock)
 
 @dataclass(frozen=True)
 class HsmConfig:
+    """Which PKCS#11 module and token to use, and the labels of the objects in it. The PIN
+    is left out of ``repr``."""
+
     module: str
     token_label: str
     pin: str = field(repr=False)
@@ -185,7 +145,7 @@ class Pkcs11Hsm:
                         ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
                     )
                 )
-            except _INTEGRITY_ERRORS as e:
+            except INTEGRITY_ERRORS as e:
                 # Tell a bad tag from a broken HSM: if the HSM still answers, it was the data.
                 self._probe(c)
                 raise IntegrityFailure(type(e).__name__) from e
@@ -287,8 +247,8 @@ class Pkcs11Hsm:
                         "hsm call failed",
                         extra={"error": type(e).__name__, "attempt": attempt},
                     )
-                    if not _is_transient(e) or attempt == 2:
-                        if _is_transient(e):
+                    if not is_transient(e) or attempt == 2:
+                        if is_transient(e):
                             self._conn = None  # reconnect on the next call
                         raise HsmUnavailable(detail=type(e).__name__) from e
                     self._conn = None  # reconnect, then retry once
@@ -322,7 +282,7 @@ class Pkcs11Hsm:
                 )
                 log.info("hsm session opened", extra={"attempt": attempt + 1})
                 return _Conn(session, root, self._config.root_label, os.getpid())
-            except _PIN_ERRORS as e:
+            except PIN_ERRORS as e:
                 self._pin_rejected = type(e).__name__
                 metrics.hsm_error("pin_rejected")
                 log.error(
@@ -353,7 +313,7 @@ class Pkcs11Hsm:
                 store=False,
                 template=templates.KEK_IN_USE,
             )
-        except _UNWRAP_ERRORS as e:
+        except UNWRAP_ERRORS as e:
             self._probe(c)  # a broken HSM is HsmUnavailable, not bad key material
             raise IntegrityFailure(f"KEK unwrap failed: {type(e).__name__}") from e
         c.keks[ident] = key
@@ -392,60 +352,3 @@ def _login(token: Any, pin: str) -> Any:
     except p11e.UserAlreadyLoggedIn:
         # Another session of this process is logged in; login state is per process.
         return token.open()
-
-
-def provision_keys(config: HsmConfig) -> list[str]:
-    """Create the root key, the integrity key and the audit signing key pair if absent;
-    return what was created.
-
-    Runs in its own short-lived process step (``kms init``), never in a server worker.
-    """
-    if config.softhsm2_conf:
-        os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
-    created: list[str] = []
-    try:
-        lib = pkcs11.lib(config.module)
-        token = lib.get_token(token_label=config.token_label)
-        with token.open(rw=True, user_pin=config.pin) as session:
-            if not _exists(session, ObjectClass.SECRET_KEY, config.root_label):
-                session.generate_key(
-                    KeyType.AES,
-                    256,
-                    label=config.root_label,
-                    store=True,
-                    template=templates.ROOT_KEY,
-                )
-                created.append(config.root_label)
-            if not _exists(session, ObjectClass.SECRET_KEY, config.integrity_label):
-                session.generate_key(
-                    KeyType.GENERIC_SECRET,
-                    256,
-                    label=config.integrity_label,
-                    store=True,
-                    template=templates.INTEGRITY_KEY,
-                )
-                created.append(config.integrity_label)
-            if not _exists(session, ObjectClass.PRIVATE_KEY, config.audit_label):
-                params = session.create_domain_parameters(
-                    KeyType.EC,
-                    {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
-                    local=True,
-                )
-                params.generate_keypair(
-                    store=True,
-                    label=config.audit_label,
-                    public_template=templates.AUDIT_PUBLIC,
-                    private_template=templates.AUDIT_PRIVATE,
-                )
-                created.append(config.audit_label)
-    except p11e.PKCS11Error as e:
-        raise HsmUnavailable(detail=f"provisioning failed: {type(e).__name__}") from e
-    return created
-
-
-def _exists(session: Any, object_class: ObjectClass, label: str) -> bool:
-    try:
-        session.get_key(object_class=object_class, label=label)
-    except p11e.NoSuchKey:
-        return False
-    return True

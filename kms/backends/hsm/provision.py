@@ -1,0 +1,73 @@
+"""Creating the long-lived token keys (root, integrity, audit signing) during
+``kms init``. Never run in a server worker, which only uses keys that exist."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from hsm_config import templates
+from kms.backends.hsm.pkcs11_hsm import HsmConfig
+from kms.errors import HsmUnavailable
+
+
+def provision_keys(config: HsmConfig) -> list[str]:
+    """Create the root key, the integrity key and the audit signing key pair if absent;
+    return what was created.
+
+    Runs in its own short-lived process step (``kms init``), never in a server worker.
+    """
+    if config.softhsm2_conf:
+        os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
+    created: list[str] = []
+    try:
+        lib = pkcs11.lib(config.module)
+        token = lib.get_token(token_label=config.token_label)
+        with token.open(rw=True, user_pin=config.pin) as session:
+            if not _exists(session, ObjectClass.SECRET_KEY, config.root_label):
+                session.generate_key(
+                    KeyType.AES,
+                    256,
+                    label=config.root_label,
+                    store=True,
+                    template=templates.ROOT_KEY,
+                )
+                created.append(config.root_label)
+            if not _exists(session, ObjectClass.SECRET_KEY, config.integrity_label):
+                session.generate_key(
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    label=config.integrity_label,
+                    store=True,
+                    template=templates.INTEGRITY_KEY,
+                )
+                created.append(config.integrity_label)
+            if not _exists(session, ObjectClass.PRIVATE_KEY, config.audit_label):
+                params = session.create_domain_parameters(
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                    local=True,
+                )
+                params.generate_keypair(
+                    store=True,
+                    label=config.audit_label,
+                    public_template=templates.AUDIT_PUBLIC,
+                    private_template=templates.AUDIT_PRIVATE,
+                )
+                created.append(config.audit_label)
+    except p11e.PKCS11Error as e:
+        raise HsmUnavailable(detail=f"provisioning failed: {type(e).__name__}") from e
+    return created
+
+
+def _exists(session: Any, object_class: ObjectClass, label: str) -> bool:
+    try:
+        session.get_key(object_class=object_class, label=label)
+    except p11e.NoSuchKey:
+        return False
+    return True

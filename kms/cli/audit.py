@@ -1,0 +1,191 @@
+"""``kms audit``: read, export, verify and archive the audit trail.
+
+``verify`` works offline on a bundle and the public key you trust; ``archive`` runs on the
+server host against the data directory; the others talk to a running server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kms.cli.common import clear_errors, client, data_dir_option, print_json, remote
+
+
+@click.group()
+def audit() -> None:
+    """Read, export, verify and archive the audit trail."""
+
+
+@audit.command("list")
+@click.option("--after", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--key-id")
+@click.option("--principal")
+@click.option("--operation")
+@click.option("--outcome")
+@click.option("--case-id")
+@click.option("--since", help="ISO 8601 date or time (inclusive).")
+@click.option("--until", help="ISO 8601 date or time (exclusive).")
+@remote
+def audit_list(after: int, limit: int, url: str, token_file: Path | None, **filters: str) -> None:
+    """Print records as JSON lines, in chain order."""
+    chosen = {k: v for k, v in filters.items() if v is not None}
+    with clear_errors():
+        for record in client(url, token_file).audit(after, limit, **chosen):
+            click.echo(json.dumps(record, sort_keys=True))
+
+
+@audit.command("export")
+@click.option(
+    "--after", type=click.IntRange(0), help="Continue from this seq (default: the start)."
+)
+@click.option("--until", type=click.IntRange(0), help="Last seq (default: the current head).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
+@remote
+def audit_export(
+    after: int | None, until: int | None, out: Path | None, url: str, token_file: Path | None
+) -> None:
+    """Write a self-contained bundle (records, checkpoints, public key) as JSON Lines."""
+    with clear_errors():
+        lines = client(url, token_file).export_audit(after, until)
+        if out is None:
+            for line in lines:
+                click.echo(line.decode(), nl=False)
+        else:
+            with out.open("xb") as f:
+                for line in lines:
+                    f.write(line)
+            click.echo(f"bundle written to {out}", err=True)
+
+
+@audit.command("public-key")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
+@remote
+def audit_public_key(out: Path | None, url: str, token_file: Path | None) -> None:
+    """The audit signing key (PEM). Fetch it once and keep it: verify against your copy."""
+    with clear_errors():
+        pem = client(url, token_file).audit_public_key()
+        if out is None:
+            click.echo(pem.decode(), nl=False)
+        else:
+            out.write_bytes(pem)
+
+
+@audit.command("checkpoint")
+@remote
+def audit_checkpoint(url: str, token_file: Path | None) -> None:
+    """Ask the server to sign a checkpoint of the chain head now (admin)."""
+    with clear_errors():
+        print_json(client(url, token_file).create_checkpoint())
+
+
+@audit.command("checkpoints")
+@click.option("--after", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@remote
+def audit_checkpoints(after: int, limit: int, url: str, token_file: Path | None) -> None:
+    """Print signed checkpoints as JSON lines (each usable as --since-checkpoint)."""
+    with clear_errors():
+        for cp in client(url, token_file).audit_checkpoints(after, limit):
+            click.echo(json.dumps(cp, sort_keys=True))
+
+
+@audit.command("report")
+@click.option("--since", required=True, help="ISO 8601 date or time (inclusive).")
+@click.option("--until", required=True, help="ISO 8601 date or time (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json")
+@remote
+def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | None) -> None:
+    """Per key and per principal: operations, failures, unwraps by justification."""
+    with clear_errors():
+        result = client(url, token_file).audit_report(since, until, fmt)
+    if fmt == "json":
+        print_json(result)
+    else:
+        click.echo(result, nl=False)
+
+
+@audit.command("verify")
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--public-key",
+    "public_key",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The audit public key you trust (PEM), not the one in the bundle.",
+)
+@click.option(
+    "--since-checkpoint",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A checkpoint you already hold (JSON); the bundle must continue from it.",
+)
+@click.option(
+    "--through-checkpoint",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A later checkpoint you hold (JSON); the bundle must reach and match it.",
+)
+@click.option(
+    "--max-unsigned",
+    type=click.IntRange(0),
+    help="Fail if more records than this follow the last checkpoint (the server's "
+    "KMS_AUDIT_CHECKPOINT_RECORDS, e.g. 1000).",
+)
+def audit_verify(
+    bundle: Path,
+    public_key: Path,
+    since_checkpoint: Path | None,
+    through_checkpoint: Path | None,
+    max_unsigned: int | None,
+) -> None:
+    """Verify a bundle offline. Exit 0 only if everything verifies (an unsigned tail is
+    reported, not failed); 1 if anything is wrong; 2 if the inputs are unusable."""
+    from kms.services.audit_verify import VerifyInputError, verify_bundle
+
+    anchors = []
+    for option, path in (
+        ("--since-checkpoint", since_checkpoint),
+        ("--through-checkpoint", through_checkpoint),
+    ):
+        try:
+            anchor = json.loads(path.read_text()) if path else None
+            if anchor is not None and not isinstance(anchor, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            click.echo(f"Error: {option}: {e}", err=True)
+            sys.exit(2)
+        anchors.append(anchor)
+    try:
+        with bundle.open("rb") as lines:
+            report = verify_bundle(
+                lines, public_key.read_bytes(), anchors[0], anchors[1], max_unsigned
+            )
+    except (VerifyInputError, OSError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    click.echo(report.summary())
+    sys.exit(0 if report.ok else 1)
+
+
+@audit.command("archive")
+@data_dir_option
+@click.option(
+    "--through",
+    required=True,
+    type=click.IntRange(1),
+    help="Archive records up to this seq, which must have a signed checkpoint.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def audit_archive(data_dir: Path, through: int, out: Path) -> None:
+    """Export records up to a checkpoint to a bundle file, verify it, then remove them
+    from the live database (run on the server host; the rest still verifies)."""
+    with clear_errors():
+        from kms.bootstrap import open_services
+
+        with open_services(data_dir) as services, out.open("x") as f:
+            result = services.exports.archive(through, f, lambda: out.open("rb"))
+    click.echo(f"archived {result.records} records through seq {result.through} to {out}")
+    click.echo(f"sha256 {result.sha256}")
