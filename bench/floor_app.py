@@ -3,12 +3,12 @@ gunicorn settings, SoftHSM through python-pkcs11, SQLite in WAL mode) while stil
 answering only after a hash-chained audit record is durable. bench/run.py measures it
 beside the ceiling and the KMS.
 
-Per request it does what DESIGN.md cannot do without: look the bearer token up by its
-SHA-256, parse the JSON body and base64, one AES-256-GCM decrypt in the HSM with the
-context as AAD (session and unwrapped KEK cached per worker, made after fork), encode the
-record canonically and chain it (SHA-256 over the predecessor's hash), and append it to
-a table with the KMS's audit schema and indexes in its own ``BEGIN IMMEDIATE`` ...
-``COMMIT``, writers queued on a ``flock`` as in the KMS. As in the KMS, the WAL is
+Per request it does what the design (docs/design.md) cannot do without: look the bearer
+token up by its SHA-256, parse the JSON body and base64, one AES-256-GCM decrypt in the HSM
+with the context as AAD (session and unwrapped KEK cached per worker, made after fork),
+encode the record canonically and chain it (SHA-256 over the predecessor's hash), and
+append it to a table with the KMS's audit schema and indexes in its own ``BEGIN
+IMMEDIATE`` ... ``COMMIT``, writers queued on a ``flock`` as in the KMS. As in the KMS, the WAL is
 checkpointed in the background (SqlStorage.checkpoint_wal), and each worker is set up
 before its first request with its objects frozen out of the garbage collector.
 Everything else the KMS does is left out: key state, grants and their re-check,

@@ -1,4 +1,4 @@
-"""Sustained mixed load for a bounded time (`make bench`; issue 7, point 5): throughput,
+"""Sustained mixed load for a bounded time (`make bench`; docs/performance.md): throughput,
 p50/p99 latency, errors, peak RSS of each gunicorn worker and how fast the audit chain
 grows, in three set-ups started by this script and stopped at the end:
 

@@ -20,7 +20,8 @@ _MADE_HERE = "KMS_METRICS_TMPDIR"
 
 
 def _worker_timeout() -> int:
-    """KMS_WORKER_TIMEOUT (seconds, 1..600; default 30): see "slow clients" above."""
+    """KMS_WORKER_TIMEOUT (seconds, 1..600; default 30): see deploy/README.md, "Slow clients
+    and the worker timeout"."""
     raw = os.environ.get("KMS_WORKER_TIMEOUT", "") or "30"
     if not raw.isdigit() or not 1 <= int(raw) <= 600:
         raise SystemExit("KMS_WORKER_TIMEOUT must be a whole number of seconds, 1 to 600")

@@ -1,8 +1,9 @@
 """PKCS#11 attribute templates of every object the KMS creates.
 
-These are the promises guarantee 1 rests on: the root key and the audit signing key are
-sensitive and never extractable; a KEK exists in clear only inside the HSM, leaves it only
-wrapped under the root key, and is unwrapped into a non-extractable session object.
+These are the promises the first guarantee (the cloud host cannot read: docs/design.md,
+SECURITY.md) rests on: the root key and the audit signing key are sensitive and never
+extractable; a KEK exists in clear only inside the HSM, leaves it only wrapped under the
+root key, and is unwrapped into a non-extractable session object.
 A production HSM must honour every attribute here (check with ``pkcs11-tool -O``).
 """
 

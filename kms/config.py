@@ -1,8 +1,8 @@
 """Settings read from ``KMS_*`` environment variables, validated once at start.
 
 ``KMS_DATA_DIR`` (what ``kms init`` creates) supplies defaults for the database, the
-SoftHSM configuration and the PIN file; every other variable overrides one setting. See
-the configuration reference in README.md.
+SoftHSM configuration and the PIN file; every other variable overrides one setting. The
+reference of every setting is docs/configuration.md.
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ def test_grant_is_needed_and_scoped(api: Api, svc: dict[str, str]) -> None:
     assert api.call("POST", "/v1/keys/mine/datakey", svc, json={}).status_code == 403
 
 
-# -- the corruption checklist (CONVENTIONS.md, habit 9) -------------------------------------
+# -- the corruption checklist (docs/development.md, "Habits") -------------------------------
 
 
 def _flip(data: bytes, index: int) -> bytes:

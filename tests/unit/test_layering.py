@@ -1,5 +1,6 @@
-"""The import rules of CONVENTIONS.md, checked on the source: HTTP never touches pkcs11,
-SQL or Redis; services and formats never import flask; only backends import drivers."""
+"""The import rules of the layers (docs/design.md, "Layers"), checked on the source: HTTP
+never touches pkcs11, SQL or Redis; services and formats never import flask; only backends
+import drivers."""
 
 from __future__ import annotations
 
