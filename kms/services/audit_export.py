@@ -23,7 +23,7 @@ from kms.formats import bundle
 from kms.services.audit import AuditTrail, Caller, format_time
 from kms.services.audit_verify import verify_bundle
 from kms.services.model import JUSTIFICATIONS, Role
-from kms.services.ports import Storage
+from kms.services.ports import AuditRows, Store
 
 PAGE = 1000
 UNWRAP_OPERATIONS = ("decrypt", "rewrap")
@@ -48,7 +48,11 @@ class ArchiveResult:
 
 
 class AuditExports:
-    def __init__(self, storage: Storage, trail: AuditTrail) -> None:
+    """Reads and archives the audit rows only. AuditTrail.append still asks for a whole
+    Tx (issue 14): its call here carries a ``type: ignore`` that mypy reports as unused
+    once it asks for AuditRows."""
+
+    def __init__(self, storage: Store[AuditRows], trail: AuditTrail) -> None:
         self._storage = storage
         self._trail = trail
 
@@ -145,7 +149,7 @@ class AuditExports:
             op.note(detail=f"through={through} sha256={digest.hexdigest()}")
             with self._storage.transaction() as tx:
                 tx.archive_audit_through(through)
-                self._trail.append(tx, [op.ok()])
+                self._trail.append(tx, [op.ok()])  # type: ignore[arg-type]
         return ArchiveResult(through, report.records, digest.hexdigest())
 
 

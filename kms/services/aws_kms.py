@@ -9,12 +9,13 @@ as is an alias that already names a key.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol
 
 from kms.errors import Conflict, Forbidden, InvalidRequest, KeyStateError
 from kms.services.audit import AuditTrail, Caller
 from kms.services.keys import ALIAS_RE, UUID_RE, resolve
 from kms.services.model import Key, KeyState, Role
-from kms.services.ports import Storage
+from kms.services.ports import AuditRows, GrantRows, KeyRows, Store
 
 
 class AliasExists(Conflict):
@@ -22,8 +23,14 @@ class AliasExists(Conflict):
     public_message = "the alias already exists"
 
 
+class AwsKeyServiceTx(KeyRows, GrantRows, AuditRows, Protocol):
+    """The rows AwsKeyService reads and writes. keys.resolve and AuditTrail.append still
+    ask for a whole Tx (issue 14): their calls here carry a ``type: ignore`` that mypy
+    reports as unused once they ask for KeyRows and AuditRows."""
+
+
 class AwsKeyService:
-    def __init__(self, storage: Storage, audit: AuditTrail) -> None:
+    def __init__(self, storage: Store[AwsKeyServiceTx], audit: AuditTrail) -> None:
         self._storage = storage
         self._audit = audit
 
@@ -34,7 +41,7 @@ class AwsKeyService:
         with self._audit.operation(caller, "describe_key") as op:
             principal = caller.require(Role.ADMIN, Role.AUDITOR, Role.SERVICE)
             with self._storage.reader() as tx:
-                key = resolve(tx, ref)
+                key = resolve(tx, ref)  # type: ignore[arg-type]
                 op.note(key_id=key.key_id)
                 if (
                     principal.role is Role.SERVICE
@@ -48,7 +55,7 @@ class AwsKeyService:
         blob's key; NotFound if none. Not audited itself: the caller's operation is."""
         caller.require(Role.SERVICE)
         with self._storage.reader() as tx:
-            return resolve(tx, ref).key_id
+            return resolve(tx, ref).key_id  # type: ignore[arg-type]
 
     def create_alias(self, caller: Caller, alias: str, key_id: str) -> Key:
         """Give the key ``key_id`` (not pending deletion or destroyed) the alias ``alias``
@@ -63,7 +70,7 @@ class AwsKeyService:
                     "and must not look like a key id"
                 )
             with self._storage.transaction() as tx:
-                key = resolve(tx, key_id)
+                key = resolve(tx, key_id)  # type: ignore[arg-type]
                 op.note(key_id=key.key_id)
                 if key.state in (KeyState.PENDING_DELETION, KeyState.DESTROYED):
                     raise KeyStateError.of(key.state.value)
@@ -78,5 +85,5 @@ class AwsKeyService:
                     tx.set_alias(key.key_id, alias)
                 except Conflict as e:  # a concurrent CreateAlias won
                     raise AliasExists("an alias with this name already exists") from e
-                self._audit.append(tx, [op.ok()])
+                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
             return replace(key, alias=alias)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from kms.errors import KmsError
-from kms.services.ports import Hsm, Storage
+from kms.services.ports import Hsm, StorageUpkeep
 
 log = logging.getLogger("kms.health")
 
@@ -17,12 +17,12 @@ _PROBE_DIGEST = hashlib.sha256(b"keyholder-kms readiness probe v1").digest()
 
 
 class HealthService:
-    def __init__(self, storage: Storage, hsm: Hsm) -> None:
+    def __init__(self, storage: StorageUpkeep, hsm: Hsm) -> None:
         self._storage = storage
         self._hsm = hsm
 
     def storage_upkeep(self) -> None:
-        """The database's routine upkeep outside any request (Storage.checkpoint_wal);
+        """The database's routine upkeep outside any request (StorageUpkeep.checkpoint_wal);
         never raises."""
         self._storage.checkpoint_wal()
 

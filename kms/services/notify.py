@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from kms.errors import KmsError
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.model import EscrowCase, Notification
-from kms.services.ports import Clock, Storage, Tx
+from kms.services.ports import Clock, NotificationRows, Store, Tx
 
 log = logging.getLogger("kms.notify")
 MAX_BACKOFF_SECONDS = 300
@@ -77,7 +77,7 @@ def case_payload(case: EscrowCase) -> dict[str, Any]:
 class Notifier:
     def __init__(
         self,
-        storage: Storage,
+        storage: Store[Tx],
         audit: AuditTrail,
         clock: Clock,
         sender: WebhookSender | None,
@@ -88,14 +88,15 @@ class Notifier:
         self._clock = clock
         self._sender = sender
         self._settings = settings
-        # called inside the transaction that marks a notification delivered
+        # called inside the transaction that marks a notification delivered, with the
+        # whole Tx (escrow's callback updates the case): hence a Store[Tx]
         self.on_delivered: Callable[[Tx, Notification], None] | None = None
 
     @property
     def configured(self) -> bool:
         return bool(self._settings.url and self._sender is not None)
 
-    def announce(self, tx: Tx, event: str, subject: dict[str, Any]) -> None:
+    def announce(self, tx: NotificationRows, event: str, subject: dict[str, Any]) -> None:
         """Queue an event that concerns no case (a custodian registered or revoked); it is
         delivered like the others, for a week at most."""
         if not self.configured:
@@ -115,7 +116,7 @@ class Notifier:
             )
         )
 
-    def enqueue(self, tx: Tx, case: EscrowCase, event: str) -> None:
+    def enqueue(self, tx: NotificationRows, case: EscrowCase, event: str) -> None:
         """Queue ``event`` about ``case`` inside the caller's transaction. Without a webhook
         nothing is queued; escrow then refuses new cases, and an approved case never starts
         its waiting period, so nothing becomes active unannounced."""

@@ -1,11 +1,16 @@
-"""Interfaces the services need from backends, chosen by configuration in create_app."""
+"""Interfaces the services need from backends, chosen by configuration in create_app.
+
+The database port is split by table family (PrincipalRows, KeyRows, AuditRows...). A
+service receives a ``Store`` of the rows it uses, e.g. ``Store[AuditRows]``, or of a
+Protocol combining several that it defines next to itself; ``Tx`` combines them all.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kms.formats.xks import XksKeyPolicy
 from kms.services.model import (
@@ -67,16 +72,20 @@ class Hsm(Protocol):
         """DER ECDSA P-256 signature of a SHA-256 ``digest`` by the audit signing key."""
 
 
-class Tx(Protocol):
-    """One database transaction. Leaving the context commits; an exception rolls back."""
+class PrincipalRows(Protocol):
+    """Principals and the SHA-256 hashes of their bearer tokens."""
 
-    # principals
-    def add_principal(self, name: str, role: Role, token_hash: str, now: datetime) -> Principal: ...
+    def add_principal(self, name: str, role: Role, token_hash: str, now: datetime) -> Principal:
+        """Conflict if the name is taken."""
+
     def principal_by_token_hash(self, token_hash: str) -> Principal | None: ...
     def principal_by_name(self, name: str) -> Principal | None: ...
     def list_principals(self) -> list[Principal]: ...
 
-    # keys
+
+class KeyRows(Protocol):
+    """Keys, their versions (each a KEK wrapped under the HSM root key) and aliases."""
+
     def add_key(self, key: Key) -> None: ...
     def add_version(self, version: KeyVersion) -> None: ...
     def update_key(self, key: Key) -> None: ...
@@ -88,7 +97,10 @@ class Tx(Protocol):
     def list_keys(self) -> list[Key]: ...
     def key_version(self, key_id: str, version: int) -> KeyVersion | None: ...
 
-    # grants
+
+class GrantRows(Protocol):
+    """What each principal may do with each key."""
+
     def put_grant(self, key_id: str, principal_id: int, grant: Grant) -> None: ...
     def grant(self, key_id: str, principal_id: int) -> Grant:
         """The principal's grant on the key (empty if none)."""
@@ -97,7 +109,10 @@ class Tx(Protocol):
         """The key's state, the principal's grant on it and its minimum decryption
         version, in one read (None: no key)."""
 
-    # key lifecycle
+
+class LifecycleRows(Protocol):
+    """Rotation and deletion: keys by state, use counted from the audit trail, erasure."""
+
     def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]: ...
     def version_usage(self, key_id: str) -> list[tuple[int, datetime, int, str | None]]:
         """(version, created_at, successful decrypt/rewrap/xks_decrypt records, last time)."""
@@ -108,27 +123,46 @@ class Tx(Protocol):
         """Erase every version's wrapped KEK material of the key; how many."""
         ...
 
-    # SigV4 credentials (services/sigv4.py)
+
+class SigV4Rows(Protocol):
+    """SigV4 credentials (services/sigv4.py)."""
+
     def add_sigv4_credential(self, credential: SigV4Credential) -> None: ...
     def sigv4_credential(self, access_key_id: str) -> SigV4Credential | None: ...
     def sigv4_credentials_of(self, principal_id: int) -> list[SigV4Credential]: ...
     def set_sigv4_state(self, access_key_id: str, state: str) -> None: ...
+
+
+class NonceRows(Protocol):
+    """The replay store of SigV4 signatures when no Redis is configured."""
+
     def remember_nonce(self, nonce: str, expires_at: str, now: str) -> bool:
         """Record a nonce until ``expires_at``; False if already recorded (a replay)."""
         ...
 
-    # xks (services/xks.py)
+
+class XksRows(Protocol):
+    """The per-key policies of the XKS face (services/xks.py)."""
+
     def xks_policy(self, key_id: str) -> XksKeyPolicy | None:
         """The key's XKS policy; None: none stored (the default applies)."""
 
     def put_xks_policy(self, key_id: str, policy: XksKeyPolicy, now: str) -> None:
         """Store (replace) the key's XKS policy."""
 
-    # escrow
+
+class CustodianRows(Protocol):
+    """Escrow custodians and their public keys (rows sealed by the HSM)."""
+
     def add_custodian(self, custodian: Custodian) -> None: ...
     def custodian(self, name: str) -> Custodian | None: ...
     def list_custodians(self) -> list[Custodian]: ...
     def set_custodian_state(self, name: str, state: str, mac: str) -> None: ...
+
+
+class CaseRows(Protocol):
+    """Escrow cases and the custodians' decisions on them."""
+
     def add_case(self, case: EscrowCase) -> None: ...
     def update_case(self, case: EscrowCase) -> None: ...
     def case(self, case_id: str) -> EscrowCase | None:
@@ -141,6 +175,11 @@ class Tx(Protocol):
         """Conflict if that custodian already decided the same way on that version."""
 
     def decisions(self, case_id: str) -> list[Decision]: ...
+
+
+class NotificationRows(Protocol):
+    """The outbox of webhook notifications to the data owner (services/notify.py)."""
+
     def add_notification(self, notification: Notification) -> None: ...
     def claim_notifications(self, now: str, lease_until: str, limit: int) -> list[Notification]:
         """Due pending notifications, each leased to the caller until ``lease_until``."""
@@ -148,7 +187,11 @@ class Tx(Protocol):
     def update_notification(self, notification: Notification) -> None: ...
     def notifications(self, case_id: str) -> list[Notification]: ...
 
-    # audit (the chain logic lives in services.audit)
+
+class AuditRows(Protocol):
+    """The audit chain's records, head and signed checkpoints (the chain logic lives in
+    services/audit.py)."""
+
     def audit_head(self) -> AuditHead:
         """The chain head, locked until the transaction ends."""
 
@@ -173,17 +216,41 @@ class Tx(Protocol):
         """Delete records with seq <= ``seq`` (already exported); returns how many."""
 
 
-class Storage(Protocol):
-    def transaction(self) -> AbstractContextManager[Tx]:
+class Tx(
+    PrincipalRows,
+    KeyRows,
+    GrantRows,
+    LifecycleRows,
+    SigV4Rows,
+    NonceRows,
+    XksRows,
+    CustodianRows,
+    CaseRows,
+    NotificationRows,
+    AuditRows,
+    Protocol,
+):
+    """One database transaction over every table. Leaving the context commits; an
+    exception rolls back. A service that needs a few tables asks for a Store of a
+    Protocol combining their *Rows instead."""
+
+
+TxT_co = TypeVar("TxT_co", covariant=True)
+
+
+class Store(Protocol[TxT_co]):
+    """Transactions whose rows are ``TxT_co`` (one *Rows protocol, a combination, or Tx).
+    Storage is a Store[Tx], and so a Store of any part of Tx."""
+
+    def transaction(self) -> AbstractContextManager[TxT_co]:
         """A write transaction; writers are serialised, so the audit chain stays linear."""
 
-    def reader(self) -> AbstractContextManager[Tx]:
+    def reader(self) -> AbstractContextManager[TxT_co]:
         """A read-only transaction."""
 
-    def purge_erased(self) -> None:
-        """Best effort: make deleted rows unrecoverable from the database files now (not
-        only at the next routine checkpoint). Never raises."""
-        ...
+
+class StorageUpkeep(Protocol):
+    """The database's health check and its routine upkeep outside any request."""
 
     def checkpoint_wal(self) -> None:
         """Background upkeep, twice a second per worker: move the database's write-ahead
@@ -192,6 +259,15 @@ class Storage(Protocol):
 
     def check(self) -> None:
         """Return only if the database answers and its schema is current."""
+
+
+class Storage(Store[Tx], StorageUpkeep, Protocol):
+    """The database, chosen by configuration in create_app."""
+
+    def purge_erased(self) -> None:
+        """Best effort: make deleted rows unrecoverable from the database files now (not
+        only at the next routine checkpoint). Never raises."""
+        ...
 
 
 class Clock(Protocol):

@@ -32,13 +32,23 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from kms.errors import Conflict, IntegrityFailure, InvalidRequest, NotFound, Unauthenticated
 from kms.formats import sigv4 as fmt
 from kms.services.audit import AuditTrail, Caller, format_time
 from kms.services.cluster import CREDENTIAL, Invalidations
 from kms.services.model import KekRef, Principal, Role, SigV4Credential
-from kms.services.ports import Clock, Hsm, NonceStore, Storage
+from kms.services.ports import (
+    AuditRows,
+    Clock,
+    Hsm,
+    NonceRows,
+    NonceStore,
+    PrincipalRows,
+    SigV4Rows,
+    Store,
+)
 
 MAX_SKEW = timedelta(minutes=5)
 MAX_ACTIVE = 2
@@ -75,7 +85,7 @@ class Verified:
 class DatabaseNonces:
     """NonceStore on the database's nonce table (when no Redis is configured)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Store[NonceRows]) -> None:
         self._storage = storage
 
     def remember(self, nonce: str, now: datetime, until: datetime) -> bool:
@@ -85,10 +95,16 @@ class DatabaseNonces:
             return tx.remember_nonce(nonce, format_time(until), format_time(now))
 
 
+class SigV4ServiceTx(PrincipalRows, SigV4Rows, NonceRows, AuditRows, Protocol):
+    """The rows SigV4Service reads and writes (NonceRows: when no other NonceStore is
+    given). AuditTrail.append still asks for a whole Tx (issue 14): its calls here carry
+    a ``type: ignore`` that mypy reports as unused once it asks for AuditRows."""
+
+
 class SigV4Service:
     def __init__(
         self,
-        storage: Storage,
+        storage: Store[SigV4ServiceTx],
         hsm: Hsm,
         audit: AuditTrail,
         clock: Clock,
@@ -146,7 +162,7 @@ class SigV4Service:
                         format_time(self._clock.now()),
                     )
                 )
-                self._audit.append(tx, [op.ok()])
+                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
             return access_key_id, secret
 
     def revoke(self, caller: Caller, principal_name: str, access_key_id: str) -> None:
@@ -163,7 +179,7 @@ class SigV4Service:
                 if credential.state != "active":
                     raise Conflict("the credential is already revoked")
                 tx.set_sigv4_state(access_key_id, "revoked")
-                self._audit.append(tx, [op.ok()])
+                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
         self._invalidations.publish(CREDENTIAL, access_key_id)
 
     def _drop(self, access_key_id: str | None) -> None:

@@ -88,7 +88,7 @@ def test_two_workers_serve_concurrent_requests_with_one_audit_record_each(
 def test_workers_copy_the_write_ahead_log_into_the_database_in_the_background(
     server: Server, setup: dict[str, Any], tmp_path: Path
 ) -> None:
-    """No request checkpoints (kms.backends.storage.sql_storage.make_engine); each worker's
+    """No request checkpoints (kms.backends.storage.engine.make_engine); each worker's
     loop does, twice a second. So, soon after the traffic, the database file alone (copied
     without its -wal) holds every audit record the API shows."""
     records = len(_all_records(setup["admin"]))

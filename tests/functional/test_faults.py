@@ -12,7 +12,7 @@ import pytest
 
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
-from kms.backends.storage.sql_storage import WAL_BACKSTOP_PAGES
+from kms.backends.storage.engine import WAL_BACKSTOP_PAGES
 from kms.errors import StorageUnavailable
 from tests.helpers import Api, FailingPkcs11, immutable
 

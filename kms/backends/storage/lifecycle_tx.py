@@ -1,15 +1,18 @@
-"""The key-lifecycle part of the Tx port: usage counted from the audit trail, and the
-erasure of a key's material (crypto-shredding)."""
+"""The key-lifecycle part of the Tx port: keys by state, usage counted from the audit
+trail, and the erasure of a key's material (crypto-shredding)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
-from kms.services.model import UsageDay
+from kms.backends.storage.key_tx import key_row, key_select
+from kms.backends.storage.times import utc
+from kms.services.model import Key, KeyState, UsageDay
 
 # Audit records that mean "a blob under this version was opened".
 _USE = ("decrypt", "rewrap", "xks_decrypt")
@@ -19,6 +22,10 @@ class LifecycleTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+
+    def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]:
+        stmt = key_select().where(t.keys.c.state.in_([s.value for s in states]))
+        return [key_row(r) for r in self._c.execute(stmt.order_by(t.keys.c.created_at))]
 
     def version_usage(self, key_id: str) -> list[tuple[int, datetime, int, str | None]]:
         """(version, created_at, successful uses, time of the last one) per version still
@@ -41,7 +48,7 @@ class LifecycleTx:
             .where(v.key_id == key_id)
             .order_by(v.version)
         )
-        return [(row.version, _utc(row.created_at), int(row.n or 0), row.last) for row in rows]
+        return [(row.version, utc(row.created_at), int(row.n or 0), row.last) for row in rows]
 
     def usage_by_day(self, key_id: str, since: str) -> list[UsageDay]:
         """Successful uses per UTC day and version from ``since`` (a record time), oldest
@@ -66,8 +73,3 @@ class LifecycleTx:
         On SQLite, ``secure_delete`` (set on every connection) zeroes the freed bytes."""
         stmt = delete(t.key_versions).where(t.key_versions.c.key_id == key_id)
         return int(self._c.execute(stmt).rowcount)
-
-
-def _utc(value: datetime) -> datetime:
-    """SQLite gives naive datetimes back; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

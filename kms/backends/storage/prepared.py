@@ -3,10 +3,10 @@ cursor of the caller's transaction.
 
 Every audited request runs these in its write transaction: the commit-time re-check of
 key state and grant, the audit head read, the record insert and the head move. Through
-SQLAlchemy's executor each costs about 20 µs of Python (cache key, parameter and result
-processing, events) against 2 to 3 µs for the database itself (measured with SQLite on
-the development machine); run here they cost the latter. ``run_on_cursor`` runs plain
-SQL the same way: the ``BEGIN`` that opens every SQLite transaction.
+SQLAlchemy's executor each would spend several times longer in Python (cache key,
+parameter and result processing, events) than in the database itself; run here they cost
+about what the database does. ``run_on_cursor`` runs plain SQL the same way: the
+``BEGIN`` that opens every SQLite transaction.
 
 Only for statements whose parameters and result columns are plain strings and integers,
 so that no type conversion is skipped. A database error is re-raised as SQLAlchemy's

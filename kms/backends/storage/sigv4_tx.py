@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -10,6 +9,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Row
 
 from kms.backends.storage import schema as t
+from kms.backends.storage.times import utc
 from kms.services.model import Principal, Role, SigV4Credential
 
 
@@ -73,12 +73,8 @@ _SELECT = select(
 ).join(t.principals, t.principals.c.id == t.sigv4_credentials.c.principal_id)
 
 
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _credential(row: Row[Any]) -> SigV4Credential:
-    created = _utc(row.principal_created_at)
+    created = utc(row.principal_created_at)
     return SigV4Credential(
         access_key_id=row.access_key_id,
         principal=Principal(int(row.principal_id), row.name, Role(row.role), created),
