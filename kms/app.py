@@ -38,7 +38,9 @@ from kms.services.dashboard import DashboardService
 from kms.services.escrow import EscrowService
 from kms.services.escrow_common import EscrowRows, EscrowSettings
 from kms.services.health import HealthService
+from kms.services.key_work import KeyUseRunner
 from kms.services.keys import SCHEDULER, KeyService
+from kms.services.lookup_cache import LookupCache
 from kms.services.model import EscrowPolicy
 from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
@@ -122,12 +124,12 @@ def build_services(
     cluster = Cluster(
         shared.limiter, options.cluster.rate_limits, shared.leases, invalidations, hsm
     )
+    # One cache of immutable KEK rows and provisional admissions per worker, for every face.
+    runner = KeyUseRunner(storage, trail, LookupCache(options.lookup_cache_seconds), escrow)
     return Services(
         principals=principals,
         keys=keys,
-        crypto=CryptoService(
-            storage, hsm, trail, escrow, lookup_cache_seconds=options.lookup_cache_seconds
-        ),
+        crypto=CryptoService(hsm, runner),
         audit=trail,
         exports=exports,
         escrow=escrow,
@@ -140,9 +142,7 @@ def build_services(
         cluster=cluster,
         dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock),
         aws=AwsKeyService(storage, trail),
-        xks=XksService(
-            storage, hsm, trail, clock, lookup_cache_seconds=options.lookup_cache_seconds
-        ),
+        xks=XksService(storage, hsm, trail, clock, runner),
     )
 
 

@@ -21,8 +21,6 @@ class KmsError(Exception):
         self.message = message or self.public_message
         # Precise, non-secret reason for the audit log; never sent to the caller.
         self.detail = detail
-        # Set once the service layer has written the audit record of this refusal.
-        self.audited = False
 
 
 class ClientError(KmsError):
@@ -82,6 +80,20 @@ class KeyStateError(Conflict):
     @classmethod
     def of(cls, state: str) -> KeyStateError:
         return cls(f"the key is {state}", detail=f"state={state}")
+
+
+class WrongKey(ClientError):
+    """The caller named the key that made a blob, and another key made it."""
+
+    code = "incorrect_key"
+    public_message = "the key named does not identify the key that made the ciphertext"
+
+
+class KeyUsageRefused(ClientError):
+    """The key's XKS usage does not allow this operation (InvalidKeyUsageException)."""
+
+    code = "invalid_key_usage"
+    public_message = "the key's XKS usage does not allow this operation"
 
 
 class KeyVersionRetired(Conflict):

@@ -36,6 +36,7 @@ from kms.errors import (
     ServerError,
     StorageUnavailable,
     Unauthenticated,
+    WrongKey,
 )
 from kms.services.aws_kms import AliasExists
 from kms.services.sigv4 import SigV4Refused
@@ -63,11 +64,6 @@ class Serialization(AwsError):
 class UnknownOperation(AwsError):
     aws_type = "UnknownOperationException"
     code = "unknown_operation"
-
-
-class IncorrectKey(AwsError):
-    aws_type = "IncorrectKeyException"
-    code = "incorrect_key"
 
 
 class Unsupported(AwsError):
@@ -148,6 +144,8 @@ def _client_type(err: KmsError) -> str:
         return "UnrecognizedClientException"
     if isinstance(err, DecryptionFailed):
         return "InvalidCiphertextException"
+    if isinstance(err, WrongKey):
+        return "IncorrectKeyException"
     if isinstance(err, KeyVersionRetired):
         return "KMSInvalidStateException"
     if isinstance(err, KeyStateError):
@@ -176,9 +174,16 @@ def aws_response(body: dict[str, object], status: int = 200) -> Response:
 
 
 def _answer(err: KmsError) -> Response:
-    error_response(err)  # audit (or log) the refusal, label the metrics; body unused
+    error_response(err)  # log, label the metrics (the service layer audited it); body unused
     name, status, message = aws_error(err)
     return aws_response({"__type": name, "message": message}, status)
+
+
+def http_error(err: HTTPException) -> KmsError:
+    """The AWS face's error for a werkzeug HTTPException."""
+    if err.code == 413:
+        return PayloadTooLarge("the request body is too large")
+    return Validation("the request could not be read")
 
 
 def register(bp: Blueprint) -> None:
@@ -190,9 +195,7 @@ def register(bp: Blueprint) -> None:
 
     @bp.errorhandler(HTTPException)
     def _http(err: HTTPException) -> Response:
-        if err.code == 413:
-            return _answer(PayloadTooLarge("the request body is too large"))
-        return _answer(Validation("the request could not be read"))
+        return _answer(http_error(err))
 
     @bp.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

@@ -27,6 +27,7 @@ from kms.api import aws_shapes as s
 from kms.api import parsing as p
 from kms.api.aws_errors import CONTENT_TYPE, Serialization, UnknownOperation, Validation
 from kms.api.aws_ops import OPERATIONS, Face, face
+from kms.api.context import audited
 from kms.api.sigv4 import authenticate
 from kms.services.sigv4 import SigV4Refused
 
@@ -58,9 +59,10 @@ def dispatch() -> Response:
         raise SigV4Refused("wrong_region", f"scope names region {verified.region!r}")
     if request.mimetype != CONTENT_TYPE:
         raise Validation(f"Content-Type must be {CONTENT_TYPE}")
-    body = _json(raw)
-    p.fields(body, set(found.allowed), found.required, "body")
-    return aws_errors.aws_response(found.handler(body, face()))
+    with audited(found.native, aws_errors.http_error):
+        body = _json(raw)
+        p.fields(body, set(found.allowed), found.required, "body")
+        return aws_errors.aws_response(found.handler(body, face()))
 
 
 def _json(raw: bytes) -> p.Body:

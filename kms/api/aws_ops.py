@@ -16,11 +16,11 @@ from flask import current_app
 
 from kms.api import aws_shapes as s
 from kms.api import parsing as p
-from kms.api.aws_errors import IncorrectKey, Unsupported, Validation
+from kms.api.aws_errors import Unsupported, Validation
 from kms.api.context import caller, services
 from kms.api.parsing import encode
 from kms.errors import ClientError
-from kms.formats import blob as blobfmt
+from kms.services import key_use
 from kms.services.aws_kms import AwsKeyService
 from kms.services.crypto import (
     MAX_DATAKEY_BYTES,
@@ -30,7 +30,6 @@ from kms.services.crypto import (
     EncryptRequest,
     RewrapRequest,
 )
-from kms.services.keys import UUID_RE
 
 MAX_AWS_BLOB = 6144  # CiphertextBlob limit of the AWS model
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
@@ -98,7 +97,7 @@ def encrypt(body: p.Body, f: Face) -> dict[str, Any]:
     item = EncryptRequest(
         s.blob(body, "Plaintext", max_bytes=MAX_PLAINTEXT), s.context(body, "EncryptionContext")
     )
-    sealed = one(services().crypto.encrypt(caller(), ref, [item]))
+    sealed = one(services().crypto.encrypt(caller(), ref, [item], key_use.Face.AWS))
     return {
         "CiphertextBlob": encode(sealed.ciphertext),
         "KeyId": f.arns.key(sealed.key_id),
@@ -116,32 +115,17 @@ def decrypt(body: p.Body, f: Face) -> dict[str, Any]:
     if "Recipient" in body:
         raise Unsupported("Recipient (attested enclaves) is not supported by this KMS")
     s.common(body, "EncryptionAlgorithm")
-    data = s.blob(body, "CiphertextBlob", max_bytes=MAX_AWS_BLOB)
-    item = DecryptRequest(data, s.context(body, "EncryptionContext"))
-    _check_key(f, s.optional_key_ref(body, "KeyId", f.arns), data)
-    opened = one(services().crypto.decrypt(caller(), [item]))
+    item = DecryptRequest(
+        s.blob(body, "CiphertextBlob", max_bytes=MAX_AWS_BLOB),
+        s.context(body, "EncryptionContext"),
+        expected_key=s.optional_key_ref(body, "KeyId", f.arns),
+    )
+    opened = one(services().crypto.decrypt(caller(), [item], key_use.Face.AWS))
     return {
         "KeyId": f.arns.key(opened.key_id),
         "Plaintext": encode(opened.plaintext),
         "EncryptionAlgorithm": s.ALGORITHM,
     }
-
-
-def _check_key(f: Face, ref: str | None, data: bytes) -> None:
-    """IncorrectKeyException if the caller named a key (id or alias) and the blob says it
-    was made under another. A blob that does not parse is left to the service, which
-    refuses it as InvalidCiphertextException."""
-    if ref is None:
-        return
-    try:
-        made_under = blobfmt.parse(data).key_id
-    except blobfmt.BlobError:
-        return
-    named = ref if UUID_RE.fullmatch(ref) else f.keys.key_id(caller(), ref)
-    if named != made_under:
-        raise IncorrectKey(
-            "The key ID in the request does not identify the KMS key that encrypted the ciphertext."
-        )
 
 
 def _datakey(body: p.Body, f: Face, include_plaintext: bool) -> dict[str, Any]:
@@ -159,7 +143,7 @@ def _datakey(body: p.Body, f: Face, include_plaintext: bool) -> dict[str, Any]:
     else:
         size = s.integer(body, "NumberOfBytes", 1, MAX_DATAKEY_BYTES, 0)
     item = DataKeyRequest(s.context(body, "EncryptionContext"), include_plaintext, size)
-    sealed = one(services().crypto.datakey(caller(), ref, [item]))
+    sealed = one(services().crypto.datakey(caller(), ref, [item], key_use.Face.AWS))
     out = {"CiphertextBlob": encode(sealed.ciphertext), "KeyId": f.arns.key(sealed.key_id)}
     if sealed.plaintext is not None:
         out["Plaintext"] = encode(sealed.plaintext)
@@ -191,18 +175,18 @@ def re_encrypt(body: p.Body, f: Face) -> dict[str, Any]:
     """The destination context is DestinationEncryptionContext (none if absent), as on
     AWS; changing the context or the key needs the decrypt grant on the source key."""
     s.common(body, "SourceEncryptionAlgorithm", "DestinationEncryptionAlgorithm")
-    data = s.blob(body, "CiphertextBlob", max_bytes=MAX_AWS_BLOB)
     item = RewrapRequest(
-        data,
+        s.blob(body, "CiphertextBlob", max_bytes=MAX_AWS_BLOB),
         s.context(body, "SourceEncryptionContext"),
         s.key_ref(body, "DestinationKeyId", f.arns, aliases=True),
         destination_context=s.context(body, "DestinationEncryptionContext"),
+        expected_key=s.optional_key_ref(body, "SourceKeyId", f.arns),
     )
-    _check_key(f, s.optional_key_ref(body, "SourceKeyId", f.arns), data)
-    sealed = one(services().crypto.rewrap(caller(), [item]))
+    sealed = one(services().crypto.rewrap(caller(), [item], key_use.Face.AWS))
+    assert sealed.source_key_id is not None
     return {
         "CiphertextBlob": encode(sealed.ciphertext),
-        "SourceKeyId": f.arns.key(blobfmt.parse(data).key_id),
+        "SourceKeyId": f.arns.key(sealed.source_key_id),
         "KeyId": f.arns.key(sealed.key_id),
         "SourceEncryptionAlgorithm": s.ALGORITHM,
         "DestinationEncryptionAlgorithm": s.ALGORITHM,

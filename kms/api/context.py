@@ -1,17 +1,21 @@
-"""Per-request plumbing: request id, authentication, the services container, audit of
-refusals that happen before a service is reached."""
+"""Per-request plumbing: request id, authentication, the services container, and the
+audited scope every view runs in (the service layer records a refusal, even one made
+while parsing, once per request; kms/services/audit.py)."""
 
 from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import current_app, g, request
+from werkzeug.exceptions import HTTPException
 
 from kms.api import peer
 from kms.api.throttle import admit
+from kms.errors import InvalidRequest, KmsError, MethodNotAllowed, NotFound, PayloadTooLarge
 from kms.services.audit import Caller
 
 if TYPE_CHECKING:
@@ -38,8 +42,8 @@ def operation(name: str) -> Callable[[F], F]:
     """Mark a view as the audited operation ``name`` and authenticate its caller.
 
     The bearer token is checked before anything else; the view then runs with
-    ``caller()`` set. Errors raised before a service recorded them are audited by the
-    error handler under this operation's name.
+    ``caller()`` set, inside the service layer's audited scope of ``name``: a refusal is
+    recorded there once (under the innermost service operation it reached, or ``name``).
     """
 
     def wrap(view: F) -> F:
@@ -51,9 +55,32 @@ def operation(name: str) -> Callable[[F], F]:
                 services().principals, request.environ, request.headers.get("Authorization")
             )
             g.caller = Caller(request_id(), principal)
-            admit(principal)  # 429 over the principal's rate limit
-            return view(*args, **kwargs)
+            with audited(name):
+                admit(principal)  # 429 over the principal's rate limit
+                return view(*args, **kwargs)
 
         return cast(F, inner)
 
     return wrap
+
+
+@contextmanager
+def audited(
+    name: str, translate: Callable[[HTTPException], KmsError] | None = None
+) -> Iterator[None]:
+    """Run the rest of a view in the service layer's audited scope of operation ``name``,
+    werkzeug's own refusals (an unreadable or oversized body) translated into KmsErrors
+    (by ``translate``, default http_error) so the scope records them under their codes."""
+    with services().audit.operation(caller(), name):
+        try:
+            yield
+        except HTTPException as e:
+            raise (translate or http_error)(e) from e
+
+
+def http_error(err: HTTPException) -> KmsError:
+    """The KmsError of a werkzeug HTTPException."""
+    return _HTTP.get(err.code or 400, InvalidRequest)()
+
+
+_HTTP: dict[int, type[KmsError]] = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}

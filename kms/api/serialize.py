@@ -1,4 +1,4 @@
-"""JSON shapes of the v1 API's responses (documented in README.md, "API")."""
+"""JSON shapes of the v1 API's responses (documented in docs/api.md)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ from werkzeug.exceptions import MethodNotAllowed as RoutingMethodNotAllowed
 
 from kms.api import errors
 from kms.api import parsing as p
-from kms.api.context import caller, operation, services
+from kms.api.context import audited, caller, operation, services
 from kms.api.sigv4 import authenticate
 from kms.errors import (
     ClientError,
@@ -64,6 +64,7 @@ from kms.errors import (
     Forbidden,
     InvalidRequest,
     KeyStateError,
+    KeyUsageRefused,
     KmsError,
     MethodNotAllowed,
     NotFound,
@@ -74,7 +75,7 @@ from kms.errors import (
 )
 from kms.formats import xks as fmt
 from kms.formats.xks import RequestMetadata, XksKeyPolicy
-from kms.services.xks import DecryptRequest, EncryptRequest, KeyUsageRefused
+from kms.services.xks import DecryptRequest, EncryptRequest
 
 log = logging.getLogger("kms.api.xks")
 SERVICE = "kms-xks-proxy"
@@ -168,22 +169,23 @@ def _is_xks_path(path: str, prefix: str) -> bool:
 
 
 def _error(err: Exception) -> Response:
-    """Any exception of the XKS face: audited like the native API's errors (kms/api/errors.py,
-    with the request metadata in the detail when it was parsed), answered in the spec's shape."""
+    """Any exception of the XKS face, answered in the spec's shape (its audit record was
+    written by the service layer's scope, with the request metadata once it was parsed)."""
     if isinstance(err, KmsError):
         error = err
-    elif isinstance(err, RequestEntityTooLarge):
-        error = Unsupported("the request body is too large")
     elif isinstance(err, HTTPException):
-        error = InvalidRequest("the request could not be read")
+        error = _http_error(err)
     else:
         log.exception("unexpected error", extra={"error": type(err).__name__})
         error = ServerError(detail=type(err).__name__)
-    meta: RequestMetadata | None = g.get("xks_meta")
-    if meta is not None and not error.audited:
-        error.detail = fmt.audit_detail(meta, error.detail or error.message)
-    errors.error_response(error)  # audit record, log line, metrics outcome
+    errors.error_response(error)  # log line, metrics outcome (the service layer audited it)
     return _respond(_body_of(error), error_name(error)[0])
+
+
+def _http_error(err: HTTPException) -> KmsError:
+    if isinstance(err, RequestEntityTooLarge):
+        return Unsupported("the request body is too large")
+    return InvalidRequest("the request could not be read")
 
 
 def _body_of(error: KmsError) -> dict[str, str]:
@@ -202,7 +204,8 @@ def _respond(body: dict[str, Any], status: int = 200) -> Response:
 
 def _face(name: str) -> Callable[[F], F]:
     """An XKS operation: body size and key id checked, then ``g.operation`` set and the
-    SigV4 signature verified (``caller()`` is the credential's principal)."""
+    SigV4 signature verified (``caller()`` is the credential's principal); the view runs
+    in the service layer's audited scope."""
 
     def wrap(view: F) -> F:
         @functools.wraps(view)
@@ -214,7 +217,8 @@ def _face(name: str) -> Callable[[F], F]:
                 raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
             g.operation = name
             authenticate(SERVICE)
-            return view(**kwargs)
+            with audited(name, _http_error):
+                return view(**kwargs)
 
         return cast(F, inner)
 
@@ -247,14 +251,16 @@ def _text(data: dict[str, Any], name: str, required: bool, max_len: int) -> str 
     return value
 
 
-def _metadata(body: dict[str, Any], principal: bool = False, key_arn: bool = False) -> None:
-    """Parse ``requestMetadata`` into ``g.xks_meta`` (kept for the audit of later errors)."""
+def _metadata(
+    body: dict[str, Any], principal: bool = False, key_arn: bool = False
+) -> RequestMetadata:
+    """Parse ``requestMetadata``."""
     data = body.get("requestMetadata")
     if not isinstance(data, dict):
         raise InvalidRequest("requestMetadata must be an object")
     for optional in ("awsSourceVpc", "awsSourceVpce"):
         _text(data, optional, False, MAX_ARN)
-    g.xks_meta = RequestMetadata(
+    return RequestMetadata(
         kms_request_id=cast(str, _text(data, "kmsRequestId", True, 256)),
         kms_operation=cast(str, _text(data, "kmsOperation", True, 128)),
         aws_principal_arn=_text(data, "awsPrincipalArn", principal, MAX_ARN),
@@ -294,17 +300,14 @@ def _algorithm(body: dict[str, Any], name: str, allowed: str, required: bool = T
     return True
 
 
-def _meta() -> RequestMetadata:
-    return cast(RequestMetadata, g.xks_meta)
-
-
 # -- XKS views ------------------------------------------------------------------------------
 
 
 @_face("xks_health")
 def health() -> Response:
-    _metadata(_json())
-    out = services().xks.health(caller(), _meta())
+    meta = _metadata(_json())
+    with services().xks.request(caller(), "xks_health", meta):
+        out = services().xks.health(caller(), meta)
     return _respond(
         {
             "xksProxyFleetSize": out.fleet_size,
@@ -320,8 +323,9 @@ def health() -> Response:
 
 @_face("xks_metadata")
 def key_metadata(external_key_id: str) -> Response:
-    _metadata(_json(), principal=True)
-    out = services().xks.metadata(caller(), external_key_id, _meta())
+    meta = _metadata(_json(), principal=True)
+    with services().xks.request(caller(), "xks_metadata", meta):
+        out = services().xks.metadata(caller(), external_key_id, meta)
     return _respond(
         {"keySpec": out.key_spec, "keyUsage": list(out.key_usage), "keyStatus": out.key_status}
     )
@@ -330,16 +334,17 @@ def key_metadata(external_key_id: str) -> Response:
 @_face("xks_encrypt")
 def encrypt(external_key_id: str) -> Response:
     body = _json()
-    _metadata(body, principal=True, key_arn=True)
-    _algorithm(body, "encryptionAlgorithm", "AES_GCM")
-    want_cdiv = _algorithm(body, "ciphertextDataIntegrityValueAlgorithm", "SHA_256", False)
-    request_ = EncryptRequest(
-        _meta(),
-        cast(bytes, _b64(body, "plaintext", fmt.MAX_PLAINTEXT_BYTES)),
-        _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
-        want_cdiv,
-    )
-    out = services().xks.encrypt(caller(), external_key_id, request_)
+    meta = _metadata(body, principal=True, key_arn=True)
+    with services().xks.request(caller(), "xks_encrypt", meta):
+        _algorithm(body, "encryptionAlgorithm", "AES_GCM")
+        want_cdiv = _algorithm(body, "ciphertextDataIntegrityValueAlgorithm", "SHA_256", False)
+        request_ = EncryptRequest(
+            meta,
+            cast(bytes, _b64(body, "plaintext", fmt.MAX_PLAINTEXT_BYTES)),
+            _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
+            want_cdiv,
+        )
+        out = services().xks.encrypt(caller(), external_key_id, request_)
     response = {
         "authenticationTag": p.encode(out.tag),
         "ciphertext": p.encode(out.ciphertext),
@@ -354,10 +359,16 @@ def encrypt(external_key_id: str) -> Response:
 @_face("xks_decrypt")
 def decrypt(external_key_id: str) -> Response:
     body = _json()
-    _metadata(body, principal=True, key_arn=True)
+    meta = _metadata(body, principal=True, key_arn=True)
+    with services().xks.request(caller(), "xks_decrypt", meta):
+        plaintext = services().xks.decrypt(caller(), external_key_id, _decrypt_request(body, meta))
+    return _respond({"plaintext": p.encode(plaintext)})
+
+
+def _decrypt_request(body: dict[str, Any], meta: RequestMetadata) -> DecryptRequest:
     _algorithm(body, "encryptionAlgorithm", "AES_GCM")
-    request_ = DecryptRequest(
-        _meta(),
+    return DecryptRequest(
+        meta,
         cast(bytes, _b64(body, "ciphertext", fmt.MAX_PLAINTEXT_BYTES)),
         cast(bytes, _b64(body, "initializationVector", 16, spec_limit=True, sizes=(12, 16))),
         cast(bytes, _b64(body, "authenticationTag", 16, spec_limit=True, sizes=(16,))),
@@ -370,8 +381,6 @@ def decrypt(external_key_id: str) -> Response:
             spec_limit=True,
         ),
     )
-    plaintext = services().xks.decrypt(caller(), external_key_id, request_)
-    return _respond({"plaintext": p.encode(plaintext)})
 
 
 # -- the per-key XKS policy (bearer-authenticated admin endpoints) -------------------------

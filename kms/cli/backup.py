@@ -31,7 +31,7 @@ detail "blob names an unknown key" / "unknown key version N").
 
 Only the default layout is handled (SQLite database and SoftHSM token inside the data
 directory). PostgreSQL and hardware HSMs are backed up with ``pg_dump`` and the HSM
-vendor's procedure (README, "Backup and restore"). The standard library ``sqlite3`` is
+vendor's procedure (docs/operations.md, "Backup and restore"). The standard library ``sqlite3`` is
 used directly on purpose: this is a file-level operator tool, like ``sqlite3 .backup``.
 """
 
@@ -64,7 +64,7 @@ ATTEMPTS = 3
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def backup(data_dir: Path, out: Path) -> None:
     """Copy the database and the SoftHSM token of a data directory, consistently and
-    online, into a new directory OUT (see README: Backup and restore)."""
+    online, into a new directory OUT (see docs/operations.md, Backup and restore)."""
     with clear_errors():
         data_dir = data_dir.resolve()
         database, tokens = _default_layout(data_dir)
@@ -139,14 +139,16 @@ def _default_layout(data_dir: Path) -> tuple[Path, Path]:
     if settings.database_url != f"sqlite:///{database}":
         raise click.ClickException(
             "the database is not the SQLite file of the data directory: back it up with "
-            "pg_dump (PostgreSQL) or `sqlite3 FILE .backup`, see README: Backup and restore"
+            "pg_dump (PostgreSQL) or `sqlite3 FILE .backup`; see docs/operations.md, "
+            "Backup and restore"
         )
     tokens = data_dir / TOKENS
     conf = settings.softhsm2_conf
     if conf is None or Path(conf) != data_dir / "softhsm2.conf" or _tokendir(Path(conf)) != tokens:
         raise click.ClickException(
             "the HSM is not a SoftHSM token in the data directory: back it up with the HSM "
-            "vendor's procedure and the database separately, see README: Backup and restore"
+            "vendor's procedure and the database separately; see docs/operations.md, "
+            "Backup and restore"
         )
     if not database.is_file() or not tokens.is_dir():
         raise click.ClickException(f"{data_dir} has no {DATABASE} or {TOKENS}/: not initialised")

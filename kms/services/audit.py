@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable
+from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable, Unauthenticated
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
 from kms.metrics import AUDIT_APPEND_SECONDS
 from kms.services.model import AuditEvent, AuditQuery, Principal, Role
-from kms.services.ports import Clock, Hsm, Storage, Tx
+from kms.services.ports import AuditRows, Clock, Hsm, Storage
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
@@ -65,6 +66,9 @@ class EventBuilder:
             "principal": caller.name,
             "operation": name,
         }
+        self._describe: Callable[[str | None], str] | None = None
+        self.written = False  # the request's records are committed (set by the writer)
+        self.failure: tuple[list[EventBuilder], int] | None = None  # see fail_as()
 
     @property
     def event(self) -> AuditEvent:
@@ -73,11 +77,33 @@ class EventBuilder:
     def note(self, **fields: Any) -> None:
         self._fields.update(fields)
 
+    def describe_failures(self, describe: Callable[[str | None], str]) -> None:
+        """Write a failure's detail as ``describe(reason)`` (the XKS face's metadata)."""
+        self._describe = describe
+
     def ok(self, **fields: Any) -> AuditEvent:
         return AuditEvent(**{**self._fields, **fields, "outcome": "ok"})
 
     def failed(self, code: str, detail: str | None) -> AuditEvent:
+        if self._describe is not None:
+            detail = self._describe(detail)
         return AuditEvent(**{**self._fields, "outcome": code, "detail": detail})
+
+    def fail_as(self, ops: list[EventBuilder], unreached: int) -> None:
+        """If the operation fails, record the events of ``ops`` and ``unreached`` more
+        (the items of a batch it never reached) instead of this one event."""
+        self.failure = (ops, unreached)
+
+
+class _Scope:
+    """The audit of one request: its innermost operation so far."""
+
+    def __init__(self, op: EventBuilder) -> None:
+        self.op = op
+
+
+# The request being served in this context (a thread, a gunicorn sync worker's request).
+_scope: ContextVar[_Scope | None] = ContextVar("kms_audit_scope", default=None)
 
 
 @dataclass(frozen=True)
@@ -113,14 +139,14 @@ class AuditTrail:
             drafts.append(audit_record.Draft(fields))
         return drafts
 
-    def append(self, tx: Tx, events: Sequence[AuditEvent]) -> bool:
+    def append(self, tx: AuditRows, events: Sequence[AuditEvent]) -> bool:
         """Chain ``events`` after the current head inside ``tx``. Returns whether the count
         policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``
         committed)."""
         return self.append_drafts(tx, self.drafts(events))
 
     @AUDIT_APPEND_SECONDS.time()
-    def append_drafts(self, tx: Tx, drafts: Sequence[audit_record.Draft]) -> bool:
+    def append_drafts(self, tx: AuditRows, drafts: Sequence[audit_record.Draft]) -> bool:
         """append() for records already encoded with drafts()."""
         head = tx.audit_head()
         seq, prev = head.seq, head.hash
@@ -208,42 +234,48 @@ class AuditTrail:
             self._fingerprint = cpfmt.key_fingerprint(self.public_key_pem())
         return self._fingerprint
 
-    def record_failure(self, event: AuditEvent, error: BaseException) -> None:
-        """Record that an operation was refused or failed. Never raises: the caller is
-        already on its way out with ``error``; a failure to record is logged."""
-        if isinstance(error, KmsError):
-            if error.audited:
-                return
-            failed = replace(event, outcome=error.code, detail=error.detail or error.message)
-        else:
-            failed = replace(event, outcome="internal_error", detail=type(error).__name__)
-        self.record_failure_batch([failed], error)
-
-    def refused(self, caller: Caller, operation: str, error: BaseException) -> None:
-        """Record a refusal that happened before any service saw the request (for the
-        adapters' error handlers); nothing if a service already recorded it."""
-        self.record_failure(EventBuilder(caller, operation).event, error)
-
-    def record_failure_batch(self, events: Sequence[AuditEvent], error: BaseException) -> None:
-        """Record already-failed ``events`` for ``error``; never raises (see record_failure)."""
-        try:
-            self.record(events)
-        except StorageUnavailable:
-            log.error("could not record a refused operation", extra={"op": events[0].operation})
-            return
-        if isinstance(error, KmsError):
-            error.audited = True
-
     @contextmanager
     def operation(self, caller: Caller, name: str) -> Iterator[EventBuilder]:
-        """Run an operation; if it raises, its failure is recorded before re-raising.
-        The body records success itself, inside its own transaction."""
+        """Run an operation; the body records its success itself, inside its own
+        transaction. Failures are recorded once per request: by the outermost operation,
+        with the innermost builder entered (the most specific fields), unless that
+        builder's records were already written. An operation inside another joins it."""
         op = EventBuilder(caller, name)
+        outer = _scope.get()
+        if outer is not None:
+            outer.op = op
+            yield op
+            return
+        scope = _Scope(op)
+        token = _scope.set(scope)
         try:
             yield op
         except Exception as e:
-            self.record_failure(op.event, e)
+            self._record_failure(scope.op, e)
             raise
+        finally:
+            _scope.reset(token)
+
+    def _record_failure(self, op: EventBuilder, error: BaseException) -> None:
+        """Record that an operation was refused or failed. Never raises: the caller is
+        already on its way out with ``error``; a failure to record is logged. Failed
+        authentication is logged, not chained: it is not attributable to a principal,
+        and chaining it would let anyone grow the audit trail."""
+        if op.written:
+            return
+        if isinstance(error, Unauthenticated):
+            return  # logged by the face that authenticates
+        if isinstance(error, KmsError):
+            code, detail = error.code, error.detail or error.message
+        else:
+            code, detail = "internal_error", type(error).__name__
+        ops, unreached = op.failure or ([op], 0)
+        failed = [o.failed(code, detail) for o in ops]
+        failed += [replace(op.event, outcome=code, detail="batch aborted")] * unreached
+        try:
+            self.record(failed)
+        except StorageUnavailable:
+            log.error("could not record a refused operation", extra={"op": failed[0].operation})
 
     def records(
         self, caller: Caller, after: int, limit: int, query: AuditQuery | None = None

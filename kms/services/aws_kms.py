@@ -24,9 +24,7 @@ class AliasExists(Conflict):
 
 
 class AwsKeyServiceTx(KeyRows, GrantRows, AuditRows, Protocol):
-    """The rows AwsKeyService reads and writes. keys.resolve and AuditTrail.append still
-    ask for a whole Tx (issue 14): their calls here carry a ``type: ignore`` that mypy
-    reports as unused once they ask for KeyRows and AuditRows."""
+    """The rows AwsKeyService reads and writes."""
 
 
 class AwsKeyService:
@@ -41,7 +39,7 @@ class AwsKeyService:
         with self._audit.operation(caller, "describe_key") as op:
             principal = caller.require(Role.ADMIN, Role.AUDITOR, Role.SERVICE)
             with self._storage.reader() as tx:
-                key = resolve(tx, ref)  # type: ignore[arg-type]
+                key = resolve(tx, ref)
                 op.note(key_id=key.key_id)
                 if (
                     principal.role is Role.SERVICE
@@ -55,7 +53,7 @@ class AwsKeyService:
         blob's key; NotFound if none. Not audited itself: the caller's operation is."""
         caller.require(Role.SERVICE)
         with self._storage.reader() as tx:
-            return resolve(tx, ref).key_id  # type: ignore[arg-type]
+            return resolve(tx, ref).key_id
 
     def create_alias(self, caller: Caller, alias: str, key_id: str) -> Key:
         """Give the key ``key_id`` (not pending deletion or destroyed) the alias ``alias``
@@ -70,7 +68,7 @@ class AwsKeyService:
                     "and must not look like a key id"
                 )
             with self._storage.transaction() as tx:
-                key = resolve(tx, key_id)  # type: ignore[arg-type]
+                key = resolve(tx, key_id)
                 op.note(key_id=key.key_id)
                 if key.state in (KeyState.PENDING_DELETION, KeyState.DESTROYED):
                     raise KeyStateError.of(key.state.value)
@@ -85,5 +83,5 @@ class AwsKeyService:
                     tx.set_alias(key.key_id, alias)
                 except Conflict as e:  # a concurrent CreateAlias won
                     raise AliasExists("an alias with this name already exists") from e
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
             return replace(key, alias=alias)

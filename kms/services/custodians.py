@@ -31,10 +31,7 @@ GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class CustodianServiceTx(PrincipalRows, CustodianRows, NotificationRows, AuditRows, Protocol):
-    """The rows CustodianService reads and writes. EscrowRows.custodians and
-    AuditTrail.append still ask for a whole Tx (issue 14): their calls here carry a
-    ``type: ignore`` that mypy reports as unused once they ask for CustodianRows and
-    AuditRows."""
+    """The rows CustodianService reads and writes."""
 
 
 class CustodianService:
@@ -96,7 +93,7 @@ class CustodianService:
                     raise Conflict("this public key belongs to another custodian")
                 members = {
                     c.name: c
-                    for c in self._rows.custodians(tx).values()  # type: ignore[arg-type]
+                    for c in self._rows.custodians(tx).values()
                     if c.group == group and c.state == "active"
                 }
                 if members and self._settings.endorsed_enrolment:
@@ -114,7 +111,7 @@ class CustodianService:
                 )
                 tx.add_custodian(custodian)
                 self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
             return custodian
 
     def revoke_custodian(self, caller: Caller, name: str) -> None:
@@ -131,7 +128,7 @@ class CustodianService:
                 revoked = self._rows.sealed(replace(custodian, state="revoked"))
                 tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
 
     # -- cases ------------------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ class DashboardService:
             with self._storage.reader() as tx:
                 key_id = None
                 if key_ref:
-                    key_id = keys_mod.resolve(tx, key_ref).key_id  # type: ignore[arg-type]
+                    key_id = keys_mod.resolve(tx, key_ref).key_id
                 query = AuditQuery(
                     key_id=key_id, outcome=None if outcome in (None, REFUSED) else outcome
                 )

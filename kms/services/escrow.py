@@ -33,9 +33,9 @@ from typing import Any
 
 from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from kms.formats import escrow as escrowfmt
-from kms.formats.blob import Blob
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
+from kms.services.key_use import CaseStanding
 from kms.services.keys import resolve
 from kms.services.model import (
     JUSTIFICATIONS,
@@ -208,55 +208,24 @@ class EscrowService:
 
     # -- unwrapping under a case ----------------------------------------------------------------
 
-    def check_unwrap(
-        self,
-        tx: Tx,
-        caller: Caller,
-        case_id: str,
-        blob: Blob,
-        raw: bytes,
-        context: dict[str, str],
-        justification: str,
-        already: int,
-    ) -> EscrowCase:
-        """Refuse unless ``caller`` may unwrap this blob under the case now; ``already`` is
-        how many unwraps this request has used so far. Reads only."""
+    def standing(self, tx: Tx, case_id: str, *, settle: bool = False) -> CaseStanding:
+        """The case as an unwrap decision needs it (kms/services/key_use.py). Reads only,
+        unless ``settle`` (inside the audit write transaction): then time-driven
+        transitions (active, expired) are applied and audited first."""
         case = self._rows.case(tx, case_id)
-        if case is None or case.requester != caller.name:
-            raise Forbidden("no such case of yours", detail="unknown case or not the requester")
-        now = self._now()
-        state = self._time_state(case, now)
-        if state is not CaseState.ACTIVE:
-            raise Forbidden(f"the case is {state.value}", detail=f"case {state.value}")
-        if justification != case.justification:
-            raise Forbidden(
-                "the justification differs from the case's",
-                detail=f"justification {justification} vs case {case.justification}",
-            )
-        if blob.key_id not in case.scope["keys"]:
-            raise Forbidden("the blob's key is outside the case scope", detail="key out of scope")
-        wanted = case.scope.get("context") or {}
-        if any(context.get(k) != v for k, v in wanted.items()):
-            raise Forbidden("the context is outside the case scope", detail="context out of scope")
-        blobs = case.scope.get("blobs")
-        if blobs is not None and hashlib.sha256(raw).hexdigest() not in blobs:
-            raise Forbidden("the blob is not one the case names", detail="blob out of scope")
-        if case.unwraps_used + already >= case.max_unwraps:
-            raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
-        self._assert_still_approved(tx, case)
-        return case
+        if case is None:
+            return CaseStanding(None, CaseState.CLOSED, False, "unknown case")
+        if settle:
+            case = self._settle(tx, case)
+        state = self._time_state(case, self._now())
+        reason = self._approvals_lost(tx, case)
+        return CaseStanding(case, state, reason is None, reason or "")
 
-    def consume(self, tx: Tx, case_id: str, count: int) -> None:
-        """Inside the audit transaction: spend ``count`` unwraps, refusing if the case
-        stopped being active or the budget ran out meanwhile."""
+    def spend(self, tx: Tx, case_id: str, count: int) -> None:
+        """Inside the audit write transaction, after the decision on fresh rows allowed
+        them: spend ``count`` unwraps of the case's budget."""
         case = self._rows.case(tx, case_id)
         assert case is not None
-        case = self._settle(tx, case)
-        if case.state is not CaseState.ACTIVE:
-            raise Forbidden(f"the case is {case.state.value}", detail="case ended during request")
-        if case.unwraps_used + count > case.max_unwraps:
-            raise Forbidden("the case has no unwraps left", detail="unwrap budget used up")
-        self._assert_still_approved(tx, case)
         self._rows.put_case(tx, replace(case, unwraps_used=case.unwraps_used + count))
 
     # -- internals ----------------------------------------------------------------------------
@@ -365,20 +334,16 @@ class EscrowService:
         quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
         return quorum, vetoed, approvers
 
-    def _assert_still_approved(self, tx: Tx, case: EscrowCase) -> None:
-        """At every unwrap: the stored case must match its digest and its signed approvals
-        must still make a quorum (revoked custodians no longer count), with no veto; so a
-        database edit cannot activate or widen a case."""
+    def _approvals_lost(self, tx: Tx, case: EscrowCase) -> str | None:
+        """Why the case can no longer be used (None: it can): the stored case must match
+        its digest and its signed approvals must still make a quorum (revoked custodians no
+        longer count), with no veto; so a database edit cannot activate or widen a case."""
         if escrowfmt.case_digest(_digest_fields(case)).hex() != case.digest:
-            raise Forbidden(
-                "the case record does not match its digest", detail="case altered in the database"
-            )
+            return "case altered in the database"
         quorum, vetoed, _ = self._verdict(tx, case, fresh_only=False)
         if vetoed or not quorum:
-            raise Forbidden(
-                "the case no longer has its approvals",
-                detail="vetoed" if vetoed else "quorum no longer holds",
-            )
+            return "vetoed" if vetoed else "quorum no longer holds"
+        return None
 
     def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
         quorum, vetoed, approvers = self._verdict(tx, case, fresh_only=True)

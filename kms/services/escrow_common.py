@@ -18,7 +18,7 @@ from typing import Any
 from kms.errors import EscrowUnavailable, Forbidden
 from kms.services.model import Custodian, EscrowCase, EscrowPolicy
 from kms.services.notify import Notifier
-from kms.services.ports import Hsm, Tx
+from kms.services.ports import CaseRows, CustodianRows, Hsm
 
 log = logging.getLogger("kms.escrow")
 
@@ -72,7 +72,7 @@ class EscrowRows:
     def sealed(self, c: Custodian) -> Custodian:
         return replace(c, mac=self.custodian_mac(c))
 
-    def custodians(self, tx: Tx) -> dict[str, Custodian]:
+    def custodians(self, tx: CustodianRows) -> dict[str, Custodian]:
         """Registered custodians whose row still carries its HSM seal; a row edited in the
         database (a swapped public key, a revived custodian) does not count."""
         out = {}
@@ -96,14 +96,14 @@ class EscrowRows:
             },
         )
 
-    def case(self, tx: Tx, case_id: str) -> EscrowCase | None:
+    def case(self, tx: CaseRows, case_id: str) -> EscrowCase | None:
         """The case (locked), refused if its row fails its HSM seal."""
         case = tx.case(case_id)
         if case is not None and not hmac.compare_digest(case.mac, self.case_mac(case)):
             raise Forbidden("the case record was altered", detail="case row fails its seal")
         return case
 
-    def put_case(self, tx: Tx, case: EscrowCase, new: bool = False) -> None:
+    def put_case(self, tx: CaseRows, case: EscrowCase, new: bool = False) -> None:
         sealed = replace(case, mac=self.case_mac(case))
         if new:
             tx.add_case(sealed)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from kms.errors import InvalidRequest, KeyStateError, KeyVersionRetired, KmsError, NotFound
+from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.model import (
     DEFAULT_JUSTIFICATION,
@@ -41,7 +41,7 @@ from kms.services.model import (
     VersionUsage,
 )
 from kms.services.model import Permission as GrantOp
-from kms.services.ports import Clock, Hsm, Storage, Tx
+from kms.services.ports import Clock, Hsm, KeyRows, Storage
 
 ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -62,7 +62,7 @@ class Unset:
 UNSET = Unset()
 
 
-def resolve(tx: Tx, ref: str) -> Key:
+def resolve(tx: KeyRows, ref: str) -> Key:
     """The key named by a key id or an alias; NotFound otherwise."""
     key = tx.key_by_id(ref) if UUID_RE.fullmatch(ref) else tx.key_by_alias(ref)
     if key is None:
@@ -139,8 +139,8 @@ class KeyService:
             with self._storage.reader() as tx:
                 key = resolve(tx, ref)
             op.note(key_id=key.key_id)
-            require_enabled(key)
-            new = self._add_version(op, key, lambda current: require_enabled(current))
+            _require_enabled(key)
+            new = self._add_version(op, key, _require_enabled)
             assert new is not None  # the check raises rather than skipping
             return new
 
@@ -457,17 +457,7 @@ def _aware(when: datetime) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def require_not_retired(version: int, min_decryption_version: int) -> None:
-    """KeyVersionRetired (409) if blobs under ``version`` may no longer be opened."""
-    if version < min_decryption_version:
-        raise KeyVersionRetired(
-            f"version {version} of this key is retired "
-            f"(min_decryption_version {min_decryption_version})",
-            detail=f"version {version} < min {min_decryption_version}",
-        )
-
-
-def require_enabled(key: Key) -> None:
-    """KeyStateError (409) unless the key may be used."""
+def _require_enabled(key: Key) -> None:
+    """KeyStateError (409) unless the key is enabled (rotation needs it)."""
     if key.state is not KeyState.ENABLED:
         raise KeyStateError.of(key.state.value)

@@ -1,8 +1,9 @@
 """A small per-worker cache with a time limit. It holds data that never changes once
-written (the wrapped material of a KEK version), which saves a database read per request,
-and the (key, grant) pair last read for a principal's decrypts, which admits a decrypt
-only provisionally: the re-check at commit reads key state and grant from the database,
-and refusals are made on data read by the request itself (kms/services/crypto.py).
+written (the wrapped material of a KEK version, the key an alias names), which saves a
+database read per request, and the rows a principal's last decrypt of a key was decided
+on, which admit a decrypt only provisionally: the decision at commit is made again on rows
+read from the database, and refusals on rows the request read itself
+(kms/services/key_work.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
-
-from kms.errors import DecryptionFailed
-from kms.services.model import KekRef
-from kms.services.ports import Tx
 
 
 class LookupCache:
@@ -49,17 +45,3 @@ class LookupCache:
             self._data.move_to_end(key)
             while len(self._data) > self._capacity:
                 self._data.popitem(last=False)
-
-
-def cached_kek(cache: LookupCache, tx: Callable[[], Tx], key_id: str, version: int) -> KekRef:
-    """A KEK version's wrapped material (immutable, so the worker-wide cache serves it; on a
-    miss read through ``tx()``); DecryptionFailed if the version does not exist."""
-    ident = ("kek", key_id, version)
-    kek: KekRef | None = cache.get(ident)
-    if kek is None:
-        kv = tx().key_version(key_id, version)
-        if kv is None:
-            raise DecryptionFailed(detail=f"unknown key version {version}")
-        kek = KekRef(key_id, version, kv.wrapped, kv.root_label)
-        cache.put(ident, kek)
-    return kek

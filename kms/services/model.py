@@ -67,6 +67,11 @@ class Key:
     min_decryption_version: int = 1
     rotated_at: datetime | None = None  # when the current version was made
 
+    def usable_for(self, version: int) -> bool:
+        """Whether blobs under ``version`` may still be opened: not retired (the key's
+        state is a separate question)."""
+        return version >= self.min_decryption_version
+
 
 @dataclass(frozen=True)
 class VersionUsage:
@@ -169,6 +174,12 @@ class Grant:
     operations: frozenset[str] = frozenset()
     justifications: frozenset[str] = frozenset({DEFAULT_JUSTIFICATION})
 
+    def allows(self, permission: Permission, justification: str | None = None) -> bool:
+        """Whether the grant allows ``permission``, and with ``justification`` if given."""
+        return permission.value in self.operations and (
+            justification is None or justification in self.justifications
+        )
+
 
 @dataclass(frozen=True)
 class SigV4Credential:
@@ -186,12 +197,11 @@ class SigV4Credential:
 
 @dataclass(frozen=True)
 class KeyAccess:
-    """What the commit-time re-check reads fresh: the key's state, the caller's grant and
-    the lowest version still allowed to decrypt."""
+    """A key and one principal's grant on it (empty if none), read together: what a
+    decision on using the key is made on (kms/services/key_use.py)."""
 
-    state: KeyState
+    key: Key
     grant: Grant
-    min_decryption_version: int
 
 
 @dataclass(frozen=True)

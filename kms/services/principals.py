@@ -36,9 +36,7 @@ def token_hash(token: str) -> str:
 
 
 class PrincipalServiceTx(PrincipalRows, AuditRows, Protocol):
-    """The rows PrincipalService reads and writes. AuditTrail.append still asks for a
-    whole Tx (issue 14): its calls here carry a ``type: ignore`` that mypy reports as
-    unused once it asks for AuditRows."""
+    """The rows PrincipalService reads and writes."""
 
 
 class PrincipalService:
@@ -116,7 +114,7 @@ class PrincipalService:
                 principal = tx.add_principal(
                     name, parsed_role, token_hash(token), self._clock.now()
                 )
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
             return principal, token
 
     def list_principals(self, caller: Caller) -> list[Principal]:
@@ -135,7 +133,7 @@ class PrincipalService:
                 return None
             token = new_token()
             tx.add_principal(name, Role.ADMIN, token_hash(token), self._clock.now())
-            self._audit.append(tx, [op.ok(detail=f"name={name}")])  # type: ignore[arg-type]
+            self._audit.append(tx, [op.ok(detail=f"name={name}")])
         return token
 
 

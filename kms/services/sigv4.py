@@ -97,8 +97,7 @@ class DatabaseNonces:
 
 class SigV4ServiceTx(PrincipalRows, SigV4Rows, NonceRows, AuditRows, Protocol):
     """The rows SigV4Service reads and writes (NonceRows: when no other NonceStore is
-    given). AuditTrail.append still asks for a whole Tx (issue 14): its calls here carry
-    a ``type: ignore`` that mypy reports as unused once it asks for AuditRows."""
+    given)."""
 
 
 class SigV4Service:
@@ -162,7 +161,7 @@ class SigV4Service:
                         format_time(self._clock.now()),
                     )
                 )
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
             return access_key_id, secret
 
     def revoke(self, caller: Caller, principal_name: str, access_key_id: str) -> None:
@@ -179,7 +178,7 @@ class SigV4Service:
                 if credential.state != "active":
                     raise Conflict("the credential is already revoked")
                 tx.set_sigv4_state(access_key_id, "revoked")
-                self._audit.append(tx, [op.ok()])  # type: ignore[arg-type]
+                self._audit.append(tx, [op.ok()])
         self._invalidations.publish(CREDENTIAL, access_key_id)
 
     def _drop(self, access_key_id: str | None) -> None:

@@ -31,7 +31,7 @@ from flask.sansio.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from kms.api.context import request_id, services
+from kms.api.context import audited, request_id, services
 from kms.config import Settings
 from kms.errors import (
     ClientError,
@@ -138,7 +138,8 @@ def signed_in(view: F) -> F:
         if principal is None:
             return _to_login("Your session is no longer valid. Log in again.")
         g.caller = Caller(request_id(), principal)
-        return view(*args, **kwargs)
+        with audited(_OPERATIONS[request.endpoint or ""]):
+            return view(*args, **kwargs)
 
     return cast(F, inner)
 
@@ -161,15 +162,12 @@ def check_csrf(operation: str) -> None:
 
 def require_admin(operation: str) -> None:
     """Forbidden (audited under ``operation``) unless the caller is an admin."""
-    try:
+    with services().audit.operation(caller(), operation):
         caller().require(Role.ADMIN)
-    except Forbidden as e:
-        services().audit.refused(caller(), operation, e)
-        raise
 
 
-# The audited operation of each dashboard view, for refusals no service recorded (bad form
-# values, say): every refused operation of a signed-in caller leaves one record.
+# The audited operation of each signed-in view: the scope its refusals are recorded in
+# (bad form values, say), so every refused operation of a signed-in caller leaves one record.
 _OPERATIONS = {
     "dashboard.overview": "dashboard_overview",
     "dashboard.key": "dashboard_key",
@@ -183,9 +181,6 @@ _OPERATIONS = {
 
 @bp.errorhandler(KmsError)
 def _kms_error(err: KmsError) -> tuple[str, int]:
-    operation = _OPERATIONS.get(request.endpoint or "")
-    if operation and g.get("caller") is not None and caller().principal is not None:
-        services().audit.refused(caller(), operation, err)
     if isinstance(err, ClientError):
         message = err.message
     else:

@@ -204,8 +204,7 @@ def test_token_unavailable_then_back_without_restart(fresh_data_dir: Path) -> No
 
 def test_a_worker_freezes_the_app_objects_out_of_the_garbage_collector(tmp_path: Path) -> None:
     """kms.wsgi (what each gunicorn worker loads) freezes what it built: a full collection
-    then walks only what requests made since (about 60 ms less per full collection on
-    the development VM)."""
+    then walks only what requests made since (see docs/performance.md)."""
     data = init_data_dir(tmp_path / "data")
     probe = (
         "import gc, kms.wsgi; "

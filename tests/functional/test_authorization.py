@@ -136,28 +136,30 @@ def test_recheck_refuses_when_a_key_changed_meanwhile(api: Api, app) -> None:  #
     changes; the re-check is for databases with weaker isolation: a key disabled or a
     grant revoked after the look-ups refuses the request."""
     from kms.errors import Forbidden, KeyStateError
-    from kms.services.crypto import _Keys
+    from kms.services.key_use import Use
+    from kms.services.key_work import KeyWork
     from kms.services.lookup_cache import LookupCache
-    from kms.services.model import Permission as Op
+    from kms.services.model import Permission
 
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
-    storage = app.extensions["kms"].crypto._storage
+    storage = app.extensions["kms"].audit._storage
     principal = app.extensions["kms"].principals.authenticate(svc["Authorization"][7:])
     with storage.reader() as tx:
-        keys = _Keys(lambda: tx, principal, LookupCache(0), admissions=False)
-        keys.by_ref("k", Op.DECRYPT)
+        work = KeyWork(lambda: tx, principal, LookupCache(0), None, admissions=False)
+        work.use(work.key_id("k"), Use(Permission.DECRYPT, 1, "service_processing"))
+        work.end_item(True)
     with storage.reader() as tx:
-        keys.recheck(tx)  # nothing changed
+        work.commit(tx)  # nothing changed
     api.call("POST", "/v1/keys/k/disable", api.admin)
     with storage.reader() as tx, pytest.raises(KeyStateError):
-        keys.recheck(tx)
+        work.commit(tx)
     api.call("POST", "/v1/keys/k/enable", api.admin)
     api.call(
         "POST", "/v1/keys/k/grants", api.admin, json={"principal": "svc", "operations": ["datakey"]}
     )
     with storage.reader() as tx, pytest.raises(Forbidden):
-        keys.recheck(tx)
+        work.commit(tx)
 
 
 def _decrypt(api: Api, svc: dict[str, str], blob: str, **extra: Any) -> Any:
@@ -168,7 +170,7 @@ def _transactions_during(app, call) -> int:  # type: ignore[no-untyped-def]
     """How many database transactions ``call()`` began."""
     import sqlalchemy as sa
 
-    engine = app.extensions["kms"].crypto._storage._engine
+    engine = app.extensions["kms"].audit._storage._engine
     begun: list[object] = []
     listener = lambda conn: begun.append(conn)  # noqa: E731
     sa.event.listen(engine, "begin", listener)

@@ -226,7 +226,9 @@ def faulty(xapp: Any, hsm: Pkcs11Hsm, storage: SqlStorage) -> Iterator[tuple[Cou
     """The app's XKS service over a CountingHsm and a clock the test moves."""
     services = xapp.extensions["kms"]
     spy, ticks = CountingHsm(hsm), Ticks()
-    xks_service = XksService(storage, spy, services.audit, SystemClock(), monotonic=ticks)  # type: ignore[arg-type]
+    xks_service = XksService(  # type: ignore[arg-type]
+        storage, spy, services.audit, SystemClock(), services.xks._runner, monotonic=ticks
+    )
     xapp.extensions["kms"] = dataclasses.replace(services, xks=xks_service)
     yield spy, ticks
     xapp.extensions["kms"] = services

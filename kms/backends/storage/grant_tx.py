@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
-from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
-from kms.services.model import Grant, KeyAccess, KeyState
+from kms.backends.storage.key_tx import key_row, key_select
+from kms.services.model import Grant, KeyAccess
 
 
 class GrantTx:
@@ -29,12 +29,12 @@ class GrantTx:
             )
 
     def key_access(self, key_id: str, principal_id: int) -> KeyAccess | None:
-        rows = prepared.KEY_ACCESS.rows(self._c, {"key_id": key_id, "principal_id": principal_id})
-        if not rows:
+        row = self._c.execute(_KEY_ACCESS, {"key_id": key_id, "principal_id": principal_id})
+        found = row.first()
+        if found is None:
             return None
-        state, min_version, operations, justifications = rows[0]
-        grant = Grant(_split(operations), _split(justifications)) if operations else Grant()
-        return KeyAccess(KeyState(state), grant, int(min_version))
+        ops, codes = found.operations, found.justifications
+        return KeyAccess(key_row(found), Grant(_split(ops), _split(codes)) if ops else Grant())
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
         row = self._c.execute(_GRANT, {"key_id": key_id, "principal_id": principal_id}).first()
@@ -47,7 +47,17 @@ def _split(text: str | None) -> frozenset[str]:
     return frozenset(x for x in (text or "").split(",") if x)
 
 
-# Built once: a statement of the crypto hot path (see key_tx._KEY_BY_ID).
+# Built once: statements of the crypto hot path (see key_tx._KEY_BY_ID).
+_KEY_ACCESS = (
+    key_select()
+    .add_columns(t.grants.c.operations, t.grants.c.justifications)
+    .outerjoin(
+        t.grants,
+        (t.grants.c.key_id == t.keys.c.key_id)
+        & (t.grants.c.principal_id == bindparam("principal_id")),
+    )
+    .where(t.keys.c.key_id == bindparam("key_id"))
+)
 _GRANT = select(t.grants.c.operations, t.grants.c.justifications).where(
     t.grants.c.key_id == bindparam("key_id"),
     t.grants.c.principal_id == bindparam("principal_id"),

@@ -93,22 +93,6 @@ def run_on_cursor(
             cursor.close()
 
 
-KEY_ACCESS = Prepared(
-    select(
-        t.keys.c.state,
-        t.keys.c.min_decryption_version,
-        t.grants.c.operations,
-        t.grants.c.justifications,
-    )
-    .select_from(
-        t.keys.outerjoin(
-            t.grants,
-            (t.grants.c.key_id == t.keys.c.key_id)
-            & (t.grants.c.principal_id == bindparam("principal_id")),
-        )
-    )
-    .where(t.keys.c.key_id == bindparam("key_id"))
-)
 AUDIT_HEAD = Prepared(
     select(
         t.audit_head.c.seq,

@@ -1,0 +1,93 @@
+"""The same situation through the native face and the XKS face is refused identically:
+the same rule decides (kms/services/key_use.py), so the audit records carry the same
+outcome and reason, whichever face the request came through. Real SoftHSM, real SQLite,
+XKS requests signed by botocore."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.functional.test_xks import Xks, issue, xapi, xapp, xks_settings  # noqa: F401
+from tests.helpers import Api, b64
+
+SERVICE = "svc"
+
+
+def _grant(api: Api, key: str, ops: list[str], codes: list[str] | None = None) -> None:
+    body: dict[str, Any] = {"principal": SERVICE, "operations": ops}
+    if codes is not None:
+        body["justifications"] = codes
+    assert api.call("POST", f"/v1/keys/{key}/grants", api.admin, json=body).status_code == 200
+
+
+def _disable(api: Api) -> None:
+    api.call("POST", "/v1/keys/k/disable", api.admin)
+
+
+def _revoke(api: Api) -> None:
+    _grant(api, "k", ["datakey", "xks_encrypt"])
+
+
+def _narrow_justifications(api: Api) -> None:
+    _grant(api, "k", ["datakey", "decrypt", "xks_encrypt", "xks_decrypt"], ["customer_initiated"])
+
+
+def _retire(api: Api) -> None:
+    api.call("POST", "/v1/keys/k/rotate", api.admin)
+    r = api.call("POST", "/v1/keys/k/config", api.admin, json={"min_decryption_version": 2})
+    assert r.status_code == 200, r.json
+
+
+SITUATIONS: dict[str, Callable[[Api], None]] = {
+    "key disabled": _disable,
+    "grant revoked": _revoke,
+    "justification not granted": _narrow_justifications,
+    "version retired": _retire,
+}
+
+
+@pytest.mark.parametrize("situation", sorted(SITUATIONS))
+def test_the_native_and_xks_faces_refuse_identically(xapi: Api, situation: str) -> None:  # noqa: F811
+    svc = xapi.principal("service", SERVICE)
+    xapi.key("k")
+    _grant(xapi, "k", ["datakey", "decrypt", "xks_encrypt", "xks_decrypt"])
+    xks = Xks(xapi.client, *issue(xapi, SERVICE))
+    blob = xapi.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    sealed = xks.encrypt("k", b"secret")
+    assert sealed.status_code == 200
+    assert xapi.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}).status_code == 200
+    assert xks.decrypt("k", sealed.json).status_code == 200
+
+    SITUATIONS[situation](xapi)
+    native = xapi.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob})
+    through_xks = xks.decrypt("k", sealed.json)
+
+    assert native.status_code in (403, 409) and "plaintext" not in native.json
+    assert through_xks.status_code in (400, 403) and "plaintext" not in through_xks.json
+    records = xapi.audit()
+    native_record = next(r for r in records if r["request_id"] == native.headers["X-Request-Id"])
+    xks_record = records[-1]
+    assert xks_record["operation"] == "xks_decrypt"
+    assert native_record["outcome"] == xks_record["outcome"] == native.json["error"]["code"]
+    # The XKS detail starts with the request metadata; the reason follows " | ".
+    assert xks_record["detail"].rsplit(" | ", 1)[1] == native_record["detail"]
+
+
+def test_a_native_grant_opens_nothing_through_xks_and_the_other_way(xapi: Api) -> None:  # noqa: F811
+    svc = xapi.principal("service", SERVICE)
+    xapi.key("k")
+    _grant(xapi, "k", ["datakey", "xks_encrypt"])
+    xks = Xks(xapi.client, *issue(xapi, SERVICE))
+    blob = xapi.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    sealed = xks.encrypt("k", b"secret")
+    _grant(xapi, "k", ["decrypt"])  # native only
+    assert xapi.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob}).status_code == 200
+    assert xks.decrypt("k", sealed.json).status_code == 403
+    _grant(xapi, "k", ["xks_decrypt"])  # XKS only
+    assert xks.decrypt("k", sealed.json).status_code == 200
+    refused = xapi.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob})
+    assert refused.status_code == 403 and refused.json["error"]["code"] == "forbidden"
+    assert b64(b"secret") not in refused.get_data(as_text=True)
