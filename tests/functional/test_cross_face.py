@@ -5,7 +5,9 @@ XKS requests signed by botocore."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,3 +93,43 @@ def test_a_native_grant_opens_nothing_through_xks_and_the_other_way(xapi: Api) -
     refused = xapi.call("POST", "/v1/decrypt", svc, json={"ciphertext": blob})
     assert refused.status_code == 403 and refused.json["error"]["code"] == "forbidden"
     assert b64(b"secret") not in refused.get_data(as_text=True)
+
+
+def _set_policy(api: Api, **policy: Any) -> None:
+    r = api.call("POST", "/v1/keys/k/xks", api.admin, json=policy)
+    assert r.status_code == 200, r.json
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["grant row deleted in the database", "xks policy", "key disabled in the database"],
+)
+def test_an_xks_decrypt_admitted_from_the_cache_is_refused_at_commit(
+    xapi: Api,  # noqa: F811
+    db_path: Path,
+    change: str,
+) -> None:
+    """The worker caches the rows an XKS decrypt was admitted with (no read transaction
+    for the next one); a change made since, even straight into the database behind the
+    server's back, is decided again at commit: refused, audited once, no plaintext."""
+    xapi.principal("service", SERVICE)
+    key_id = xapi.key("k")
+    _grant(xapi, "k", ["xks_encrypt", "xks_decrypt"])
+    xks = Xks(xapi.client, *issue(xapi, SERVICE))
+    sealed = xks.encrypt("k", b"secret").json
+    assert xks.decrypt("k", sealed).status_code == 200  # admitted, rows cached
+    assert xks.decrypt("k", sealed).status_code == 200  # from the cache
+    if change == "xks policy":
+        _set_policy(xapi, aws_principals=["arn:aws:iam::999999999999:*"])
+    else:
+        with sqlite3.connect(db_path) as db:
+            if change.startswith("grant"):
+                db.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
+            else:
+                db.execute("UPDATE keys SET state = 'disabled' WHERE key_id = ?", (key_id,))
+    refused = xks.decrypt("k", sealed)
+    assert refused.status_code in (400, 403), refused.json
+    assert "plaintext" not in refused.json
+    records = [r for r in xapi.audit() if r["operation"] == "xks_decrypt"]
+    assert [r["outcome"] for r in records][:2] == ["ok", "ok"] and len(records) == 3
+    assert records[-1]["outcome"] in ("forbidden", "key_state")
