@@ -39,12 +39,13 @@ from kms.services.escrow import EscrowService
 from kms.services.escrow_common import EscrowRows, EscrowSettings
 from kms.services.health import HealthService
 from kms.services.key_work import KeyUseRunner
-from kms.services.keys import SCHEDULER, KeyService
+from kms.services.keys import KeyService
 from kms.services.lookup_cache import LookupCache
 from kms.services.model import EscrowPolicy
 from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
 from kms.services.principals import PrincipalService
+from kms.services.rotation import SCHEDULER
 from kms.services.sigv4 import SigV4Service
 from kms.services.xks import XksService
 from kms.web import dashboard as web_dashboard

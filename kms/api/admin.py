@@ -10,7 +10,7 @@ from kms.api import parsing as p
 from kms.api import serialize
 from kms.api.context import caller, operation, services
 from kms.errors import InvalidRequest
-from kms.services.keys import UNSET, Unset
+from kms.services.key_params import UNSET, Unset
 from kms.services.model import EscrowPolicy
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")

@@ -16,7 +16,7 @@ from kms.api.aws_errors import InvalidAliasName, Unsupported, Validation
 from kms.api.aws_ops import Face, op
 from kms.api.context import caller, services
 from kms.errors import NotFound
-from kms.services.keys import next_rotation
+from kms.services.rotation import next_rotation
 
 ALIAS_NAME_RE = re.compile(r"alias/[A-Za-z0-9][A-Za-z0-9/_-]{0,63}")
 

@@ -19,7 +19,7 @@ from kms.api.aws_errors import InvalidArn, InvalidKeyUsage, InvalidMarker, Unsup
 from kms.config import ConfigError, Settings
 from kms.errors import NotFound
 from kms.formats import context as ctxfmt
-from kms.services.keys import UUID_RE
+from kms.services.key_refs import UUID_RE
 from kms.services.model import Key, KeyState
 
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")

@@ -14,7 +14,8 @@ from kms.api.parsing import decode_signature
 from kms.errors import InvalidRequest
 from kms.formats import context as ctxfmt
 from kms.formats.blob import MAX_BLOB_BYTES
-from kms.services.escrow import CaseRequest, CaseView
+from kms.services.escrow import CaseView
+from kms.services.escrow_filing import CaseRequest
 from kms.services.model import EscrowCase
 from kms.services.notify import case_payload
 

@@ -9,8 +9,8 @@ from kms.api.errors import error_body
 from kms.api.parsing import encode
 from kms.errors import ClientError
 from kms.services.crypto import Opened, Sealed
-from kms.services.keys import next_rotation
 from kms.services.model import EscrowPolicy, Key, KeyUsage, Principal
+from kms.services.rotation import next_rotation
 
 
 def iso(when: datetime | None) -> str | None:

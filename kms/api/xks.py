@@ -1,5 +1,7 @@
-"""The AWS External Key Store (XKS) proxy API face, spec v1.0.3, and the admin endpoints of
-the per-key XKS policy.
+"""The AWS External Key Store (XKS) proxy API face, spec v1.0.3: routing, authentication,
+the views and the spec's error answers. Request bodies are read by kms/api/xks_parsing.py;
+the admin endpoints of the per-key XKS policy are in kms/api/xks_policy.py, registered by
+``blueprint`` here with the face.
 
 XKS (SigV4, service ``kms-xks-proxy``), all ``POST`` under ``<KMS_XKS_URI_PREFIX>/kms/xks/v1``:
 ``/health``, ``/keys/<externalKeyId>/metadata``, ``/encrypt``, ``/decrypt`` (wire format in
@@ -53,10 +55,12 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.exceptions import MethodNotAllowed as RoutingMethodNotAllowed
 
-from kms.api import errors
+from kms.api import errors, xks_policy
 from kms.api import parsing as p
-from kms.api.context import audited, caller, operation, services
+from kms.api import xks_parsing as xp
+from kms.api.context import audited, caller, services
 from kms.api.sigv4 import authenticate
+from kms.api.xks_parsing import MAX_BODY, Unsupported
 from kms.errors import (
     ClientError,
     Conflict,
@@ -74,27 +78,15 @@ from kms.errors import (
     Unauthenticated,
 )
 from kms.formats import xks as fmt
-from kms.formats.xks import RequestMetadata, XksKeyPolicy
-from kms.services.xks import DecryptRequest, EncryptRequest
 
 log = logging.getLogger("kms.api.xks")
 SERVICE = "kms-xks-proxy"
-MAX_BODY = 128 * 1024
-MAX_ARN = 2048
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class InvalidUriPath(NotFound):
     code = "invalid_uri_path"
     public_message = "no such XKS API path"
-
-
-class Unsupported(ClientError):
-    """A request beyond what this proxy supports (above the spec's minimums)."""
-
-    status = 501
-    code = "unsupported"
-    public_message = "this request exceeds what this proxy supports"
 
 
 # First match wins: subclasses before their bases.
@@ -151,12 +143,9 @@ def blueprint(prefix: str) -> Blueprint:
             return response
         return _respond(_body_of(InvalidUriPath()), 404)
 
-    policy = Blueprint("policy", __name__, url_prefix="/v1")
-    policy.add_url_rule("/keys/<path:ref>/xks", view_func=read_policy, methods=["GET"])
-    policy.add_url_rule("/keys/<path:ref>/xks", view_func=set_policy, methods=["POST"])
     parent = Blueprint("xks", __name__)
     parent.register_blueprint(face)
-    parent.register_blueprint(policy)
+    parent.register_blueprint(xks_policy.blueprint())
     return parent
 
 
@@ -199,7 +188,7 @@ def _respond(body: dict[str, Any], status: int = 200) -> Response:
     return Response(text, status=status, mimetype="application/json")
 
 
-# -- request parsing ------------------------------------------------------------------------
+# -- the operation wrapper -----------------------------------------------------------------
 
 
 def _face(name: str) -> Callable[[F], F]:
@@ -225,87 +214,12 @@ def _face(name: str) -> Callable[[F], F]:
     return wrap
 
 
-def _json() -> dict[str, Any]:
-    raw = request.get_data(cache=True)
-    if len(raw) > MAX_BODY:
-        raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return data
-
-
-def _text(data: dict[str, Any], name: str, required: bool, max_len: int) -> str | None:
-    value = data.get(name)
-    if value is None:
-        if required:
-            raise InvalidRequest(f"requestMetadata.{name} is required")
-        return None
-    if not isinstance(value, str) or (required and not value):
-        raise InvalidRequest(f"requestMetadata.{name} must be a non-empty string")
-    if len(value) > max_len:
-        raise InvalidRequest(f"requestMetadata.{name} must be at most {max_len} characters")
-    return value
-
-
-def _metadata(
-    body: dict[str, Any], principal: bool = False, key_arn: bool = False
-) -> RequestMetadata:
-    """Parse ``requestMetadata``."""
-    data = body.get("requestMetadata")
-    if not isinstance(data, dict):
-        raise InvalidRequest("requestMetadata must be an object")
-    for optional in ("awsSourceVpc", "awsSourceVpce"):
-        _text(data, optional, False, MAX_ARN)
-    return RequestMetadata(
-        kms_request_id=cast(str, _text(data, "kmsRequestId", True, 256)),
-        kms_operation=cast(str, _text(data, "kmsOperation", True, 128)),
-        aws_principal_arn=_text(data, "awsPrincipalArn", principal, MAX_ARN),
-        kms_key_arn=_text(data, "kmsKeyArn", key_arn, MAX_ARN),
-        kms_via_service=_text(data, "kmsViaService", False, 256),
-    )
-
-
-def _b64(
-    body: dict[str, Any],
-    name: str,
-    max_bytes: int,
-    *,
-    required: bool = True,
-    spec_limit: bool = False,
-    sizes: tuple[int, ...] = (),
-) -> bytes | None:
-    """Standard base64 (with padding) of at most ``max_bytes``; over it: 400 if the spec
-    sets the limit (``spec_limit``), else 501 (our limit)."""
-    if body.get(name) is None:
-        if required:
-            raise InvalidRequest(f"{name} is required")
-        return None
-    too_big = InvalidRequest if spec_limit else Unsupported
-    decoded = p.b64(body, name, max_bytes=max_bytes, too_big=too_big)
-    if sizes and len(decoded) not in sizes:
-        raise InvalidRequest(f"{name} must be " + " or ".join(map(str, sizes)) + " bytes")
-    return decoded
-
-
-def _algorithm(body: dict[str, Any], name: str, allowed: str, required: bool = True) -> bool:
-    value = body.get(name)
-    if value is None and not required:
-        return False
-    if value != allowed:
-        raise InvalidRequest(f"{name} must be {allowed}")
-    return True
-
-
 # -- XKS views ------------------------------------------------------------------------------
 
 
 @_face("xks_health")
 def health() -> Response:
-    meta = _metadata(_json())
+    meta = xp.metadata(xp.body())
     with services().xks.request(caller(), "xks_health", meta):
         out = services().xks.health(caller(), meta)
     return _respond(
@@ -323,7 +237,7 @@ def health() -> Response:
 
 @_face("xks_metadata")
 def key_metadata(external_key_id: str) -> Response:
-    meta = _metadata(_json(), principal=True)
+    meta = xp.metadata(xp.body(), principal=True)
     with services().xks.request(caller(), "xks_metadata", meta):
         out = services().xks.metadata(caller(), external_key_id, meta)
     return _respond(
@@ -333,17 +247,10 @@ def key_metadata(external_key_id: str) -> Response:
 
 @_face("xks_encrypt")
 def encrypt(external_key_id: str) -> Response:
-    body = _json()
-    meta = _metadata(body, principal=True, key_arn=True)
+    body = xp.body()
+    meta = xp.metadata(body, principal=True, key_arn=True)
     with services().xks.request(caller(), "xks_encrypt", meta):
-        _algorithm(body, "encryptionAlgorithm", "AES_GCM")
-        want_cdiv = _algorithm(body, "ciphertextDataIntegrityValueAlgorithm", "SHA_256", False)
-        request_ = EncryptRequest(
-            meta,
-            cast(bytes, _b64(body, "plaintext", fmt.MAX_PLAINTEXT_BYTES)),
-            _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
-            want_cdiv,
-        )
+        request_ = xp.encrypt_request(body, meta)
         out = services().xks.encrypt(caller(), external_key_id, request_)
     response = {
         "authenticationTag": p.encode(out.tag),
@@ -358,69 +265,9 @@ def encrypt(external_key_id: str) -> Response:
 
 @_face("xks_decrypt")
 def decrypt(external_key_id: str) -> Response:
-    body = _json()
-    meta = _metadata(body, principal=True, key_arn=True)
+    body = xp.body()
+    meta = xp.metadata(body, principal=True, key_arn=True)
     with services().xks.request(caller(), "xks_decrypt", meta):
-        plaintext = services().xks.decrypt(caller(), external_key_id, _decrypt_request(body, meta))
+        request_ = xp.decrypt_request(body, meta)
+        plaintext = services().xks.decrypt(caller(), external_key_id, request_)
     return _respond({"plaintext": p.encode(plaintext)})
-
-
-def _decrypt_request(body: dict[str, Any], meta: RequestMetadata) -> DecryptRequest:
-    _algorithm(body, "encryptionAlgorithm", "AES_GCM")
-    return DecryptRequest(
-        meta,
-        cast(bytes, _b64(body, "ciphertext", fmt.MAX_PLAINTEXT_BYTES)),
-        cast(bytes, _b64(body, "initializationVector", 16, spec_limit=True, sizes=(12, 16))),
-        cast(bytes, _b64(body, "authenticationTag", 16, spec_limit=True, sizes=(16,))),
-        _b64(body, "additionalAuthenticatedData", fmt.MAX_AAD_BYTES, required=False) or b"",
-        _b64(
-            body,
-            "ciphertextMetadata",
-            fmt.MAX_CIPHERTEXT_METADATA_BYTES,
-            required=False,
-            spec_limit=True,
-        ),
-    )
-
-
-# -- the per-key XKS policy (bearer-authenticated admin endpoints) -------------------------
-
-
-def _policy_json(ref: str, policy: XksKeyPolicy) -> dict[str, Any]:
-    return {
-        "key": ref,
-        "usage": [u for u in fmt.USAGES if u in policy.usage],
-        "aws_principals": None if policy.aws_principals is None else list(policy.aws_principals),
-        "kms_operations": None if policy.kms_operations is None else list(policy.kms_operations),
-    }
-
-
-@operation("read_xks_policy")
-def read_policy(ref: str) -> dict[str, Any]:
-    """-> ``{key, usage, aws_principals, kms_operations}`` (admins and auditors)."""
-    key, policy = services().xks.policy(caller(), ref)
-    return {**_policy_json(ref, policy), "key_id": key.key_id}
-
-
-@operation("set_xks_policy")
-def set_policy(ref: str) -> dict[str, Any]:
-    """``{usage?, aws_principals?, kms_operations?}`` replaces the key's XKS policy; an absent
-    field takes its default (usage ["encrypt", "decrypt"]; lists null: any)."""
-    body = p.json_body({"usage", "aws_principals", "kms_operations"})
-
-    def optional_list(name: str) -> tuple[str, ...] | None:
-        if body.get(name) is None:
-            return None
-        return tuple(p.string_list(body, name, max_items=fmt.MAX_POLICY_ENTRIES))
-
-    usage = optional_list("usage")
-    try:
-        policy = XksKeyPolicy(
-            frozenset(fmt.USAGES if usage is None else usage),
-            optional_list("aws_principals"),
-            optional_list("kms_operations"),
-        )
-    except fmt.XksFormatError as e:
-        raise InvalidRequest(str(e)) from None
-    key = services().xks.set_policy(caller(), ref, policy)
-    return {**_policy_json(ref, policy), "key_id": key.key_id}

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from kms.cli.common import clear_errors, data_dir_option
-from kms.services.keys import SCHEDULER
+from kms.services.rotation import SCHEDULER
 
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
 

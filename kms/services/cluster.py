@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 from kms.errors import StorageUnavailable
 from kms.services.audit import Caller
-from kms.services.keys import DueRun, KeyService
+from kms.services.keys import KeyService
 from kms.services.model import Principal
 from kms.services.ports import Hsm, InvalidationBus, Leases, RateLimiter
 from kms.services.rate_limits import RatePolicy, Throttled, parse_rate_limits
+from kms.services.rotation import DueRun
 
 log = logging.getLogger("kms.cluster")
 

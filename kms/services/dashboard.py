@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from kms.errors import ClientError
-from kms.services import keys as keys_mod
 from kms.services.audit import MAX_PAGE, AuditTrail, Caller, format_time
 from kms.services.audit_export import AuditExports
 from kms.services.audit_verify import Report, VerifyInputError, verify_bundle
 from kms.services.escrow_common import EscrowRows
+from kms.services.key_refs import resolve
 from kms.services.keys import KeyService
 from kms.services.model import (
     OPEN_CASE_STATES,
@@ -43,6 +43,7 @@ from kms.services.ports import (
     Store,
 )
 from kms.services.principals import PrincipalService
+from kms.services.rotation import is_overdue, next_rotation
 
 DASHBOARD_ROLES = (Role.ADMIN, Role.AUDITOR)
 SESSION_KEY_LABEL = b"kms-dashboard-session-v1"
@@ -229,7 +230,7 @@ class DashboardService:
             with self._storage.reader() as tx:
                 key_id = None
                 if key_ref:
-                    key_id = keys_mod.resolve(tx, key_ref).key_id
+                    key_id = resolve(tx, key_ref).key_id
                 query = AuditQuery(
                     key_id=key_id, outcome=None if outcome in (None, REFUSED) else outcome
                 )
@@ -274,8 +275,8 @@ def key_row(key: Key, now: datetime) -> KeyRow:
     return KeyRow(
         key,
         max(now - made, timedelta(0)),
-        keys_mod.next_rotation(key),
-        keys_mod.is_overdue(key, now),
+        next_rotation(key),
+        is_overdue(key, now),
     )
 
 

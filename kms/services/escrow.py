@@ -19,11 +19,13 @@ States::
 
 Transitions that depend on time (active, expired) are applied when the case is next
 read or used, in a write transaction, and audited then.
+
+What a case holds and how it is built from a request is in kms/services/escrow_filing.py;
+how decisions are counted into a quorum, in kms/services/escrow_quorum.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import uuid
@@ -31,14 +33,14 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from kms.errors import Conflict, Forbidden, NotFound
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
+from kms.services.escrow_filing import CaseRequest, build_case
+from kms.services.escrow_quorum import Quorum
 from kms.services.key_use import CaseStanding
-from kms.services.keys import resolve
 from kms.services.model import (
-    JUSTIFICATIONS,
     OPEN_CASE_STATES,
     CaseState,
     Decision,
@@ -51,27 +53,6 @@ from kms.services.notify import Notifier
 from kms.services.ports import Clock, Storage, Tx
 
 log = logging.getLogger("kms.escrow")
-
-MAX_LEGAL_BASIS = 4000
-MAX_REFERENCE = 200
-MAX_UNWRAPS = 100_000
-MAX_SCOPE_KEYS = 100
-MAX_SCOPE_BLOBS = 1000
-CASE_JUSTIFICATIONS = JUSTIFICATIONS - {"service_processing"}
-
-
-@dataclass(frozen=True)
-class CaseRequest:
-    """What a requester files (or amends a case to)."""
-
-    legal_basis: str
-    reference: str
-    justification: str
-    keys: list[str]
-    context: dict[str, str] | None
-    blobs: list[bytes] | None
-    max_unwraps: int
-    expires_in_seconds: int
 
 
 @dataclass(frozen=True)
@@ -99,8 +80,9 @@ class EscrowService:
         self._clock = clock
         self._notifier = notifier
         self._settings = settings
+        self._quorum = Quorum(rows, settings, clock)
 
-    # -- custodians -------------------------------------------------------------------------
+    # -- the case procedure -----------------------------------------------------------------
 
     def file(self, caller: Caller, request: CaseRequest) -> EscrowCase:
         with self._audit.operation(caller, "file_case") as op:
@@ -142,8 +124,8 @@ class EscrowService:
             op.note(case_id=case_id)
             with self._storage.transaction() as tx:
                 case = self._settle(tx, self._visible(tx, caller, case_id))
-                policy = self._policy(tx, case)
-                approvers, rejecters = self._tally(tx, case, fresh_only=True)
+                policy = self._quorum.policy(tx, case)
+                approvers, rejecters = self._quorum.tally(tx, case, fresh_only=True)
                 notes = [
                     {
                         "event": n.event,
@@ -218,7 +200,7 @@ class EscrowService:
         if settle:
             case = self._settle(tx, case)
         state = self._time_state(case, self._now())
-        reason = self._approvals_lost(tx, case)
+        reason = self._quorum.approvals_lost(tx, case)
         return CaseStanding(case, state, reason is None, reason or "")
 
     def spend(self, tx: Tx, case_id: str, count: int) -> None:
@@ -236,48 +218,15 @@ class EscrowService:
     def _build(
         self, tx: Tx, case_id: str, version: int, requester: str, r: CaseRequest
     ) -> EscrowCase:
-        if r.justification not in CASE_JUSTIFICATIONS:
-            raise InvalidRequest(
-                "justification must be one of: " + ", ".join(sorted(CASE_JUSTIFICATIONS))
-            )
-        if not r.legal_basis.strip() or len(r.legal_basis) > MAX_LEGAL_BASIS:
-            raise InvalidRequest(f"legal_basis must be 1..{MAX_LEGAL_BASIS} characters")
-        if not r.reference.strip() or len(r.reference) > MAX_REFERENCE:
-            raise InvalidRequest(f"reference must be 1..{MAX_REFERENCE} characters")
-        if not 1 <= r.max_unwraps <= MAX_UNWRAPS:
-            raise InvalidRequest(f"max_unwraps must be 1..{MAX_UNWRAPS}")
-        if not 60 <= r.expires_in_seconds <= self._settings.max_case_seconds:
-            raise InvalidRequest(
-                f"expires_in_seconds must be 60..{self._settings.max_case_seconds}"
-            )
-        if not 1 <= len(r.keys) <= MAX_SCOPE_KEYS:
-            raise InvalidRequest(f"scope.keys must name 1..{MAX_SCOPE_KEYS} keys")
-        if r.blobs is not None and not 1 <= len(r.blobs) <= MAX_SCOPE_BLOBS:
-            raise InvalidRequest(f"scope.blobs must hold 1..{MAX_SCOPE_BLOBS} blobs")
-        key_ids = sorted({resolve(tx, ref).key_id for ref in r.keys})
-        scope = {
-            "keys": key_ids,
-            "context": r.context or None,
-            "blobs": sorted({hashlib.sha256(b).hexdigest() for b in r.blobs}) if r.blobs else None,
-        }
-        now = self._clock.now()
-        fields: dict[str, Any] = {
-            "case_id": case_id,
-            "version": version,
-            "requester": requester,
-            "legal_basis": r.legal_basis,
-            "reference": r.reference,
-            "justification": r.justification,
-            "scope": scope,
-            "max_unwraps": r.max_unwraps,
-            "expires_at": format_time(now + timedelta(seconds=r.expires_in_seconds)),
-        }
-        return EscrowCase(
-            **fields,
-            unwraps_used=0,
-            state=CaseState.PENDING,
-            digest=escrowfmt.case_digest(fields).hex(),
-            created_at=format_time(now),
+        """A new pending version of the case, made now (kms/services/escrow_filing.py)."""
+        return build_case(
+            tx,
+            case_id,
+            version,
+            requester,
+            r,
+            now=self._clock.now(),
+            max_case_seconds=self._settings.max_case_seconds,
         )
 
     def _visible(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
@@ -291,62 +240,8 @@ class EscrowService:
             raise NotFound("no such case")
         return case
 
-    def _policy(self, tx: Tx, case: EscrowCase) -> EscrowPolicy:
-        policy = self._settings.policy
-        for key_id in case.scope["keys"]:
-            key = tx.key_by_id(key_id)
-            if key is not None and key.escrow_policy is not None:
-                policy = policy.merge(key.escrow_policy)
-        return policy
-
-    def _tally(self, tx: Tx, case: EscrowCase, *, fresh_only: bool) -> tuple[set[str], set[str]]:
-        """Custodians whose approval of this version counts (active, not the requester,
-        signature valid over the digest recomputed from the case's fields, and with
-        ``fresh_only`` recorded within the approval TTL), and those who rejected it (a
-        rejection stands even if its custodian is revoked later)."""
-        digest = escrowfmt.case_digest(_digest_fields(case))
-        cutoff = format_time(
-            self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
-        )
-        approvers, rejecters = set(), set()
-        custodians = self._rows.custodians(tx)
-        for d in tx.decisions(case.case_id):
-            custodian = custodians.get(d.custodian)
-            if d.version != case.version or custodian is None or d.custodian == case.requester:
-                continue
-            if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
-                continue
-            if d.decision == "reject":
-                rejecters.add(d.custodian)
-            elif custodian.state == "active" and (not fresh_only or d.recorded_at >= cutoff):
-                approvers.add(d.custodian)
-        return approvers, rejecters
-
-    def _verdict(
-        self, tx: Tx, case: EscrowCase, *, fresh_only: bool
-    ) -> tuple[bool, bool, set[str]]:
-        """(quorum reached, vetoed, approvers) under the case's current policy."""
-        policy = self._policy(tx, case)
-        approvers, rejecters = self._tally(tx, case, fresh_only=fresh_only)
-        groups = {c.name: c.group for c in self._rows.custodians(tx).values()}
-        vetoed = any(groups.get(r) in policy.veto_groups for r in rejecters)
-        approved_groups = {groups.get(a) for a in approvers}
-        quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
-        return quorum, vetoed, approvers
-
-    def _approvals_lost(self, tx: Tx, case: EscrowCase) -> str | None:
-        """Why the case can no longer be used (None: it can): the stored case must match
-        its digest and its signed approvals must still make a quorum (revoked custodians no
-        longer count), with no veto; so a database edit cannot activate or widen a case."""
-        if escrowfmt.case_digest(_digest_fields(case)).hex() != case.digest:
-            return "case altered in the database"
-        quorum, vetoed, _ = self._verdict(tx, case, fresh_only=False)
-        if vetoed or not quorum:
-            return "vetoed" if vetoed else "quorum no longer holds"
-        return None
-
     def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
-        quorum, vetoed, approvers = self._verdict(tx, case, fresh_only=True)
+        quorum, vetoed, approvers = self._quorum.verdict(tx, case, fresh_only=True)
         if vetoed:
             return self._transition(tx, case, CaseState.REJECTED, caller, "veto")
         if case.state is CaseState.PENDING and quorum:
@@ -410,7 +305,3 @@ class EscrowService:
                 self._rows.put_case(tx, new)
                 self._audit.append(tx, [op.ok(detail=f"{case.state.value}->{state.value}")])
             return new
-
-
-def _digest_fields(case: EscrowCase) -> dict[str, Any]:
-    return {name: getattr(case, name) for name in escrowfmt.FIELDS}

@@ -36,8 +36,8 @@ from kms.errors import (
 )
 from kms.formats.xks import XksKeyPolicy
 from kms.services.audit import AuditTrail, Caller, EventBuilder
+from kms.services.key_refs import UUID_RE
 from kms.services.key_use import CaseStanding, Face, Use, decide
-from kms.services.keys import UUID_RE
 from kms.services.lookup_cache import LookupCache
 from kms.services.model import (
     AuditEvent,

@@ -14,84 +14,50 @@ until retired: blobs under a version below ``min_decryption_version`` are refuse
 call that makes a new KEK happens before the write transaction, so a failure leaves no
 trace but its audit record and no half-made version. Disabled keys keep their material;
 destroyed keys have none left (their blobs can never be opened again).
+
+Around the service: how a request names a key (kms/services/key_refs.py), the request
+parameters and their limits (kms/services/key_params.py), and the rotation schedule
+(kms/services/rotation.py).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import timedelta
 
 from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.key_params import (
+    UNSET,
+    Unset,
+    check_description,
+    check_escrow_policy,
+    check_min_version,
+    check_pending_days,
+    check_rotation_period,
+    parse_grant,
+)
+from kms.services.key_refs import check_alias, resolve
 from kms.services.model import (
-    DEFAULT_JUSTIFICATION,
-    ESCROW_ONLY_JUSTIFICATIONS,
-    JUSTIFICATIONS,
     EscrowPolicy,
     Grant,
     Key,
     KeyState,
     KeyUsage,
     KeyVersion,
-    Principal,
     Role,
     VersionUsage,
 )
-from kms.services.model import Permission as GrantOp
-from kms.services.ports import Clock, Hsm, KeyRows, Storage
-
-ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-MAX_DESCRIPTION = 1024
-MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
-MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 1, 3650
-
-
-# Who the scheduler acts as: an in-memory admin, never stored, whose name no real principal
-# can have (principal names cannot contain ':').
-SCHEDULER = Principal(0, "system:scheduler", Role.ADMIN, datetime(1970, 1, 1, tzinfo=UTC))
-
-
-class Unset:
-    """Marks an argument that was not given (None is a value: "turn off")."""
-
-
-UNSET = Unset()
-
-
-def resolve(tx: KeyRows, ref: str) -> Key:
-    """The key named by a key id or an alias; NotFound otherwise."""
-    key = tx.key_by_id(ref) if UUID_RE.fullmatch(ref) else tx.key_by_alias(ref)
-    if key is None:
-        raise NotFound("no such key")
-    return key
-
-
-def parse_grant_justifications(values: list[str] | None) -> frozenset[str]:
-    if values is None:
-        return frozenset({DEFAULT_JUSTIFICATION})
-    bad = [v for v in values if v not in JUSTIFICATIONS]
-    if bad or not values:
-        raise InvalidRequest("justifications must be among: " + ", ".join(sorted(JUSTIFICATIONS)))
-    if set(values) & ESCROW_ONLY_JUSTIFICATIONS:
-        raise InvalidRequest(
-            "legal_request and break_glass are never granted; they need an escrow case"
-        )
-    return frozenset(values)
-
-
-def parse_operations(values: list[str]) -> frozenset[str]:
-    allowed = {o.value for o in GrantOp}
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise InvalidRequest("operations must be among: " + ", ".join(sorted(allowed)))
-    return frozenset(values)
+from kms.services.ports import Clock, Hsm, Storage
+from kms.services.rotation import DueRun, aware, is_overdue
 
 
 class KeyService:
+    """The key lifecycle. Every change is one audited operation, recorded in the write
+    transaction that makes it."""
+
     def __init__(self, storage: Storage, hsm: Hsm, audit: AuditTrail, clock: Clock) -> None:
         self._storage = storage
         self._hsm = hsm
@@ -102,13 +68,9 @@ class KeyService:
         """A new enabled key whose version 1 was generated inside the HSM."""
         with self._audit.operation(caller, "create_key") as op:
             caller.require(Role.ADMIN)
-            if alias is not None and (not ALIAS_RE.fullmatch(alias) or UUID_RE.fullmatch(alias)):
-                raise InvalidRequest(
-                    "alias must be 1-64 characters of letters, digits, '/', '_', '.', '-' "
-                    "and must not look like a key id"
-                )
-            if len(description) > MAX_DESCRIPTION:
-                raise InvalidRequest(f"description must be at most {MAX_DESCRIPTION} characters")
+            if alias is not None:
+                check_alias(alias)
+            check_description(description)
             key_id = str(uuid.uuid4())
             op.note(key_id=key_id, key_version=1)
             wrapped = self._hsm.new_wrapped_kek()
@@ -156,13 +118,7 @@ class KeyService:
         version). Nothing changes unless every given value is valid."""
         with self._audit.operation(caller, "configure_key") as op:
             caller.require(Role.ADMIN)
-            if isinstance(rotation_period_days, int) and not (
-                MIN_ROTATION_DAYS <= rotation_period_days <= MAX_ROTATION_DAYS
-            ):
-                raise InvalidRequest(
-                    f"rotation_period_days must be between {MIN_ROTATION_DAYS} and "
-                    f"{MAX_ROTATION_DAYS}, or null to turn scheduled rotation off"
-                )
+            check_rotation_period(rotation_period_days)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(key_id=key.key_id)
@@ -172,7 +128,7 @@ class KeyService:
                 if not isinstance(rotation_period_days, Unset):
                     new = replace(new, rotation_period_days=rotation_period_days)
                 if min_decryption_version is not None:
-                    _check_min_version(key, min_decryption_version)
+                    check_min_version(key, min_decryption_version)
                     new = replace(new, min_decryption_version=min_decryption_version)
                 tx.update_key(new)
                 self._audit.append(
@@ -200,7 +156,7 @@ class KeyService:
             with self._storage.reader() as tx:
                 key = resolve(tx, ref)
                 versions = [
-                    VersionUsage(v, _aware(made), n, last, v < key.min_decryption_version)
+                    VersionUsage(v, aware(made), n, last, v < key.min_decryption_version)
                     for v, made, n, last in tx.version_usage(key.key_id)
                 ]
                 per_day = tx.usage_by_day(key.key_id, since)
@@ -248,9 +204,7 @@ class KeyService:
                 else:
                     run.rotated.append((key.key_id, new.current_version))
             except Exception as e:  # the run goes on with the next key
-                run.failed.append(
-                    (key.key_id, e.code if isinstance(e, KmsError) else "internal_error")
-                )
+                run.failed.append((key.key_id, _code(e)))
         for key in doomed:
             try:
                 if self._destroy(caller, key.key_id):
@@ -258,9 +212,7 @@ class KeyService:
                 else:
                     run.skipped.append(key.key_id)
             except Exception as e:  # the run goes on with the next key
-                run.failed.append(
-                    (key.key_id, e.code if isinstance(e, KmsError) else "internal_error")
-                )
+                run.failed.append((key.key_id, _code(e)))
         if run.destroyed:
             self._storage.purge_erased()
         return run
@@ -313,19 +265,13 @@ class KeyService:
         )
 
     def schedule_deletion(self, caller: Caller, ref: str, pending_days: int) -> Key:
-        def check() -> None:
-            if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
-                raise InvalidRequest(
-                    f"pending_days must be between {MIN_PENDING_DAYS} and {MAX_PENDING_DAYS}"
-                )
-
         return self._transition(
             caller,
             ref,
             "schedule_key_deletion",
             {KeyState.ENABLED, KeyState.DISABLED},
             KeyState.PENDING_DELETION,
-            check=check,
+            check=lambda: check_pending_days(pending_days),
             deletion_date=self._clock.now() + timedelta(days=pending_days),
         )
 
@@ -352,7 +298,7 @@ class KeyService:
         codes legal_request and break_glass)."""
         with self._audit.operation(caller, "grant") as op:
             caller.require(Role.ADMIN)
-            grant = Grant(parse_operations(operations), parse_grant_justifications(justifications))
+            grant = parse_grant(operations, justifications)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(
@@ -374,10 +320,7 @@ class KeyService:
         the global default (and of every key it covers)."""
         with self._audit.operation(caller, "set_escrow_policy") as op:
             caller.require(Role.ADMIN)
-            if not 1 <= policy.quorum <= 16:
-                raise InvalidRequest("quorum must be between 1 and 16")
-            if policy.quorum < len(policy.required_groups):
-                raise InvalidRequest("quorum must be at least the number of required groups")
+            check_escrow_policy(policy)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(
@@ -416,45 +359,9 @@ class KeyService:
             return new
 
 
-@dataclass
-class DueRun:
-    """What one scheduler run did."""
-
-    rotated: list[tuple[str, int]] = field(default_factory=list)  # (key id, new version)
-    destroyed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # done meanwhile by another process
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (key id, error code)
-
-
-def next_rotation(key: Key) -> datetime | None:
-    """When scheduled rotation is due (None: no period, or the key is not enabled)."""
-    if key.rotation_period_days is None or key.state is not KeyState.ENABLED:
-        return None
-    return _aware(key.rotated_at or key.created_at) + timedelta(days=key.rotation_period_days)
-
-
-def is_overdue(key: Key, now: datetime) -> bool:
-    due = next_rotation(key)
-    return due is not None and due <= now
-
-
 def _code(error: Exception) -> str:
+    """The stable code a failed scheduled change is reported with."""
     return error.code if isinstance(error, KmsError) else "internal_error"
-
-
-def _check_min_version(key: Key, version: int) -> None:
-    if version < key.min_decryption_version:
-        raise InvalidRequest(
-            f"min_decryption_version only moves forward (it is {key.min_decryption_version})"
-        )
-    if version > key.current_version:
-        raise InvalidRequest(
-            f"min_decryption_version cannot pass the current version ({key.current_version})"
-        )
-
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _require_enabled(key: Key) -> None:

@@ -45,9 +45,9 @@ from kms.errors import (
 from kms.formats import xks as fmt
 from kms.formats.xks import RequestMetadata, XksKeyPolicy
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.key_refs import resolve
 from kms.services.key_use import XKS_USAGE, Face, Use, XksCall
 from kms.services.key_work import KeyUseRunner, KeyWork
-from kms.services.keys import resolve
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Key, KeyState, Permission, Role
 from kms.services.ports import Clock, Hsm, Storage
 

@@ -17,8 +17,8 @@ from kms.app import Services, create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
 from kms.services.audit import Caller
-from kms.services.keys import SCHEDULER
 from kms.services.principals import PrincipalService
+from kms.services.rotation import SCHEDULER
 from tests.helpers import Api, ManualClock
 
 DAY = 86400

@@ -11,8 +11,9 @@ from kms.app import Options, build_services
 from kms.backends.redis_store import RETRY_SECONDS, RedisBus, RedisConnection, RedisLeases
 from kms.services.audit import Caller
 from kms.services.cluster import KEY, ClusterSettings, Invalidations
-from kms.services.keys import MIN_PENDING_DAYS, SCHEDULER
+from kms.services.key_params import MIN_PENDING_DAYS
 from kms.services.model import KeyState, Principal, Role
+from kms.services.rotation import SCHEDULER
 from tests.helpers import ManualClock
 from tests.redis_server import RedisServer
 
