@@ -28,13 +28,14 @@ def signed_request() -> SignedRequest:
     return SignedRequest(request.method, path, query, headers, request.get_data(cache=True))
 
 
-def authenticate(service: str) -> Verified:
+def authenticate(service: str, defer_nonce: bool = False) -> Verified:
     """Verify the request's SigV4 signature for ``service``, set ``caller()`` and count
     the request against the principal's rate limit; SigV4Refused (401) or Throttled
-    (429) otherwise."""
+    (429) otherwise. ``defer_nonce`` only for views whose every success goes through the
+    audited unit of work, which records the deferred nonce (kms/services/sigv4.py)."""
     g.caller = Caller(request_id(), None)
-    verified = services().sigv4.verify(signed_request(), service)
-    g.caller = Caller(request_id(), verified.principal)
+    verified = services().sigv4.verify(signed_request(), service, defer_nonce)
+    g.caller = Caller(request_id(), verified.principal, verified.deferred)
     admit(verified.principal)  # 429 over the principal's rate limit
     return verified
 

@@ -205,7 +205,7 @@ def _face(name: str) -> Callable[[F], F]:
             if request.content_length is not None and request.content_length > MAX_BODY:
                 raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
             g.operation = name
-            authenticate(SERVICE)
+            authenticate(SERVICE, defer_nonce=True)  # the unit of work records the nonce
             with audited(name, _http_error):
                 return view(**kwargs)
 

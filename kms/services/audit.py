@@ -19,26 +19,37 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable, Unauthenticated
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
 from kms.metrics import AUDIT_APPEND_SECONDS
 from kms.services.model import AuditEvent, AuditQuery, Principal, Role
-from kms.services.ports import AuditRows, Clock, Hsm, Storage
+from kms.services.ports import AuditRows, Clock, Hsm, NonceRows, Storage
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
 MAX_DETAIL = 256
 
 
+class Claim(Protocol):
+    """Something the request's authentication still has to record, in the transaction
+    that commits the request's audit records (see kms/services/sigv4.py, DeferredNonce)."""
+
+    def claim(self, tx: NonceRows) -> None:
+        """Record it; raise Unauthenticated (nothing is then committed) if it cannot be."""
+        ...
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking, as established by the adapter that received the request."""
+    """Who is asking, as established by the adapter that received the request; ``claim``
+    is what its authentication left to record at commit (a SigV4 signature's nonce)."""
 
     request_id: str
     principal: Principal | None
+    claim: Claim | None = None
 
     @property
     def name(self) -> str | None:

@@ -7,8 +7,9 @@ For each request it:
    rule of kms/services/key_use.py on rows the worker cached (a provisional admission) or
    read in the request's read transaction;
 2. lets each item do its HSM work;
-3. in one write transaction, decides again with the same rule on rows read there (never
-   the cache), spends escrow budgets, and appends one audit record per item;
+3. in one write transaction, records what the caller's authentication left to record (a
+   SigV4 nonce, see ``Caller.claim``), decides again with the same rule on rows read there
+   (never the cache), spends escrow budgets, and appends one audit record per item;
 4. returns the results only once those records committed. If the decision at commit
    refuses what a cached row admitted, the request runs again once from the database, so
    it is answered as if the cache had not existed.
@@ -338,6 +339,8 @@ class KeyUseRunner:
             op = EventBuilder(caller, name)  # a failure past this point is request-wide
             drafts = self._audit.drafts(events)
             with self._storage.transaction() as tx:
+                if caller.claim is not None:
+                    caller.claim.claim(tx)  # a replayed signature commits nothing
                 try:
                     work.commit(tx)
                 except ClientError as e:

@@ -80,6 +80,23 @@ class Verified:
     principal: Principal
     access_key_id: str
     region: str
+    deferred: DeferredNonce | None = None  # the nonce, when verify() was asked to defer it
+
+
+@dataclass(frozen=True)
+class DeferredNonce:
+    """A verified signature's nonce, recorded in the transaction that commits the
+    request's audit records instead of one of its own (the database replay store only):
+    a replay is then refused at that commit, before any result leaves."""
+
+    nonce: str = field(repr=False)
+    now: str
+    until: str
+
+    def claim(self, tx: NonceRows) -> None:
+        """Record the nonce; SigV4Refused("replayed") if it is already recorded."""
+        if not tx.remember_nonce(self.nonce, self.until, self.now):
+            raise SigV4Refused("replayed", "this signed request was already received")
 
 
 class DatabaseNonces:
@@ -117,6 +134,7 @@ class SigV4Service:
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._nonces = nonces or DatabaseNonces(storage)
+        self._nonces_in_database = nonces is None
         # access key id -> (credential, secret, monotonic expiry); active credentials only
         self._cache: OrderedDict[str, tuple[SigV4Credential, str, float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -190,9 +208,12 @@ class SigV4Service:
 
     # -- verification -------------------------------------------------------------------
 
-    def verify(self, request: SignedRequest, service: str) -> Verified:
+    def verify(self, request: SignedRequest, service: str, defer: bool = False) -> Verified:
         """The principal that signed ``request`` for ``service``, or SigV4Refused (see the
-        module docstring for the checks and their order)."""
+        module docstring for the checks and their order). With ``defer`` and the database
+        as the replay store, the nonce is not recorded here but returned as
+        ``Verified.deferred``: the caller must hand it to the audited unit of work
+        (``Caller.claim``), which records it in the request's audit transaction."""
         header = request.headers.get("authorization")
         if not header:
             raise SigV4Refused("missing", "no Authorization header")
@@ -230,6 +251,9 @@ class SigV4Service:
         if not hmac.compare_digest(expected, auth.signature):
             raise SigV4Refused("bad_signature", "signature does not match")
         keep_until = when + MAX_SKEW + timedelta(seconds=1)
+        if defer and self._nonces_in_database:
+            deferred = DeferredNonce(auth.signature, format_time(now), format_time(keep_until))
+            return Verified(credential.principal, auth.access_key_id, auth.region, deferred)
         if not self._nonces.remember(auth.signature, now, keep_until):
             raise SigV4Refused("replayed", "this signed request was already received")
         return Verified(credential.principal, auth.access_key_id, auth.region)
