@@ -24,7 +24,7 @@ def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> Body
     ):
         raise PayloadTooLarge()
     raw = request.get_data(cache=False)
-    if not raw.strip():
+    if not raw:
         data: Any = {}
     else:
         try:
@@ -86,10 +86,13 @@ def boolean(data: Body, name: str, default: bool) -> bool:
     return value
 
 
-def integer(data: Body, name: str) -> int:
+def integer(data: Body, name: str, within: tuple[int, int] | None = None) -> int:
+    """An integer (not a bool or float), in the closed range ``within`` if given."""
     value = data.get(name)
     if type(value) is not int:
         raise InvalidRequest(f"{name} must be an integer")
+    if within is not None and not within[0] <= value <= within[1]:
+        raise InvalidRequest(f"{name} must be between {within[0]} and {within[1]}")
     return value
 
 
