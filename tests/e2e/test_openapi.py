@@ -3,13 +3,18 @@ running server.
 
 The cheap tests check that the document is valid OpenAPI 3.1 and names exactly the routes the
 Flask app serves. The property-based run (schemathesis) starts a real gunicorn with a real
-SoftHSM token, loads the document from the server's own ``/v1/openapi.json`` and sends every
-operation generated requests, valid and invalid, with the token of a role the operation
-admits: no answer may be a 5xx or contradict the document (status, content type, headers,
-body schema), documented constraints must be enforced (schema-violating requests get a
-4xx), and no operation may answer without credentials. Known names (a key with grants, a
-case, a custodian) are swapped into part of the valid requests so that operations also
-succeed, not only fail. The run is deterministic: fixed seed, no example database.
+SoftHSM token, checks that it serves the packaged document at ``/v1/openapi.json``, and
+sends every operation generated requests, valid and invalid, with the token of a role the
+operation admits: no answer may be a 5xx or contradict the document (status, content type,
+headers, body schema), documented constraints must be enforced (schema-violating requests
+get a 4xx), and no operation may answer without credentials. Known names (keys with a
+grant, a blob, cases, custodians) are swapped into half of the valid requests so that
+operations also succeed, not only fail. The run is deterministic: fixed seed, derandomized
+Hypothesis, no example database.
+
+The document is loaded from the package at import (schemathesis's pytest integration makes
+one test per operation from a schema it has at collection time; its fixture-based loader
+does not run under pytest 9.2).
 """
 
 from __future__ import annotations
