@@ -10,7 +10,7 @@ from kms.api import parsing as p
 from kms.api import serialize
 from kms.api.context import caller, operation, services
 from kms.errors import InvalidRequest
-from kms.services.key_params import MAX_PENDING_DAYS, MIN_PENDING_DAYS, UNSET, Unset
+from kms.services.key_params import UNSET, Unset
 from kms.services.model import EscrowPolicy
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")
@@ -162,8 +162,8 @@ def schedule_deletion(ref: str) -> Json:
     """``{pending_days: 7..30}`` (default 30)."""
     body = p.json_body({"pending_days"})
     days = 30
-    if "pending_days" in body:  # bounded here: the service computes the date before checking
-        days = p.integer(body, "pending_days", (MIN_PENDING_DAYS, MAX_PENDING_DAYS))
+    if "pending_days" in body:
+        days = p.integer(body, "pending_days")
     return serialize.key(services().keys.schedule_deletion(caller(), ref, days))
 
 

@@ -14,6 +14,7 @@ from flask import current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from kms.api import peer
+from kms.api.parsing import check_text
 from kms.api.throttle import admit
 from kms.errors import InvalidRequest, KmsError, MethodNotAllowed, NotFound, PayloadTooLarge
 from kms.services.audit import Caller
@@ -70,9 +71,14 @@ def audited(
 ) -> Iterator[None]:
     """Run the rest of a view in the service layer's audited scope of operation ``name``,
     werkzeug's own refusals (an unreadable or oversized body) translated into KmsErrors
-    (by ``translate``, default http_error) so the scope records them under their codes."""
+    (by ``translate``, default http_error) so the scope records them under their codes.
+    Path parameters and query arguments that are not plain text (NUL, control characters,
+    lone surrogates) are refused here, once for every face."""
     with services().audit.operation(caller(), name):
         try:
+            for field, value in [*(request.view_args or {}).items(), *request.args.items()]:
+                if isinstance(value, str):  # path and query text, before any look-up
+                    check_text(value, field)
             yield
         except HTTPException as e:
             raise (translate or http_error)(e) from e

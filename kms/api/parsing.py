@@ -54,11 +54,11 @@ def string(data: Body, name: str, *, max_len: int, default: str | None = None) -
         raise InvalidRequest(f"{name} must be a string")
     if len(value) > max_len:
         raise InvalidRequest(f"{name} must be at most {max_len} characters")
-    _check_text(value, name)
+    check_text(value, name)
     return value
 
 
-def _check_text(value: str, name: str) -> None:
+def check_text(value: str, name: str) -> None:
     """Refuse strings that are not valid Unicode text (lone surrogates, NUL)."""
     try:
         value.encode("utf-8")
@@ -131,7 +131,7 @@ def string_list(data: Body, name: str, *, max_items: int) -> list[str]:
     for item in value:
         if len(item) > 4 * 4096:
             raise InvalidRequest(f"{name} holds an oversized item")
-        _check_text(item, name)
+        check_text(item, name)
     return value
 
 

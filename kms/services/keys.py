@@ -25,7 +25,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
@@ -271,9 +271,12 @@ class KeyService:
             "schedule_key_deletion",
             {KeyState.ENABLED, KeyState.DISABLED},
             KeyState.PENDING_DELETION,
-            check=lambda: check_pending_days(pending_days),
-            deletion_date=self._clock.now() + timedelta(days=pending_days),
+            lambda: {"deletion_date": self._deletion_date(pending_days)},
         )
+
+    def _deletion_date(self, pending_days: int) -> datetime:
+        check_pending_days(pending_days)  # before the date: an absurd count overflows it
+        return self._clock.now() + timedelta(days=pending_days)
 
     def cancel_deletion(self, caller: Caller, ref: str) -> Key:
         return self._transition(
@@ -282,7 +285,7 @@ class KeyService:
             "cancel_key_deletion",
             {KeyState.PENDING_DELETION},
             KeyState.DISABLED,
-            deletion_date=None,
+            lambda: {"deletion_date": None},
         )
 
     def grant(
@@ -341,19 +344,19 @@ class KeyService:
         name: str,
         allowed_from: set[KeyState],
         to: KeyState,
-        check: Callable[[], None] | None = None,
-        **changes: object,
+        changes: Callable[[], dict[str, object]] = dict,
     ) -> Key:
+        """Move the key to ``to`` from one of ``allowed_from``, with ``changes()`` (which
+        may refuse the request before anything is read)."""
         with self._audit.operation(caller, name) as op:
             caller.require(Role.ADMIN)
-            if check is not None:
-                check()
+            fields = changes()
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
                 op.note(key_id=key.key_id)
                 if key.state not in allowed_from:
                     raise KeyStateError.of(key.state.value)
-                new = replace(key, state=to, **changes)  # type: ignore[arg-type]
+                new = replace(key, state=to, **fields)  # type: ignore[arg-type]
                 tx.update_key(new)
                 self._audit.append(tx, [op.ok(detail=f"{key.state.value}->{to.value}")])
             return new
