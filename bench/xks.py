@@ -1,15 +1,20 @@
-"""XKS decrypt throughput and latency against a live gunicorn server (2 workers), beside the
-bare-Flask ceiling measured in the same run with the same load generator.
+"""XKS decrypt and native decrypt throughput and latency against a live gunicorn server (2
+workers), beside the bare-Flask ceiling, all measured in the same run with the same load
+generator.
 
     .venv/bin/python bench/xks.py --seconds 10 --clients 4
 
-The load generator is a pool of separate processes, each a closed loop that signs every
-request freshly with botocore's SigV4 signer (the server refuses a replayed signature) and
-sends it on its own connection; latency is measured from just before sending to the end
-of the response (signing excluded). The ceiling is the same loop posting an unsigned body
+The load generator is a pool of separate processes, each a closed loop on its own
+connection; latency is measured from just before sending to the end of the response.
+XKS: every request is signed freshly with botocore's SigV4 signer (the server refuses a
+replayed signature; signing is excluded from the latency, not from the client's CPU).
+Native: ``POST /v1/decrypt`` with a bearer token, cycling over blobs made by
+``/v1/keys/bench/datakey`` of the same key. Ceiling: the same loop posting an unsigned body
 to bench/bare_app.py under the same gunicorn settings. Client and server share this
-machine's cores: read the ratio, not the absolute numbers. AWS's default quota per external
-key store is 1,800 requests/s and its timeout per call 250 ms. Not a test: nothing asserts.
+machine's cores, so the client's own CPU per request is shown too: read the ratios (XKS
+decrypt as a share of native decrypt, each as a share of the ceiling), not the absolute
+numbers. AWS's default quota per external key store is 1,800 requests/s and its timeout
+per call 250 ms. Not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ META = {
     "kmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
     "kmsViaService": "ebs",
 }
+# How a client process authenticates: SigV4 credential (XKS), bearer token (native), none.
+Auth = tuple[str, str] | str | None
 
 
 def _client(
-    url: str, path: str, credential: tuple[str, str] | None, sealed: list[dict[str, str]],
-    seconds: float, start_at: float, out: Any,
+    url: str, path: str, auth: Auth, bodies: list[Any], seconds: float, start_at: float,
+    out: Any,
 ) -> None:  # fmt: skip
-    """One closed-loop client process: (latencies in s, errors)."""
+    """One closed-loop client process: (latencies in s, errors, client CPU s)."""
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
@@ -56,28 +63,35 @@ def _client(
     parts = urlsplit(url)
     host = f"localhost:{parts.port}"
     signer = (
-        SigV4Auth(Credentials(*credential), "kms-xks-proxy", "us-east-1") if credential else None
+        SigV4Auth(Credentials(*auth), "kms-xks-proxy", "us-east-1")
+        if isinstance(auth, tuple)
+        else None
     )
     conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)
     latencies: list[float] = []
     errors, i = 0, os.getpid()
     while time.time() < start_at:
         time.sleep(0.001)
+    cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         i += 1
-        rid = str(uuid.uuid4())
-        body = {
-            "requestMetadata": {**META, "kmsOperation": "Decrypt", "kmsRequestId": rid},
-            "encryptionAlgorithm": "AES_GCM",
-            **sealed[i % len(sealed)],
-        }
-        data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Host": host}
         if signer is not None:
+            rid = str(uuid.uuid4())
+            body = {
+                "requestMetadata": {**META, "kmsOperation": "Decrypt", "kmsRequestId": rid},
+                "encryptionAlgorithm": "AES_GCM",
+                **bodies[i % len(bodies)],
+            }
+            data = json.dumps(body).encode()
             request = AWSRequest("POST", f"http://{host}{path}", data=data, headers=headers)
             signer.add_auth(request)
             headers = dict(request.headers.items())
+        else:
+            data = json.dumps(bodies[i % len(bodies)]).encode()
+            if auth is not None:
+                headers["Authorization"] = f"Bearer {auth}"
         began = time.perf_counter()
         try:
             conn.request("POST", path, body=data, headers=headers)
@@ -89,23 +103,19 @@ def _client(
             ok = False
         latencies.append(time.perf_counter() - began)
         errors += not ok
-    out.put((latencies, errors))
+    out.put((latencies, errors, time.process_time() - cpu))
 
 
 def drive(
-    url: str,
-    path: str,
-    credential: tuple[str, str] | None,
-    sealed: list[dict[str, str]],
-    seconds: float,
-    clients: int,
+    url: str, path: str, auth: Auth, bodies: list[Any], seconds: float, clients: int
 ) -> dict[str, float]:
-    """``clients`` processes for ``seconds``: requests/s and latency percentiles (ms)."""
+    """``clients`` processes for ``seconds``: requests/s, latency percentiles (ms) and the
+    load generator's own CPU per request (µs)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 2.0  # every process is up before the clock starts
     procs = [
-        ctx.Process(target=_client, args=(url, path, credential, sealed, seconds, start_at, queue))
+        ctx.Process(target=_client, args=(url, path, auth, bodies, seconds, start_at, queue))
         for _ in range(clients)
     ]
     for p in procs:
@@ -121,15 +131,20 @@ def drive(
         "p999_ms": percentile_ms(latencies, 99.9),
         "max_ms": latencies[-1] * 1000,
         "errors": float(sum(r[1] for r in results)),
+        "client_us": sum(r[2] for r in results) / max(1, len(latencies)) * 1e6,
     }
 
 
-def setup(url: str, admin_token: str) -> tuple[tuple[str, str], list[dict[str, str]]]:
-    """A service principal with a SigV4 credential, a key granted to it, 64 ciphertexts."""
+def setup(
+    url: str, admin_token: str
+) -> tuple[tuple[str, str], list[dict[str, str]], str, list[dict[str, Any]]]:
+    """One key "bench"; a service principal with a SigV4 credential granted XKS use of it
+    and 64 XKS ciphertexts; a service principal with a token granted native use of it and
+    64 native blobs (from /v1/keys/bench/datakey) as decrypt bodies."""
     admin = {"Authorization": f"Bearer {admin_token}"}
 
-    def call(method: str, path: str, body: Any = None) -> Any:
-        r = requests.request(method, url + path, json=body, headers=admin, timeout=30)
+    def call(method: str, path: str, body: Any = None, headers: Any = None) -> Any:
+        r = requests.request(method, url + path, json=body, headers=headers or admin, timeout=30)
         r.raise_for_status()
         return r.json()
 
@@ -161,12 +176,22 @@ def setup(url: str, admin_token: str) -> tuple[tuple[str, str], list[dict[str, s
         r = requests.post(url + path, data=body, headers=dict(request.headers.items()), timeout=30)
         r.raise_for_status()
         sealed.append(r.json())
-    return credential, sealed
+
+    token = call("POST", "/v1/principals", {"name": "native", "role": "service"})["token"]
+    grant = {"principal": "native", "operations": ["datakey", "decrypt"]}
+    call("POST", f"/v1/keys/{key_id}/grants", grant)
+    app = {"Authorization": f"Bearer {token}"}
+    native = []
+    for i in range(64):
+        context = {"row": str(i)}
+        made = call("POST", "/v1/keys/bench/datakey", {"context": context}, app)
+        native.append({"ciphertext": made["ciphertext"], "context": context})
+    return credential, sealed, token, native
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
     parser.add_argument("--clients", type=int, default=4, help="load-generator processes")
     args = parser.parse_args()
     rows: dict[str, dict[str, float]] = {}
@@ -183,23 +208,35 @@ def main() -> None:
             }
             with gunicorn_server(data, workers=2, env=env) as srv:
                 if sync == "FULL":
-                    credential, sealed = setup(srv.url, srv.admin_token)
+                    credential, sealed, token, native = setup(srv.url, srv.admin_token)
+                rows[f"native decrypt ({sync})"] = drive(
+                    srv.url, "/v1/decrypt", token, native, args.seconds, args.clients
+                )
                 path = f"{PREFIX}/kms/xks/v1/keys/bench/decrypt"
-                rows[f"XKS decrypt (sqlite {sync})"] = drive(
+                rows[f"XKS decrypt ({sync})"] = drive(
                     srv.url, path, credential, sealed, args.seconds, args.clients
                 )
     ceiling = rows["bare Flask ceiling"]["rps"]
     print(
         f"\n{os.cpu_count()} cores, 2 gunicorn sync workers, {args.clients} client processes "
-        f"(on the same cores), {args.seconds:.0f} s each\n"
+        f"(on the same cores), {args.seconds:.0f} s each; sqlite synchronous in brackets\n"
     )
-    print(f"{'scenario':<28}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max':>8}"
-          f"{'err':>5}{'of ceiling':>12}")  # fmt: skip
+    print(f"{'scenario':<25}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max':>8}"
+          f"{'err':>5}{'client µs':>10}{'of ceiling':>11}{'of native':>10}")  # fmt: skip
     for name, r in rows.items():
+        sync = name[name.find("(") :]
+        native_rps = rows.get(f"native decrypt {sync}", {}).get("rps")
+        share = f"{r['rps'] / native_rps:.1%}" if name.startswith("XKS") and native_rps else ""
         print(
-            f"{name:<28}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
+            f"{name:<25}{r['rps']:>7.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
             f"{r['p999_ms']:>8.2f}{r['max_ms']:>8.1f}{r['errors']:>5.0f}"
-            f"{r['rps'] / ceiling:>12.1%}"
+            f"{r['client_us']:>10.0f}{r['rps'] / ceiling:>11.1%}{share:>10}"
+        )
+    for sync in ("FULL", "NORMAL"):
+        ratio = rows[f"XKS decrypt ({sync})"]["rps"] / rows[f"native decrypt ({sync})"]["rps"]
+        print(
+            f"XKS decrypt / native decrypt ({sync}): {ratio:.2f}x "
+            f"({'meets' if ratio >= 0.8 else 'below'} the 0.8x target)"
         )
     print("\nAWS: 1,800 requests/s default quota per external key store; 250 ms per call.")
 

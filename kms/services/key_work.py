@@ -124,11 +124,6 @@ class KeyWork:
             self._cache.put(ident, key_id)
         return key_id
 
-    def key(self, key_id: str) -> Key | None:
-        """The key row as this request read it (None: no such key)."""
-        rows = self._read(key_id, xks=False)
-        return rows.key if rows else None
-
     def kek(self, key_id: str, version: int) -> KekRef:
         """A KEK version's wrapped material (immutable, so the worker-wide cache serves
         it); DecryptionFailed if the version does not exist."""
