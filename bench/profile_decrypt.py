@@ -40,7 +40,7 @@ from bench.bare_app import app as bare_app  # noqa: E402
 from kms import config  # noqa: E402
 from kms.app import create_app  # noqa: E402
 from kms.backends.storage.sql_storage import SqlStorage  # noqa: E402
-from kms.services import crypto  # noqa: E402
+from kms.services import crypto, key_work  # noqa: E402
 from kms.services.audit import AuditTrail  # noqa: E402
 from tests.helpers import init_data_dir  # noqa: E402
 
@@ -48,10 +48,10 @@ SPENT: defaultdict[str, float] = defaultdict(float)
 
 # (owner, attribute, label): the phases timed, in request order
 CALLS = [
-    (crypto._Keys, "by_blob", "key and grant look-up (cache or read transaction)"),
+    (key_work.KeyWork, "use", "key and grant look-up and decision (cache or read)"),
     (crypto.CryptoService, "_open", "HSM decrypt (PKCS#11)"),
     (AuditTrail, "drafts", "audit records encoded (outside the lock)"),
-    (crypto.CryptoService, "_recheck", "commit re-check of key and grant"),
+    (key_work.KeyWork, "commit", "decision again at commit on fresh rows"),
     (AuditTrail, "append_drafts", "audit append: head, chain, insert"),
 ]
 
