@@ -76,7 +76,10 @@ def audited(
     lone surrogates) are refused here, once for every face."""
     with services().audit.operation(caller(), name):
         try:
-            for field, value in [*(request.view_args or {}).items(), *request.args.items()]:
+            texts = list((request.view_args or {}).items())
+            if request.environ.get("QUERY_STRING"):
+                texts += request.args.items()
+            for field, value in texts:
                 if isinstance(value, str):  # path and query text, before any look-up
                     check_text(value, field)
             yield

@@ -191,8 +191,7 @@ class CryptoService:
 
     def _opening(self, work: KeyWork, parsed: blobfmt.Blob, use: Use) -> KekRef:
         """The KEK that opens ``parsed``, once ``use`` of its key is allowed."""
-        missing = DecryptionFailed(detail="blob names an unknown key")
-        work.use(parsed.key_id, use, missing)
+        work.use(parsed.key_id, use, _unknown_key)
         return work.kek(parsed.key_id, parsed.key_version)
 
     def _seal(self, kek: KekRef, plaintext: bytes, context: dict[str, str]) -> Sealed:
@@ -209,6 +208,10 @@ class CryptoService:
             return self._hsm.decrypt(kek, parsed.iv, parsed.ciphertext, parsed.aad(context))
         except IntegrityFailure as e:
             raise DecryptionFailed(detail=f"authentication failed ({e})") from e
+
+
+def _unknown_key() -> DecryptionFailed:
+    return DecryptionFailed(detail="blob names an unknown key")
 
 
 def _parse_blob(op: EventBuilder, data: bytes) -> blobfmt.Blob:

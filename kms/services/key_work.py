@@ -139,9 +139,9 @@ class KeyWork:
 
     # -- decisions ----------------------------------------------------------------------
 
-    def use(self, key_id: str, use: Use, missing: KmsError | None = None) -> Rows:
+    def use(self, key_id: str, use: Use, missing: Callable[[], KmsError] | None = None) -> Rows:
         """Decide ``use`` of the key and remember it for the decision at commit; raises
-        the refusal, or ``missing`` (NotFound by default) if there is no such key."""
+        the refusal, or ``missing()`` (NotFound by default) if there is no such key."""
         xks = use.face is Face.XKS
         case = None
         if use.case is not None:
@@ -155,7 +155,7 @@ class KeyWork:
         if rows is None:
             rows = self._read(key_id, xks)
             if rows is None:
-                raise missing or NotFound("no such key")
+                raise missing() if missing else NotFound("no such key")
             refusal = self._decide(rows, use, case)
             if refusal is not None:
                 raise refusal

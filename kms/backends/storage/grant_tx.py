@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from types import SimpleNamespace
+
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
+from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
-from kms.backends.storage.key_tx import key_row, key_select
+from kms.backends.storage.key_tx import key_row
 from kms.services.model import Grant, KeyAccess
 
 
@@ -29,12 +33,18 @@ class GrantTx:
             )
 
     def key_access(self, key_id: str, principal_id: int) -> KeyAccess | None:
-        row = self._c.execute(_KEY_ACCESS, {"key_id": key_id, "principal_id": principal_id})
-        found = row.first()
-        if found is None:
+        """On the DBAPI cursor (prepared.KEY_ACCESS): it runs in every audited request's
+        write transaction. Times come back as text on SQLite; key_row wants datetimes."""
+        rows = prepared.KEY_ACCESS.rows(self._c, {"key_id": key_id, "principal_id": principal_id})
+        if not rows:
             return None
-        ops, codes = found.operations, found.justifications
-        return KeyAccess(key_row(found), Grant(_split(ops), _split(codes)) if ops else Grant())
+        found = dict(zip(prepared.KEY_ACCESS_COLUMNS, rows[0], strict=True))
+        for name in ("created_at", "deletion_date", "rotated_at"):
+            if isinstance(found[name], str):
+                found[name] = datetime.fromisoformat(found[name])
+        ops, codes = found["operations"], found["justifications"]
+        grant = Grant(_split(ops), _split(codes)) if ops else Grant()
+        return KeyAccess(key_row(SimpleNamespace(**found)), grant)
 
     def grant(self, key_id: str, principal_id: int) -> Grant:
         row = self._c.execute(_GRANT, {"key_id": key_id, "principal_id": principal_id}).first()
@@ -47,17 +57,7 @@ def _split(text: str | None) -> frozenset[str]:
     return frozenset(x for x in (text or "").split(",") if x)
 
 
-# Built once: statements of the crypto hot path (see key_tx._KEY_BY_ID).
-_KEY_ACCESS = (
-    key_select()
-    .add_columns(t.grants.c.operations, t.grants.c.justifications)
-    .outerjoin(
-        t.grants,
-        (t.grants.c.key_id == t.keys.c.key_id)
-        & (t.grants.c.principal_id == bindparam("principal_id")),
-    )
-    .where(t.keys.c.key_id == bindparam("key_id"))
-)
+# Built once: a statement of the crypto hot path (see key_tx._KEY_BY_ID).
 _GRANT = select(t.grants.c.operations, t.grants.c.justifications).where(
     t.grants.c.key_id == bindparam("key_id"),
     t.grants.c.principal_id == bindparam("principal_id"),

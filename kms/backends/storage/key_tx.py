@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
 from kms.backends.storage.times import utc, utc_or_none
@@ -102,8 +102,9 @@ def key_select() -> Any:
     )
 
 
-def key_row(row: Row[Any]) -> Key:
-    """The Key of a row selected by key_select()."""
+def key_row(row: Any) -> Key:
+    """The Key of a row selected by key_select() (or anything with its columns as
+    attributes, times as datetimes)."""
     return Key(
         key_id=row.key_id,
         alias=row.alias,

@@ -9,7 +9,8 @@ about what the database does. ``run_on_cursor`` runs plain SQL the same way: the
 ``BEGIN`` that opens every SQLite transaction.
 
 Only for statements whose parameters and result columns are plain strings and integers,
-so that no type conversion is skipped. A database error is re-raised as SQLAlchemy's
+so that no type conversion is skipped, or whose caller converts the rest itself
+(KEY_ACCESS: its times, in grant_tx.key_access). A database error is re-raised as SQLAlchemy's
 DBAPIError (the storage layer turns it into StorageUnavailable), after the connection is
 invalidated. This bypasses the engine's own error handling, which would tell a lost
 connection from a refused statement. Errors here are rare, so a reconnect is cheaper than
@@ -93,6 +94,19 @@ def run_on_cursor(
             cursor.close()
 
 
+# A key with its alias and one principal's grant on it (kms/backends/storage/grant_tx.py).
+KEY_ACCESS = Prepared(
+    select(t.keys, t.aliases.c.alias, t.grants.c.operations, t.grants.c.justifications)
+    .select_from(
+        t.keys.outerjoin(t.aliases, t.aliases.c.key_id == t.keys.c.key_id).outerjoin(
+            t.grants,
+            (t.grants.c.key_id == t.keys.c.key_id)
+            & (t.grants.c.principal_id == bindparam("principal_id")),
+        )
+    )
+    .where(t.keys.c.key_id == bindparam("key_id"))
+)
+KEY_ACCESS_COLUMNS = (*t.keys.columns.keys(), "alias", "operations", "justifications")
 AUDIT_HEAD = Prepared(
     select(
         t.audit_head.c.seq,
