@@ -153,6 +153,7 @@ def start_background(services: Services, settings: config_mod.Settings) -> None:
     the backend's process-wide lock."""
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
     _every(0.5, services.health.storage_upkeep, "wal-checkpoint")
+    _every(5, services.sigv4.prune_nonces, "nonce-prune")
     _every(settings.scheduler_seconds, lambda: _run_due(services), "scheduler")
     if services.notifier.configured:
         _every(1, services.notifier.deliver_quietly, "notifications")

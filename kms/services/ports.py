@@ -140,6 +140,10 @@ class NonceRows(Protocol):
         """Record a nonce until ``expires_at``; False if already recorded (a replay)."""
         ...
 
+    def prune_nonces(self, now: str, limit: int) -> int:
+        """Delete up to ``limit`` nonces expired at ``now``; how many."""
+        ...
+
 
 class XksRows(Protocol):
     """The per-key policies of the XKS face (services/xks.py)."""

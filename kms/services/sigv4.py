@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +35,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from kms.errors import Conflict, IntegrityFailure, InvalidRequest, NotFound, Unauthenticated
+from kms.errors import (
+    Conflict,
+    IntegrityFailure,
+    InvalidRequest,
+    NotFound,
+    StorageUnavailable,
+    Unauthenticated,
+)
 from kms.formats import sigv4 as fmt
 from kms.services.audit import AuditTrail, Caller, format_time
 from kms.services.cluster import CREDENTIAL, Invalidations
@@ -49,6 +57,8 @@ from kms.services.ports import (
     SigV4Rows,
     Store,
 )
+
+log = logging.getLogger("kms.sigv4")
 
 MAX_SKEW = timedelta(minutes=5)
 MAX_ACTIVE = 2
@@ -111,6 +121,17 @@ class DatabaseNonces:
         with self._storage.transaction() as tx:
             return tx.remember_nonce(nonce, format_time(until), format_time(now))
 
+    def prune(self, now: datetime, batch: int = 1000) -> None:
+        """Delete expired nonces, ``batch`` per transaction (the writer lock is held
+        briefly), until none is left. Background upkeep: logs instead of raising."""
+        try:
+            while True:
+                with self._storage.transaction() as tx:
+                    if tx.prune_nonces(format_time(now), batch) < batch:
+                        return
+        except StorageUnavailable as e:
+            log.warning("nonce pruning failed", extra={"detail": e.detail})
+
 
 class SigV4ServiceTx(PrincipalRows, SigV4Rows, NonceRows, AuditRows, Protocol):
     """The rows SigV4Service reads and writes (NonceRows: when no other NonceStore is
@@ -133,8 +154,10 @@ class SigV4Service:
         self._audit = audit
         self._clock = clock
         self._cache_seconds = cache_seconds
-        self._nonces = nonces or DatabaseNonces(storage)
-        self._nonces_in_database = nonces is None
+        self._database_nonces: DatabaseNonces | None = None
+        if nonces is None:
+            nonces = self._database_nonces = DatabaseNonces(storage)
+        self._nonces = nonces
         # access key id -> (credential, secret, monotonic expiry); active credentials only
         self._cache: OrderedDict[str, tuple[SigV4Credential, str, float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -199,6 +222,11 @@ class SigV4Service:
                 self._audit.append(tx, [op.ok()])
         self._invalidations.publish(CREDENTIAL, access_key_id)
 
+    def prune_nonces(self) -> None:
+        """Background upkeep of the database replay store: drop expired nonces."""
+        if self._database_nonces is not None:
+            self._database_nonces.prune(self._clock.now())
+
     def _drop(self, access_key_id: str | None) -> None:
         with self._lock:
             if access_key_id is None:
@@ -251,7 +279,7 @@ class SigV4Service:
         if not hmac.compare_digest(expected, auth.signature):
             raise SigV4Refused("bad_signature", "signature does not match")
         keep_until = when + MAX_SKEW + timedelta(seconds=1)
-        if defer and self._nonces_in_database:
+        if defer and self._database_nonces is not None:
             deferred = DeferredNonce(auth.signature, format_time(now), format_time(keep_until))
             return Verified(credential.principal, auth.access_key_id, auth.region, deferred)
         if not self._nonces.remember(auth.signature, now, keep_until):

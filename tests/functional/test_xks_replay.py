@@ -4,6 +4,8 @@ refused at that commit with nothing returned and nothing chained."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from tests.functional.test_authorization import _transactions_during
@@ -67,3 +69,18 @@ def test_a_refused_request_keeps_its_nonce(xapi: Api, xks: Xks) -> None:  # noqa
     assert records[-1]["outcome"] == "decryption_failed"
     error(xks.client.post(path, data=data, headers=headers), 401, "AuthenticationFailedException")
     assert xapi.audit() == records
+
+
+def test_expired_nonces_are_pruned_in_the_background(xapp: Any, xks: Xks, db_path: Path) -> None:  # noqa: F811
+    """The per-worker upkeep deletes expired nonces (recording one never scans the table);
+    live ones stay."""
+    assert xks.encrypt("foo", b"p").status_code == 200  # one live nonce
+    with sqlite3.connect(db_path) as db:
+        db.executemany(
+            "INSERT INTO sigv4_nonces (nonce, expires_at) VALUES (?, ?)",
+            [(f"old{i}", "2000-01-01T00:00:00.000Z") for i in range(2500)],
+        )
+    xapp.extensions["kms"].sigv4.prune_nonces()
+    with sqlite3.connect(db_path) as db:
+        (left,) = db.execute("SELECT count(*) FROM sigv4_nonces").fetchone()
+    assert left == 1

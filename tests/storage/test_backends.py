@@ -290,6 +290,17 @@ def test_sigv4_credentials_and_replay_nonces(any_storage: SqlStorage) -> None:
     # once expired, a nonce is dropped (the signature's clock-skew check refuses it anyway)
     assert remember("n1", "2026-01-01T00:15:00.000Z", "2026-01-01T00:10:00.000Z")
 
+    # pruning drops expired nonces only, in batches
+    with any_storage.transaction() as tx:
+        for i in range(5):
+            assert tx.remember_nonce(f"old{i}", "2026-01-01T00:20:00.000Z", NOW)
+        assert tx.remember_nonce("live", "2026-01-01T01:00:00.000Z", NOW)
+    with any_storage.transaction() as tx:
+        assert tx.prune_nonces("2026-01-01T00:30:00.000Z", 4) == 4
+        assert tx.prune_nonces("2026-01-01T00:30:00.000Z", 4) == 3  # old4, n1, n2
+        assert tx.prune_nonces("2026-01-01T00:30:00.000Z", 4) == 0
+    assert not remember("live", "2026-01-01T01:00:00.000Z", "2026-01-01T00:30:00.000Z")
+
 
 NOW = "2026-01-01T00:00:00.000Z"
 

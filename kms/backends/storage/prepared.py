@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, literal_column, select, update
+from sqlalchemy import bindparam, insert, literal_column, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
@@ -51,20 +51,28 @@ class Prepared:
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Execute with ``params`` and return every row as a tuple of the selected columns
         (empty for statements that return nothing)."""
-        return self._run(conn, [params], fetch=True)
+        return self._run(conn, [params], fetch=True)[0]
 
     def execute(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> None:
         """Execute once per mapping in ``params`` (one executemany for several)."""
         self._run(conn, params, fetch=False)
 
+    def count(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Execute once with ``params``; how many rows it changed."""
+        return self._run(conn, [params], fetch=False, counted=True)[1]
+
     def _run(
-        self, conn: Connection, params: Sequence[Mapping[str, Any]], fetch: bool
-    ) -> list[tuple[Any, ...]]:
+        self,
+        conn: Connection,
+        params: Sequence[Mapping[str, Any]],
+        fetch: bool,
+        counted: bool = False,
+    ) -> tuple[list[tuple[Any, ...]], int]:
         sql, order = self._for(conn.dialect)
         args: list[Any] = [
             tuple(p[name] for name in order) if order is not None else p for p in params
         ]
-        return run_on_cursor(conn, sql, args, fetch)
+        return _on_cursor(conn, sql, args, fetch, counted)
 
 
 def run_on_cursor(
@@ -73,6 +81,12 @@ def run_on_cursor(
     """Execute ``sql`` once per parameter set in ``args`` on ``conn``'s DBAPI cursor (one
     executemany for several); every row as a tuple if ``fetch``. A database error
     invalidates ``conn`` and is raised as DBAPIError (see the module docstring)."""
+    return _on_cursor(conn, sql, args, fetch, False)[0]
+
+
+def _on_cursor(
+    conn: Connection, sql: str, args: Sequence[Any], fetch: bool, counted: bool
+) -> tuple[list[tuple[Any, ...]], int]:
     dbapi = conn.dialect.loaded_dbapi
     cursor = None
     try:
@@ -81,7 +95,8 @@ def run_on_cursor(
             cursor.execute(sql, args[0])
         else:
             cursor.executemany(sql, args)
-        return [tuple(r) for r in cursor.fetchall()] if fetch else []
+        rows = [tuple(r) for r in cursor.fetchall()] if fetch else []
+        return rows, cursor.rowcount if counted else -1
     except dbapi.Error as e:
         error = sa_exc.DBAPIError.instance(sql, list(args), e, dbapi.Error, dialect=conn.dialect)
         if cursor is not None:
@@ -107,6 +122,23 @@ KEY_ACCESS = Prepared(
     .where(t.keys.c.key_id == bindparam("key_id"))
 )
 KEY_ACCESS_COLUMNS = (*t.keys.columns.keys(), "alias", "operations", "justifications")
+# The key's XKS policy (kms/backends/storage/xks_tx.py).
+XKS_POLICY = Prepared(
+    select(
+        t.xks_key_policies.c.usage,
+        t.xks_key_policies.c.aws_principals,
+        t.xks_key_policies.c.kms_operations,
+    ).where(t.xks_key_policies.c.key_id == bindparam("key_id"))
+)
+# Record a SigV4 nonce unless a live one is recorded (an expired one is replaced): one
+# row changed means accepted (kms/backends/storage/sigv4_tx.py). SQLite and PostgreSQL.
+NONCE_REMEMBER = Prepared(
+    text(
+        "INSERT INTO sigv4_nonces (nonce, expires_at) VALUES (:nonce, :expires_at) "
+        "ON CONFLICT (nonce) DO UPDATE SET expires_at = excluded.expires_at "
+        "WHERE sigv4_nonces.expires_at < :now"
+    )
+)
 AUDIT_HEAD = Prepared(
     select(
         t.audit_head.c.seq,

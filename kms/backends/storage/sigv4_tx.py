@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Row
 
+from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
 from kms.backends.storage.times import utc
 from kms.services.model import Principal, Role, SigV4Credential
@@ -48,21 +48,17 @@ class SigV4Tx:
         )
 
     def remember_nonce(self, nonce: str, expires_at: str, now: str) -> bool:
-        """Record ``nonce`` until ``expires_at``; False if it is already recorded. Expired
-        nonces are dropped on the way."""
+        """Record ``nonce`` until ``expires_at``; False if it is recorded and not expired
+        at ``now``. One statement: a concurrent writer of the same nonce waits for this
+        transaction, then finds it recorded."""
+        params = {"nonce": nonce, "expires_at": expires_at, "now": now}
+        return prepared.NONCE_REMEMBER.count(self._c, params) == 1
+
+    def prune_nonces(self, now: str, limit: int) -> int:
+        """Delete up to ``limit`` nonces expired at ``now``; how many."""
         n = t.sigv4_nonces.c
-        self._c.execute(delete(t.sigv4_nonces).where(n.expires_at < now))
-        seen = select(n.nonce).where(n.nonce == nonce)
-        if self._c.execute(seen).first() is not None:
-            return False
-        try:
-            with self._c.begin_nested():
-                self._c.execute(insert(t.sigv4_nonces).values(nonce=nonce, expires_at=expires_at))
-        except sa_exc.IntegrityError:
-            if self._c.execute(seen).first() is not None:
-                return False  # recorded meanwhile by another writer
-            raise  # a refusal of the database: the caller fails closed
-        return True
+        expired = select(n.nonce).where(n.expires_at < now).limit(limit)
+        return self._c.execute(delete(t.sigv4_nonces).where(n.nonce.in_(expired))).rowcount
 
 
 _SELECT = select(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 from sqlalchemy.engine import Connection
 
+from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
 from kms.formats.xks import USAGES, XksKeyPolicy
 
@@ -17,16 +18,13 @@ class XksTx:
     _c: Connection
 
     def xks_policy(self, key_id: str) -> XksKeyPolicy | None:
-        c = t.xks_key_policies.c
-        row = self._c.execute(
-            select(c.usage, c.aws_principals, c.kms_operations).where(c.key_id == key_id)
-        ).first()
-        if row is None:
+        """On the DBAPI cursor: every XKS request decides on it twice."""
+        rows = prepared.XKS_POLICY.rows(self._c, {"key_id": key_id})
+        if not rows:
             return None
+        usage, principals, operations = rows[0]
         return XksKeyPolicy(
-            frozenset(u for u in row.usage.split(",") if u),
-            _load(row.aws_principals),
-            _load(row.kms_operations),
+            frozenset(u for u in usage.split(",") if u), _load(principals), _load(operations)
         )
 
     def put_xks_policy(self, key_id: str, policy: XksKeyPolicy, now: str) -> None:
