@@ -26,7 +26,7 @@ from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
 from kms.metrics import AUDIT_APPEND_SECONDS
 from kms.services.model import AuditEvent, AuditQuery, Principal, Role
-from kms.services.ports import AuditRows, Clock, Hsm, NonceRows, Storage
+from kms.services.ports import AuditRows, Clock, Hsm, NonceRows, Store
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
@@ -127,7 +127,7 @@ class CheckpointPolicy:
 class AuditTrail:
     def __init__(
         self,
-        storage: Storage,
+        storage: Store[AuditRows],
         clock: Clock,
         hsm: Hsm,
         policy: CheckpointPolicy = CheckpointPolicy(),

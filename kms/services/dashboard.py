@@ -117,9 +117,7 @@ class Verification:
 
 
 class DashboardTx(PrincipalRows, KeyRows, CaseRows, AuditRows, Protocol):
-    """The rows DashboardService reads. keys.resolve still asks for a whole Tx (issue
-    14): its call here carries a ``type: ignore`` that mypy reports as unused once it
-    asks for KeyRows."""
+    """The rows DashboardService reads."""
 
 
 class DashboardService:

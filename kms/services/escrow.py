@@ -36,7 +36,7 @@ from typing import Any
 from kms.errors import Conflict, Forbidden, NotFound
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
-from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
+from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx, require_configured
 from kms.services.escrow_filing import CaseRequest, build_case
 from kms.services.escrow_quorum import Quorum
 from kms.services.key_use import CaseStanding
@@ -50,7 +50,7 @@ from kms.services.model import (
     Role,
 )
 from kms.services.notify import Notifier
-from kms.services.ports import Clock, Storage, Tx
+from kms.services.ports import Clock, Store
 
 log = logging.getLogger("kms.escrow")
 
@@ -67,7 +67,7 @@ class CaseView:
 class EscrowService:
     def __init__(
         self,
-        storage: Storage,
+        storage: Store[EscrowTx],
         audit: AuditTrail,
         clock: Clock,
         notifier: Notifier,
@@ -190,7 +190,7 @@ class EscrowService:
 
     # -- unwrapping under a case ----------------------------------------------------------------
 
-    def standing(self, tx: Tx, case_id: str, *, settle: bool = False) -> CaseStanding:
+    def standing(self, tx: EscrowTx, case_id: str, *, settle: bool = False) -> CaseStanding:
         """The case as an unwrap decision needs it (kms/services/key_use.py). Reads only,
         unless ``settle`` (inside the audit write transaction): then time-driven
         transitions (active, expired) are applied and audited first."""
@@ -203,7 +203,7 @@ class EscrowService:
         reason = self._quorum.approvals_lost(tx, case)
         return CaseStanding(case, state, reason is None, reason or "")
 
-    def spend(self, tx: Tx, case_id: str, count: int) -> None:
+    def spend(self, tx: EscrowTx, case_id: str, count: int) -> None:
         """Inside the audit write transaction, after the decision on fresh rows allowed
         them: spend ``count`` unwraps of the case's budget."""
         case = self._rows.case(tx, case_id)
@@ -216,7 +216,7 @@ class EscrowService:
         return format_time(self._clock.now())
 
     def _build(
-        self, tx: Tx, case_id: str, version: int, requester: str, r: CaseRequest
+        self, tx: EscrowTx, case_id: str, version: int, requester: str, r: CaseRequest
     ) -> EscrowCase:
         """A new pending version of the case, made now (kms/services/escrow_filing.py)."""
         return build_case(
@@ -229,7 +229,7 @@ class EscrowService:
             max_case_seconds=self._settings.max_case_seconds,
         )
 
-    def _visible(self, tx: Tx, caller: Caller, case_id: str) -> EscrowCase:
+    def _visible(self, tx: EscrowTx, caller: Caller, case_id: str) -> EscrowCase:
         """The case, locked; a requester sees only their own (others get NotFound)."""
         case = self._rows.case(tx, case_id)
         if case is None or (
@@ -240,7 +240,7 @@ class EscrowService:
             raise NotFound("no such case")
         return case
 
-    def _evaluate(self, tx: Tx, case: EscrowCase, caller: Caller) -> EscrowCase:
+    def _evaluate(self, tx: EscrowTx, case: EscrowCase, caller: Caller) -> EscrowCase:
         quorum, vetoed, approvers = self._quorum.verdict(tx, case, fresh_only=True)
         if vetoed:
             return self._transition(tx, case, CaseState.REJECTED, caller, "veto")
@@ -252,7 +252,7 @@ class EscrowService:
             self._notifier.enqueue(tx, case, "case_approved")
         return case
 
-    def delivered(self, tx: Tx, notification: Notification) -> None:
+    def delivered(self, tx: EscrowTx, notification: Notification) -> None:
         """The data owner received a notification: an approval starts the waiting period."""
         if notification.event != "case_approved":
             return
@@ -273,7 +273,7 @@ class EscrowService:
             return CaseState.ACTIVE
         return case.state
 
-    def _settle(self, tx: Tx, case: EscrowCase) -> EscrowCase:
+    def _settle(self, tx: EscrowTx, case: EscrowCase) -> EscrowCase:
         """Apply time-driven transitions (active, expired) and audit them."""
         state = self._time_state(case, self._now())
         if state is case.state:
@@ -281,7 +281,7 @@ class EscrowService:
         return self._transition(tx, case, state, Caller("escrow-clock", None), "time")
 
     def _transition(
-        self, tx: Tx, case: EscrowCase, state: CaseState, caller: Caller, why: str
+        self, tx: EscrowTx, case: EscrowCase, state: CaseState, caller: Caller, why: str
     ) -> EscrowCase:
         new = replace(case, state=state)
         self._rows.put_case(tx, new)

@@ -13,14 +13,26 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from kms.errors import EscrowUnavailable, Forbidden
 from kms.services.model import Custodian, EscrowCase, EscrowPolicy
 from kms.services.notify import Notifier
-from kms.services.ports import CaseRows, CustodianRows, Hsm
+from kms.services.ports import (
+    AuditRows,
+    CaseRows,
+    CustodianRows,
+    Hsm,
+    KeyRows,
+    NotificationRows,
+)
 
 log = logging.getLogger("kms.escrow")
+
+
+class EscrowTx(KeyRows, CaseRows, CustodianRows, NotificationRows, AuditRows, Protocol):
+    """The rows the escrow procedure reads and writes: cases and decisions, custodians,
+    the data owner's notifications, the keys a case names, the audit trail."""
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any
 
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import format_time
-from kms.services.escrow_common import EscrowRows, EscrowSettings
+from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx
 from kms.services.model import EscrowCase, EscrowPolicy
-from kms.services.ports import Clock, Tx
+from kms.services.ports import Clock
 
 
 class Quorum:
@@ -27,7 +27,7 @@ class Quorum:
         self._settings = settings
         self._clock = clock
 
-    def policy(self, tx: Tx, case: EscrowCase) -> EscrowPolicy:
+    def policy(self, tx: EscrowTx, case: EscrowCase) -> EscrowPolicy:
         """The strictest of the global policy and those of every key in the case's scope."""
         policy = self._settings.policy
         for key_id in case.scope["keys"]:
@@ -36,7 +36,9 @@ class Quorum:
                 policy = policy.merge(key.escrow_policy)
         return policy
 
-    def tally(self, tx: Tx, case: EscrowCase, *, fresh_only: bool) -> tuple[set[str], set[str]]:
+    def tally(
+        self, tx: EscrowTx, case: EscrowCase, *, fresh_only: bool
+    ) -> tuple[set[str], set[str]]:
         """Custodians whose approval of this version counts (active, not the requester,
         signature valid over the digest recomputed from the case's fields, and with
         ``fresh_only`` recorded within the approval TTL), and those who rejected it (a
@@ -59,7 +61,9 @@ class Quorum:
                 approvers.add(d.custodian)
         return approvers, rejecters
 
-    def verdict(self, tx: Tx, case: EscrowCase, *, fresh_only: bool) -> tuple[bool, bool, set[str]]:
+    def verdict(
+        self, tx: EscrowTx, case: EscrowCase, *, fresh_only: bool
+    ) -> tuple[bool, bool, set[str]]:
         """(quorum reached, vetoed, approvers) under the case's current policy."""
         policy = self.policy(tx, case)
         approvers, rejecters = self.tally(tx, case, fresh_only=fresh_only)
@@ -69,7 +73,7 @@ class Quorum:
         quorum = len(approvers) >= policy.quorum and policy.required_groups <= approved_groups
         return quorum, vetoed, approvers
 
-    def approvals_lost(self, tx: Tx, case: EscrowCase) -> str | None:
+    def approvals_lost(self, tx: EscrowTx, case: EscrowCase) -> str | None:
         """Why the case can no longer be used (None: it can): the stored case must match
         its digest and its signed approvals must still make a quorum (revoked custodians no
         longer count), with no veto; so a database edit cannot activate or widen a case."""

@@ -37,6 +37,7 @@ from kms.errors import (
 )
 from kms.formats.xks import XksKeyPolicy
 from kms.services.audit import AuditTrail, Caller, EventBuilder
+from kms.services.escrow_common import EscrowTx
 from kms.services.key_refs import UUID_RE
 from kms.services.key_use import CaseStanding, Face, Use, decide
 from kms.services.lookup_cache import LookupCache
@@ -50,7 +51,7 @@ from kms.services.model import (
     Principal,
     Role,
 )
-from kms.services.ports import Storage, Tx
+from kms.services.ports import GrantRows, NonceRows, Store, XksRows
 
 MAX_BATCH = 1000
 R = TypeVar("R")
@@ -61,11 +62,16 @@ I = TypeVar("I")  # noqa: E741
 _PROVISIONAL = frozenset({Permission.DECRYPT, Permission.XKS_DECRYPT})
 
 
+class KeyUseTx(EscrowTx, GrantRows, XksRows, NonceRows, Protocol):
+    """The rows a request that uses keys reads and writes: keys and grants, XKS policies,
+    escrow cases (and what deciding on them reads), a deferred SigV4 nonce, the audit."""
+
+
 class CaseBook(Protocol):
     """The escrow cases' side of a decision (kms/services/escrow.py)."""
 
-    def standing(self, tx: Tx, case_id: str, *, settle: bool = False) -> CaseStanding: ...
-    def spend(self, tx: Tx, case_id: str, count: int) -> None: ...
+    def standing(self, tx: EscrowTx, case_id: str, *, settle: bool = False) -> CaseStanding: ...
+    def spend(self, tx: EscrowTx, case_id: str, count: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,14 +89,14 @@ class KeyWork:
 
     def __init__(
         self,
-        reader: Callable[[], Tx],
+        reader: Callable[[], KeyUseTx],
         principal: Principal,
         cache: LookupCache,
         cases: CaseBook | None,
         admissions: bool,
     ) -> None:
         self._reader = reader
-        self._tx: Tx | None = None
+        self._tx: KeyUseTx | None = None
         self.principal = principal
         self._cache = cache
         self._cases = cases
@@ -103,7 +109,7 @@ class KeyWork:
         self.case_counts: dict[str, int] = {}
 
     @property
-    def tx(self) -> Tx:
+    def tx(self) -> KeyUseTx:
         if self._tx is None:
             self._tx = self._reader()
         return self._tx
@@ -175,7 +181,7 @@ class KeyWork:
                     self.case_counts[case_id] = self.case_counts.get(case_id, 0) + 1
         self._item = []
 
-    def commit(self, tx: Tx) -> None:
+    def commit(self, tx: KeyUseTx) -> None:
         """Inside the audit write transaction: decide every kept use again on rows read
         there (one read per key), then spend the escrow budgets. Raises the refusal."""
         fresh: dict[tuple[str, bool], Rows | None] = {}
@@ -250,7 +256,7 @@ class KeyWork:
         return ("rows", key_id, self.principal.id, xks)
 
 
-def _read_rows(tx: Tx, key_id: str, principal: Principal, xks: bool) -> Rows | None:
+def _read_rows(tx: KeyUseTx, key_id: str, principal: Principal, xks: bool) -> Rows | None:
     access = tx.key_access(key_id, principal.id)
     if access is None:
         return None
@@ -266,7 +272,11 @@ class KeyUseRunner:
     """Runs requests that use keys as one audited unit of work (see the module doc)."""
 
     def __init__(
-        self, storage: Storage, audit: AuditTrail, cache: LookupCache, cases: CaseBook | None
+        self,
+        storage: Store[KeyUseTx],
+        audit: AuditTrail,
+        cache: LookupCache,
+        cases: CaseBook | None,
     ) -> None:
         self._storage = storage
         self._audit = audit

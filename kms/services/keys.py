@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
 from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
@@ -50,15 +51,36 @@ from kms.services.model import (
     Role,
     VersionUsage,
 )
-from kms.services.ports import Clock, Hsm, Storage
+from kms.services.ports import (
+    AuditRows,
+    Clock,
+    GrantRows,
+    Hsm,
+    KeyRows,
+    LifecycleRows,
+    PrincipalRows,
+    Store,
+)
 from kms.services.rotation import DueRun, aware, is_overdue
+
+
+class KeyServiceTx(KeyRows, LifecycleRows, PrincipalRows, GrantRows, AuditRows, Protocol):
+    """The rows KeyService reads and writes."""
+
+
+class KeyStore(Store[KeyServiceTx], Protocol):
+    """The database as KeyService uses it: those rows, and erasing deleted material."""
+
+    def purge_erased(self) -> None:
+        """As Storage.purge_erased."""
+        ...
 
 
 class KeyService:
     """The key lifecycle. Every change is one audited operation, recorded in the write
     transaction that makes it."""
 
-    def __init__(self, storage: Storage, hsm: Hsm, audit: AuditTrail, clock: Clock) -> None:
+    def __init__(self, storage: KeyStore, hsm: Hsm, audit: AuditTrail, clock: Clock) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit = audit

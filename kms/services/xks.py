@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from kms.errors import (
     ClientError,
@@ -49,7 +49,15 @@ from kms.services.key_refs import resolve
 from kms.services.key_use import XKS_USAGE, Face, Use, XksCall
 from kms.services.key_work import KeyUseRunner, KeyWork
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Key, KeyState, Permission, Role
-from kms.services.ports import Clock, Hsm, Storage
+from kms.services.ports import (
+    AuditRows,
+    Clock,
+    Hsm,
+    KeyRows,
+    StorageUpkeep,
+    Store,
+    XksRows,
+)
 
 log = logging.getLogger("kms.xks")
 T = TypeVar("T")
@@ -59,6 +67,14 @@ HEALTH_FAILURE_TTL_SECONDS = 5.0  # a failed one, so a broken HSM is not hammere
 _PROBE_KEY_ID = "xks-health-probe"  # never a key id of this KMS (those are UUIDs)
 _PROBE_PLAINTEXT = b"keyholder-kms xks health probe"
 _PROBE_AAD = b"xks-health"
+
+
+class XksServiceTx(KeyRows, XksRows, AuditRows, Protocol):
+    """The rows the per-key XKS policy operations read and write."""
+
+
+class XksStore(Store[XksServiceTx], StorageUpkeep, Protocol):
+    """The database as XksService uses it: those rows, and the deep health check."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,7 @@ def _version() -> str:
 class XksService:
     def __init__(
         self,
-        storage: Storage,
+        storage: XksStore,
         hsm: Hsm,
         audit: AuditTrail,
         clock: Clock,
