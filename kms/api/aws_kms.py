@@ -29,6 +29,7 @@ from kms.api.aws_errors import CONTENT_TYPE, Serialization, UnknownOperation, Va
 from kms.api.aws_ops import OPERATIONS, Face, face
 from kms.api.context import audited
 from kms.api.sigv4 import authenticate
+from kms.api.throttle import admit
 from kms.services.sigv4 import SigV4Refused
 
 bp = Blueprint("aws_kms", __name__)
@@ -57,9 +58,10 @@ def dispatch() -> Response:
     verified = authenticate("kms")
     if verified.region != face().arns.region:
         raise SigV4Refused("wrong_region", f"scope names region {verified.region!r}")
-    if request.mimetype != CONTENT_TYPE:
-        raise Validation(f"Content-Type must be {CONTENT_TYPE}")
     with audited(found.native, aws_errors.http_error):
+        admit(verified.principal)  # 429 over the principal's rate limit
+        if request.mimetype != CONTENT_TYPE:
+            raise Validation(f"Content-Type must be {CONTENT_TYPE}")
         body = _json(raw)
         p.fields(body, set(found.allowed), found.required, "body")
         return aws_errors.aws_response(found.handler(body, face()))

@@ -9,7 +9,6 @@ from flask import Blueprint, g, request
 
 from kms.api import parsing as p
 from kms.api.context import caller, operation, request_id, services
-from kms.api.throttle import admit
 from kms.services.audit import Caller
 from kms.services.sigv4 import SignedRequest, Verified, check_access_key_id
 
@@ -29,14 +28,14 @@ def signed_request() -> SignedRequest:
 
 
 def authenticate(service: str, defer_nonce: bool = False) -> Verified:
-    """Verify the request's SigV4 signature for ``service``, set ``caller()`` and count
-    the request against the principal's rate limit; SigV4Refused (401) or Throttled
-    (429) otherwise. ``defer_nonce`` only for views whose every success goes through the
-    audited unit of work, which records the deferred nonce (kms/services/sigv4.py)."""
+    """Verify the request's SigV4 signature for ``service`` and set ``caller()``;
+    SigV4Refused (401) otherwise. The face then counts the request against the
+    principal's rate limit inside its audited scope. ``defer_nonce`` only for views whose
+    every success goes through the audited unit of work, which records the deferred nonce
+    (kms/services/sigv4.py)."""
     g.caller = Caller(request_id(), None)
     verified = services().sigv4.verify(signed_request(), service, defer_nonce)
     g.caller = Caller(request_id(), verified.principal, verified.deferred)
-    admit(verified.principal)  # 429 over the principal's rate limit
     return verified
 
 

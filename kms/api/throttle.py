@@ -1,5 +1,6 @@
 """The per-principal rate limit at the HTTP edge: ``admit`` right after authentication
-(kms.api.context.operation, kms.api.sigv4.authenticate), and the Retry-After header on
+(kms.api.context.operation, and the XKS and AWS KMS faces once SigV4 verified), inside
+the audited scope so a refusal is recorded, and the Retry-After header on
 the 429 answer, whichever face's error handler wrote it."""
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from kms.api import parsing as p
 from kms.api import xks_parsing as xp
 from kms.api.context import audited, caller, services
 from kms.api.sigv4 import authenticate
+from kms.api.throttle import admit
 from kms.api.xks_parsing import MAX_BODY, Unsupported
 from kms.errors import (
     ClientError,
@@ -205,8 +206,9 @@ def _face(name: str) -> Callable[[F], F]:
             if request.content_length is not None and request.content_length > MAX_BODY:
                 raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
             g.operation = name
-            authenticate(SERVICE, defer_nonce=True)  # the unit of work records the nonce
+            verified = authenticate(SERVICE, defer_nonce=True)  # the unit of work records the nonce
             with audited(name, _http_error):
+                admit(verified.principal)  # 429 over the principal's rate limit
                 return view(**kwargs)
 
         return cast(F, inner)

@@ -186,7 +186,12 @@ class KeyWork:
         there (one read per key), then spend the escrow budgets. Raises the refusal."""
         fresh: dict[tuple[str, bool], Rows | None] = {}
         cases: dict[str, CaseStanding] = {}
+        decided: set[tuple[str, Use]] = set()
         for key_id, use in self.uses:
+            if use.case is None:  # the same use on the same rows: the same decision
+                if (key_id, use) in decided:
+                    continue
+                decided.add((key_id, use))
             xks = use.face is Face.XKS
             if (key_id, xks) not in fresh:
                 fresh[(key_id, xks)] = _read_rows(tx, key_id, self.principal, xks)
@@ -230,7 +235,9 @@ class KeyWork:
         xks = use.face is Face.XKS
         if (key_id, xks) in self._rows and (key_id, xks) not in self.provisional:
             return None  # read by this run
-        rows: Rows | None = self._cache.get(self._ident(key_id, xks))
+        rows = self._rows.get((key_id, xks))  # taken from the cache earlier in this run
+        if rows is None:
+            rows = self._cache.get(self._ident(key_id, xks))
         if rows is None or self._decide(rows, use, None) is not None:
             self.provisional.discard((key_id, xks))
             self._rows.pop((key_id, xks), None)

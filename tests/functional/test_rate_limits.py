@@ -212,3 +212,27 @@ def test_a_redis_password_works_and_never_shows(
     assert '"msg": "redis unavailable"' in text and '"error": "AuthenticationError"' in text
     assert "s3cret-pass" not in text and "wrong-pass" not in text
     assert "s3cret-pass" not in repr(app.extensions["kms"])
+
+
+def test_a_throttled_xks_request_is_audited_once(
+    settings: config.Settings, hsm: Any, storage: Any
+) -> None:
+    """The SigV4 faces count a request after its signature verified, inside the audited
+    scope: the 429 of an authenticated caller leaves one record, as on the native face."""
+    from tests.functional.test_xks import PREFIX, Xks, issue
+
+    app = make_app(settings, hsm, storage, "service=2/minute", xks_uri_prefix=PREFIX)
+    api = admin_api(app)
+    api.principal("service", "aws-xks")
+    api.key("foo")
+    grant = {"principal": "aws-xks", "operations": ["xks_encrypt"]}
+    assert api.call("POST", "/v1/keys/foo/grants", api.admin, json=grant).status_code == 200
+    xks = Xks(api.client, *issue(api, "aws-xks"))
+    answers = [xks.encrypt("foo", b"p") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json["errorName"] == "ThrottlingException"
+    rid = answers[2].headers["X-Request-Id"]
+    records = [r for r in api.audit() if r["request_id"] == rid]
+    assert [(r["operation"], r["outcome"], r["principal"]) for r in records] == [
+        ("xks_encrypt", "rate_limited", "aws-xks")
+    ]
