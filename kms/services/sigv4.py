@@ -160,6 +160,8 @@ class SigV4Service:
         self._nonces = nonces
         # access key id -> (credential, secret, monotonic expiry); active credentials only
         self._cache: OrderedDict[str, tuple[SigV4Credential, str, float]] = OrderedDict()
+        # (access key id, date, region, service) -> signing key; dropped with the credential
+        self._keys: dict[tuple[str, str, str, str], bytes] = {}
         self._lock = threading.Lock()
         self._invalidations = invalidations or Invalidations(None)
         self._invalidations.subscribe(CREDENTIAL, self._drop)
@@ -229,10 +231,25 @@ class SigV4Service:
 
     def _drop(self, access_key_id: str | None) -> None:
         with self._lock:
+            self._keys.clear()
             if access_key_id is None:
                 self._cache.clear()
             else:
                 self._cache.pop(access_key_id, None)
+
+    def _signing_key(self, auth: fmt.Authorization, secret: str) -> bytes:
+        """The credential's signing key for the scope's day, region and service (four
+        HMACs), kept while the credential is cached."""
+        ident = (auth.access_key_id, auth.date, auth.region, auth.service)
+        key = self._keys.get(ident)
+        if key is None:
+            key = fmt.signing_key(secret, auth.date, auth.region, auth.service)
+            if self._cache_seconds > 0:
+                with self._lock:
+                    if len(self._keys) >= 10_000:
+                        self._keys.clear()
+                    self._keys[ident] = key
+        return key
 
     # -- verification -------------------------------------------------------------------
 
@@ -256,8 +273,11 @@ class SigV4Service:
         amz_date = request.headers.get("x-amz-date", "")
         if not fmt.AMZ_DATE.fullmatch(amz_date) or amz_date[:8] != auth.date:
             raise SigV4Refused("malformed", "X-Amz-Date missing or not the scope's date")
-        try:
-            when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        try:  # the pattern checked the digits: YYYYMMDD'T'HHMMSS'Z'
+            d = amz_date
+            when = datetime(
+                int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15])
+            ).replace(tzinfo=UTC)
         except ValueError as e:
             raise SigV4Refused("malformed", "X-Amz-Date is not a date") from e
         now = self._clock.now()
@@ -274,7 +294,7 @@ class SigV4Service:
             auth.signed_headers,
             request.body,
         )
-        key = fmt.signing_key(secret, auth.date, auth.region, auth.service)
+        key = self._signing_key(auth, secret)
         expected = fmt.signature(key, fmt.string_to_sign(amz_date, auth.scope, canonical))
         if not hmac.compare_digest(expected, auth.signature):
             raise SigV4Refused("bad_signature", "signature does not match")

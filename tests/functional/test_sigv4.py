@@ -164,6 +164,12 @@ def test_each_check_refuses_with_its_reason(app: Any, api: Api, svc: Any) -> Non
     assert refusal(app, garbage) == "malformed"
     no_date = replace(good, headers={k: v for k, v in good.headers.items() if k != "x-amz-date"})
     assert refusal(app, no_date) == "malformed"
+    for impossible in ("13", "00"):  # the pattern's digits, but no such month
+        date = good.headers["x-amz-date"]
+        bad_date = date[:4] + impossible + date[6:]
+        auth = good.headers["authorization"].replace(date[:8], bad_date[:8])
+        odd = replace(good, headers={**good.headers, "x-amz-date": bad_date, "authorization": auth})
+        assert refusal(app, odd) == "malformed"
     assert verify(app, good).access_key_id == akid  # none of the above consumed it
 
 
