@@ -254,6 +254,7 @@ class AuditTrail:
         op = EventBuilder(caller, name)
         outer = _scope.get()
         if outer is not None:
+            op._describe = outer.op._describe  # the request's way of describing failures
             outer.op = op
             yield op
             return

@@ -304,9 +304,10 @@ class KeyUseRunner:
             if not 1 <= len(items) <= MAX_BATCH:
                 raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
             try:
-                results, due = self._attempt(caller, name, principal, items, one, True)
-            except _StaleAdmission:  # once more, every row from the database
-                results, due = self._attempt(caller, name, principal, items, one, False)
+                try:
+                    results, due = self._attempt(caller, name, principal, items, one, True)
+                except _StaleAdmission:  # once more, every row from the database
+                    results, due = self._attempt(caller, name, principal, items, one, False)
             except _Aborted as e:
                 scope.fail_as(e.ops, len(items) - len(e.ops))
                 raise e.error from e.error.__cause__

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,3 +277,21 @@ def test_a_stale_cached_admission_refuses_only_its_own_batch_items(api: Api, app
 
     again = lambda: api.call("POST", "/v1/decrypt", svc, json={"items": items})  # noqa: E731
     assert _transactions_during(app, again) == 2  # read and write: no rerun
+
+
+def test_a_rerun_that_cannot_be_recorded_fails_closed(api: Api, db_path: Path) -> None:
+    """A cached admission refused at commit reruns from the database; if that rerun's
+    records cannot be written, the caller gets 503 (not a 500) and nothing else."""
+    svc = api.principal("service", "svc")
+    api.key("k", grant=svc)
+    blob = api.call("POST", "/v1/keys/k/datakey", svc, json={}).json["ciphertext"]
+    assert _decrypt(api, svc, blob).status_code == 200  # cached now
+    api.call("POST", "/v1/keys/k/disable", api.admin)
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_records "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    refused = _decrypt(api, svc, blob)
+    assert refused.status_code == 503 and "plaintext" not in refused.json
+    assert refused.json["error"]["code"] == "storage_unavailable"
