@@ -173,11 +173,6 @@ class DashboardService:
         with self._trail.operation(caller, "dashboard_logout") as op:
             self._trail.record([op.ok()])
 
-    def refuse_csrf(self, caller: Caller, operation: str, detail: str) -> CsrfRefused:
-        """The error of ``operation`` refused for a bad CSRF token; raised in the view's
-        audited scope, it is recorded there for a caller with a session."""
-        return CsrfRefused(detail=detail)
-
     # -- pages ------------------------------------------------------------------------------
 
     def overview(self, caller: Caller) -> Overview:

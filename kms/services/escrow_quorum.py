@@ -15,6 +15,7 @@ from typing import Any
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx
+from kms.services.key_use import CASE_ALTERED
 from kms.services.model import EscrowCase, EscrowPolicy
 from kms.services.ports import Clock
 
@@ -78,7 +79,7 @@ class Quorum:
         its digest and its signed approvals must still make a quorum (revoked custodians no
         longer count), with no veto; so a database edit cannot activate or widen a case."""
         if escrowfmt.case_digest(signed_fields(case)).hex() != case.digest:
-            return "case altered in the database"
+            return CASE_ALTERED
         quorum, vetoed, _ = self.verdict(tx, case, fresh_only=False)
         if vetoed or not quorum:
             return "vetoed" if vetoed else "quorum no longer holds"

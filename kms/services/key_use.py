@@ -58,6 +58,9 @@ class Face(enum.StrEnum):
     XKS = "xks"
 
 
+# The reason a case standing gives when its stored record no longer matches its digest.
+CASE_ALTERED = "case altered in the database"
+
 # The XKS usage (the policy's word) behind each XKS permission.
 XKS_USAGE = {Permission.XKS_ENCRYPT: "encrypt", Permission.XKS_DECRYPT: "decrypt"}
 
@@ -96,12 +99,13 @@ class CaseStanding:
 
 @dataclass(frozen=True)
 class Use:
-    """One use of a key. ``version`` is the version opened (a decrypt or rewrap source)
-    or sealed under (the current one); ``permission`` None asks only to describe the key
-    (XKS metadata)."""
+    """One use of a key. ``version`` is the version a blob is opened under (a decrypt or
+    rewrap source); None when sealing under the key's current version, which is never
+    retired, or when the version could not be read. ``permission`` None asks only to
+    describe the key (XKS metadata)."""
 
     permission: Permission | None
-    version: int | None  # None: not known (unreadable XKS metadata); retirement unchecked
+    version: int | None  # None: retirement is not checked (see above)
     justification: str | None = None  # None: the operation takes none (sealing)
     face: Face = Face.NATIVE
     case: CaseUse | None = None
@@ -199,7 +203,7 @@ def _case_refusal(
     if case.unwraps_used + unwrap.earlier >= case.max_unwraps:
         return Forbidden("the case has no unwraps left", detail="unwrap budget used up")
     if not standing.approvals_hold:
-        if standing.reason == "case altered in the database":
+        if standing.reason == CASE_ALTERED:
             return Forbidden("the case record does not match its digest", detail=standing.reason)
         return Forbidden("the case no longer has its approvals", detail=standing.reason)
     return None

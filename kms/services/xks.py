@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hmac
 import importlib.metadata
-import logging
 import os
 import threading
 import time
@@ -59,7 +58,6 @@ from kms.services.ports import (
     XksRows,
 )
 
-log = logging.getLogger("kms.xks")
 T = TypeVar("T")
 DEFAULT_POLICY = XksKeyPolicy()
 HEALTH_TTL_SECONDS = 30.0  # a successful deep check is reused this long (spec: at most 60 s)

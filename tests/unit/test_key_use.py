@@ -303,7 +303,6 @@ def _under_case(
 
 ACTIVE = CaseStanding(_case(), CaseState.ACTIVE, True)
 CASES = [
-    ("active case", ACTIVE, {}, None),
     ("no grant is needed under a case", ACTIVE, {}, None),
     ("unknown case", None, {}, "forbidden:unknown case or not the requester"),
     (
