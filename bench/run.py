@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
+    UNTHROTTLED_BUDGET,
     bare_flask_server,
     floor_rates,
     open_loop,
@@ -56,6 +57,7 @@ def kms_scenarios(data: Path, seconds: float, sync: str, work: Path) -> dict[str
         "KMS_SQLITE_SYNCHRONOUS": sync,
         "KMS_LOG_LEVEL": "WARNING",
         "KMS_AUDIT_CHECKPOINT_SECONDS": "0",
+        "KMS_AUDIT_BUDGET": UNTHROTTLED_BUDGET,
     }
     out: dict[str, Any] = {}
     with gunicorn_server(data, workers=2, env=env) as srv:
@@ -100,6 +102,7 @@ def many_keys_scenario(data: Path, seconds: float, work: Path) -> dict[str, Any]
         "KMS_SQLITE_SYNCHRONOUS": "NORMAL",
         "KMS_LOG_LEVEL": "WARNING",
         "KMS_AUDIT_CHECKPOINT_SECONDS": "0",
+        "KMS_AUDIT_BUDGET": UNTHROTTLED_BUDGET,
     }
     random.shuffle(blobs)
     bodies = [json.dumps({"ciphertext": b64(b)}) for b in blobs]

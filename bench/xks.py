@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.common import bare_flask_server, percentile_ms  # noqa: E402
+from bench.common import UNTHROTTLED_BUDGET, bare_flask_server, percentile_ms  # noqa: E402
 from tests.helpers import gunicorn_server, init_data_dir  # noqa: E402
 
 PREFIX = "/bench"
@@ -237,6 +237,7 @@ def main() -> None:
                 "KMS_SQLITE_SYNCHRONOUS": sync,
                 "KMS_LOG_LEVEL": "WARNING",
                 "KMS_AUDIT_CHECKPOINT_SECONDS": "0",
+                "KMS_AUDIT_BUDGET": UNTHROTTLED_BUDGET,
             }
             with gunicorn_server(data, workers=2, env=env) as srv:
                 if sync == "FULL":

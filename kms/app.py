@@ -28,10 +28,18 @@ from kms.backends.storage import SqlStorage, make_engine
 from kms.backends.storage.migrate import check_current_if_reachable
 from kms.backends.webhook import RequestsWebhookSender
 from kms.services.audit import AuditTrail, Caller, CheckpointPolicy
+from kms.services.audit_budget import (
+    DEFAULT_ALERT_RECORDS_PER_MINUTE,
+    FLUSH_SECONDS,
+    AuditBudget,
+    AuditGrowth,
+)
+from kms.services.audit_context import ContextAudit
 from kms.services.audit_export import AuditExports
 from kms.services.aws_kms import AwsKeyService
 from kms.services.clock import SystemClock
 from kms.services.cluster import Cluster, ClusterSettings, Invalidations
+from kms.services.context_hash import ContextHasher
 from kms.services.crypto import CryptoService
 from kms.services.custodians import CustodianService
 from kms.services.dashboard import DashboardService
@@ -46,6 +54,7 @@ from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
 from kms.services.principals import PrincipalService
 from kms.services.rotation import SCHEDULER
+from kms.services.seals import RowSeals
 from kms.services.sigv4 import SigV4Service
 from kms.services.xks import XksService
 from kms.web import dashboard as web_dashboard
@@ -60,6 +69,7 @@ class Services:
     crypto: CryptoService
     audit: AuditTrail
     exports: AuditExports
+    audit_context: ContextAudit
     escrow: EscrowService
     custodians: CustodianService
     notifier: Notifier
@@ -69,6 +79,7 @@ class Services:
     dashboard: DashboardService
     aws: AwsKeyService
     xks: XksService
+    audit_growth: AuditGrowth
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Options:
     escrow: EscrowSettings = field(default_factory=EscrowSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    audit_alert_per_minute: int = DEFAULT_ALERT_RECORDS_PER_MINUTE
 
 
 def options_from_settings(settings: config_mod.Settings) -> Options:
@@ -100,7 +112,13 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
             groups=settings.escrow_groups,
         ),
         WebhookSettings(settings.escrow_webhook_url, settings.escrow_webhook_secret),
-        ClusterSettings(settings.redis_url, settings.redis_timeout_ms, settings.rate_limits),
+        ClusterSettings(
+            settings.redis_url,
+            settings.redis_timeout_ms,
+            settings.rate_limits,
+            settings.audit_budget,
+        ),
+        settings.audit_alert_records_per_minute,
     )
 
 
@@ -114,29 +132,41 @@ def build_services(
     trail = AuditTrail(storage, clock, hsm, options.checkpoint)
     sender = RequestsWebhookSender() if options.webhook.url else None
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
-    rows = EscrowRows(hsm)
+    trail.on_checkpoint = notifier.checkpoint_signed  # every checkpoint to the data owner
+    seals = RowSeals(hsm)  # one memo of verified rows per worker
+    storage.seal_with(seals)
+    rows = EscrowRows(seals)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
     principals = PrincipalService(storage, trail, clock, options.auth_cache_seconds)
     keys = KeyService(storage, hsm, trail, clock)
     exports = AuditExports(storage, trail)
+    contexts = ContextHasher(hsm)  # keyed context hashes, one memo per worker
     shared = shared_backends(options.cluster.redis_url, options.cluster.redis_timeout_ms)
     invalidations = Invalidations(shared.bus)
     cluster = Cluster(
-        shared.limiter, options.cluster.rate_limits, shared.leases, invalidations, hsm
+        shared.limiter,
+        options.cluster.rate_limits,
+        shared.leases,
+        invalidations,
+        hsm,
+        AuditBudget(shared.limiter, options.cluster.audit_budget, trail, clock),
     )
     # One cache of immutable KEK rows and provisional admissions per worker, for every face.
-    runner = KeyUseRunner(storage, trail, LookupCache(options.lookup_cache_seconds), escrow)
+    runner = KeyUseRunner(
+        storage, trail, LookupCache(options.lookup_cache_seconds), escrow, admission=cluster
+    )
     return Services(
         principals=principals,
         keys=keys,
-        crypto=CryptoService(hsm, runner),
+        crypto=CryptoService(hsm, runner, contexts=contexts),
         audit=trail,
         exports=exports,
+        audit_context=ContextAudit(storage, trail, contexts),
         escrow=escrow,
         custodians=CustodianService(storage, trail, clock, notifier, options.escrow, rows),
         notifier=notifier,
-        health=HealthService(storage, hsm),
+        health=HealthService(storage, hsm, trail.verify_anchor),
         sigv4=SigV4Service(
             storage, hsm, trail, clock, options.auth_cache_seconds, shared.nonces, invalidations
         ),
@@ -144,6 +174,7 @@ def build_services(
         dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock),
         aws=AwsKeyService(storage, trail),
         xks=XksService(storage, hsm, trail, clock, runner),
+        audit_growth=AuditGrowth(storage, clock, options.audit_alert_per_minute),
     )
 
 
@@ -154,6 +185,9 @@ def start_background(services: Services, settings: config_mod.Settings) -> None:
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
     _every(0.5, services.health.storage_upkeep, "wal-checkpoint")
     _every(5, services.sigv4.prune_nonces, "nonce-prune")
+    if services.cluster.budget is not None:
+        _every(FLUSH_SECONDS, services.cluster.budget.flush, "audit-budget")
+    _every(FLUSH_SECONDS, services.audit_growth.sample_quietly, "audit-growth")
     _every(settings.scheduler_seconds, lambda: _run_due(services), "scheduler")
     if services.notifier.configured:
         _every(1, services.notifier.deliver_quietly, "notifications")

@@ -20,6 +20,7 @@ from kms.app import Services, build_services, hsm_config, options_from_settings
 from kms.backends.hsm import Pkcs11Hsm, provision_keys
 from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.backends.storage.migrate import check_current
+from kms.services.seals import seal_unsealed_rows
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class InitReport:
     created_keys: list[str]
     admin_token_file: Path
     admin_created: bool
+    anchored_chain: str | None  # the audit chain anchored in the HSM now (None: already)
+    sealed_rows: dict[str, int]  # rows made before row seals existed, sealed now
 
 
 def init_data_dir(
@@ -65,24 +68,49 @@ def init_data_dir(
     created = provision_keys(hsm_config(settings))
     engine = make_engine(settings.database_url, settings.sqlite_synchronous)
     upgrade(engine)
-    services = build_services(SqlStorage(engine), Pkcs11Hsm(hsm_config(settings)))
-    token_file = data_dir / "admin.token"
-    token = services.principals.bootstrap_admin("admin")
-    if token is not None:
-        if token_file.exists():
-            token_file.unlink()
-        softhsm.write_secret(token_file, token)
-    engine.dispose()
-    return InitReport(data_dir, created, token_file, token is not None)
+    hsm = Pkcs11Hsm(hsm_config(settings))
+    try:
+        storage = SqlStorage(engine)
+        services = build_services(storage, hsm)
+        chain_id, sealed = secure_database(storage, services)
+        token_file = data_dir / "admin.token"
+        token = services.principals.bootstrap_admin("admin")
+        if token is not None:
+            if token_file.exists():
+                token_file.unlink()
+            softhsm.write_secret(token_file, token)
+    finally:
+        hsm.close()
+        engine.dispose()
+    return InitReport(data_dir, created, token_file, token is not None, chain_id, sealed)
 
 
-def migrate_database(data_dir: Path) -> None:
-    """Upgrade the configured database's schema in place (``kms migrate``)."""
+def secure_database(
+    storage: SqlStorage, services: Services, allow_other_chains: bool = False
+) -> tuple[str | None, dict[str, int]]:
+    """What a database needs before a server may use it, once its schema is current: its
+    audit chain anchored in the HSM and its rows made before row seals existed sealed as
+    found (kms/services/audit_anchor.py, seals.py). Both happen once, in the run that
+    anchors the chain (a new database, or one from before anchors and seals): afterwards
+    an unsealed row is something the database writer made, and stays refused."""
+    chain_id = services.audit.anchor_new_chain(allow_other_chains)
+    if chain_id is None:
+        return None, {}
+    return chain_id, seal_unsealed_rows(storage, services.audit)
+
+
+def migrate_database(data_dir: Path) -> tuple[str | None, dict[str, int]]:
+    """Upgrade the configured database's schema in place, then secure_database() it
+    (``kms migrate``): the anchored chain id if it was anchored now, the rows sealed."""
     settings = config_mod.from_env({**os.environ, "KMS_DATA_DIR": str(data_dir.resolve())})
     engine = make_engine(settings.database_url, settings.sqlite_synchronous)
+    hsm = Pkcs11Hsm(hsm_config(settings))
     try:
         upgrade(engine)
+        storage = SqlStorage(engine)
+        return secure_database(storage, build_services(storage, hsm))
     finally:
+        hsm.close()
         engine.dispose()
 
 

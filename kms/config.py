@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kms.services.rate_limits import RatePolicy, parse_rate_limits
+from kms.services.rate_limits import RatePolicy, parse_audit_budget, parse_rate_limits
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CONF_FILE = "kms.conf"
@@ -76,9 +76,14 @@ class Settings:
     # nodes (kms/services/cluster.py); KMS_REDIS_TIMEOUT_MS bounds each Redis call
     redis_url: str | None = field(default=None, repr=False)
     redis_timeout_ms: int = 250
-    # KMS_RATE_LIMITS: "service=2000/second,principal:batch=10000/second,..." over the
+    # KMS_RATE_LIMITS: "service=20000/second,principal:batch=100000/second,..." over the
     # defaults (kms/services/rate_limits.py)
     rate_limits: RatePolicy = field(default_factory=lambda: parse_rate_limits(""))
+    # KMS_AUDIT_BUDGET: chained audit records per principal, same syntax over its own
+    # defaults (kms/services/audit_budget.py); KMS_AUDIT_ALERT_RECORDS_PER_MINUTE: log an
+    # error and raise kms_audit_growth_alert past this many records a minute (0: never)
+    audit_budget: RatePolicy = field(default_factory=lambda: parse_audit_budget(""))
+    audit_alert_records_per_minute: int = 60000
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -230,7 +235,15 @@ def _redis(env: Mapping[str, str]) -> dict[str, Any]:
         limits = parse_rate_limits(env.get("KMS_RATE_LIMITS", ""))
     except ValueError as e:
         raise ConfigError(f"KMS_RATE_LIMITS: {e}") from None
+    try:
+        budget = parse_audit_budget(env.get("KMS_AUDIT_BUDGET", ""))
+    except ValueError as e:
+        raise ConfigError(f"KMS_AUDIT_BUDGET: {e}") from None
     return {
+        "audit_budget": budget,
+        "audit_alert_records_per_minute": _int(
+            env, "KMS_AUDIT_ALERT_RECORDS_PER_MINUTE", 60000, 0, 10**9
+        ),
         "redis_url": url,
         "redis_timeout_ms": _int(env, "KMS_REDIS_TIMEOUT_MS", 250, 10, 10_000),
         "rate_limits": limits,

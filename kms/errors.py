@@ -55,6 +55,12 @@ class Forbidden(ClientError):
     public_message = "not allowed"
 
 
+class SealBroken(Forbidden):
+    """A database row that grants or describes access fails its HSM seal (edited,
+    inserted or unsealed outside the server; kms/services/seals.py). The caller gets the
+    ordinary refusal; ``detail`` (audit trail, logs) names the row."""
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -115,6 +121,16 @@ class RateLimited(ClientError):
     status = 429
     code = "rate_limited"
     public_message = "too many requests"
+    retry_after: int | None = None  # whole seconds: the Retry-After header, when known
+
+
+class AuditBudgetExceeded(RateLimited):
+    """429: the principal is over its audit budget (KMS_AUDIT_BUDGET). Refused before any
+    work; the refusal is not chained on its own but coalesced
+    (kms/services/audit_budget.py)."""
+
+    code = "audit_budget_exceeded"
+    public_message = "too many audited operations"
 
 
 class ServerError(KmsError):
@@ -147,6 +163,17 @@ class StorageUnavailable(ServerError):
     status = 503
     code = "storage_unavailable"
     public_message = "the database is unavailable; nothing was done"
+
+
+class AuditStateRefused(ServerError):
+    """The database's audit chain does not extend the head anchored in the HSM (a
+    rollback, a restore from an old backup, a rewritten history) or the anchor cannot be
+    read: nothing audited runs until an operator accepts the state (``kms audit
+    accept-state``, kms/services/audit_anchor.py)."""
+
+    status = 503
+    code = "audit_state_refused"
+    public_message = "the audit trail does not match its HSM anchor; an operator must check it"
 
 
 class IntegrityFailure(Exception):

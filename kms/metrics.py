@@ -9,6 +9,10 @@ kms_hsm_errors_total           counter    kind                   errors the HSM 
 kms_audit_append_seconds       histogram  (none)                 time to chain audit records
 kms_rotation_due_keys          gauge      (none)                 keys due for rotation
 kms_redis_errors_total         counter    use                    uses that Redis failed
+kms_audit_budget_refused_total counter    role, unit             refused over audit budget
+kms_audit_chain_records        gauge      (none)                 records in the audit chain
+kms_audit_records_last_minute  gauge      (none)                 records chained in 1 min
+kms_audit_growth_alert         gauge      (none)                 1: growth over threshold
 =============================  =========  =====================  ==========================
 
 - ``operation``: the audited operation name of the API view (``encrypt``, ``decrypt``,
@@ -20,6 +24,13 @@ kms_redis_errors_total         counter    use                    uses that Redis
   session could be opened, ``pin_rejected`` for calls refused because the PIN was rejected.
 - ``kms_rotation_due_keys`` is computed from the database when /metrics is scraped; NaN if
   the database could not answer.
+- ``role``: the principal's role (``service``, ``admin``, ...); ``unit``: ``requests`` or
+  ``items`` (a batch of N refused over the budget counts 1 request and N items).
+- The three ``kms_audit_*`` gauges are read from the chain head when /metrics is scraped
+  and every few seconds by each worker (kms/services/audit_budget.py, AuditGrowth): every
+  node's appends count. ``kms_audit_records_last_minute`` is a lower bound (records since
+  the oldest sample of the last minute); the alert gauge compares it with
+  ``KMS_AUDIT_ALERT_RECORDS_PER_MINUTE``.
 
 Labels never hold key ids, aliases, principal names, tokens, contexts or any request data:
 only the bounded sets above. The values are nevertheless usage information, so /metrics
@@ -72,6 +83,21 @@ HSM_ERRORS = Counter(
     ["kind"],
     registry=_REGISTRY,
 )
+SEAL_FAILURES = Counter(
+    "kms_seal_failures_total",
+    "Database rows refused because their HSM seal does not verify, by kind (principal, "
+    "token, grant, key, key_version, sigv4_credential): someone wrote the database. "
+    "Alert on any increase.",
+    ["kind"],
+    registry=_REGISTRY,
+)
+AUDIT_STATE_REFUSED = Counter(
+    "kms_audit_state_refused_total",
+    "Times a process found the database's audit chain not extending its HSM anchor "
+    "(a rollback, an old backup restored, a rewritten history): audited operations are "
+    "refused until `kms audit accept-state`. Alert on any increase.",
+    registry=_REGISTRY,
+)
 AUDIT_APPEND_SECONDS = Histogram(
     "kms_audit_append_seconds",
     "Time to chain audit records in a transaction (includes waiting for the head lock).",
@@ -103,6 +129,32 @@ REDIS_ERRORS = Counter(
     "nonce (request refused), rate_limit (counted per worker instead), lease, invalidation.",
     ["use"],
     registry=_REGISTRY,
+)
+
+
+AUDIT_BUDGET_REFUSED = Counter(
+    "kms_audit_budget_refused_total",
+    "Requests and items refused over their principal's audit budget (KMS_AUDIT_BUDGET).",
+    ["role", "unit"],
+    registry=_REGISTRY,
+)
+AUDIT_CHAIN_RECORDS = Gauge(
+    "kms_audit_chain_records",
+    "Records in the audit chain (the head's sequence number).",
+    registry=_REGISTRY,
+    multiprocess_mode="mostrecent",
+)
+AUDIT_RECORDS_LAST_MINUTE = Gauge(
+    "kms_audit_records_last_minute",
+    "Records chained in the last minute by every worker and node (a lower bound).",
+    registry=_REGISTRY,
+    multiprocess_mode="mostrecent",
+)
+AUDIT_GROWTH_ALERT = Gauge(
+    "kms_audit_growth_alert",
+    "1 while the audit chain grows faster than KMS_AUDIT_ALERT_RECORDS_PER_MINUTE.",
+    registry=_REGISTRY,
+    multiprocess_mode="mostrecent",
 )
 
 

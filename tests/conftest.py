@@ -13,7 +13,8 @@ from kms.app import create_app, hsm_config
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.services.principals import PrincipalService
-from tests.helpers import Api, init_data_dir
+from kms.services.seals import RowSeals
+from tests.helpers import Api, Receiver, anchored, init_data_dir
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +40,29 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def storage(db_path: Path) -> Iterator[SqlStorage]:
+def storage(db_path: Path, hsm: Pkcs11Hsm) -> Iterator[SqlStorage]:
+    """A fresh database whose audit chain is anchored in the session's token (as ``kms
+    init`` anchors it), the anchor destroyed afterwards."""
     engine = make_engine(f"sqlite:///{db_path}", "NORMAL")
     upgrade(engine)
-    yield SqlStorage(engine)
+    store = SqlStorage(engine, RowSeals(hsm))
+    with anchored(store, hsm):
+        yield store
     engine.dispose()
 
 
 @pytest.fixture
 def app(settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage):  # type: ignore[no-untyped-def]
     return create_app(settings, hsm=hsm, storage=storage)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real local HTTP server standing for the data owner's webhook receiver."""
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
 
 
 @pytest.fixture
@@ -102,9 +116,11 @@ def pg_database(pg_cluster, pg_template):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def pg_storage(pg_database) -> Iterator[SqlStorage]:  # type: ignore[no-untyped-def]
+def pg_storage(pg_database, hsm) -> Iterator[SqlStorage]:  # type: ignore[no-untyped-def]
     engine = make_engine(pg_database.url, "NORMAL")
-    yield SqlStorage(engine)
+    store = SqlStorage(engine, RowSeals(hsm))
+    with anchored(store, hsm):
+        yield store
     engine.dispose()
 
 
@@ -125,8 +141,10 @@ def any_engine(any_database_url: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def any_storage(any_engine) -> SqlStorage:  # type: ignore[no-untyped-def]
-    return SqlStorage(any_engine)
+def any_storage(any_engine, hsm) -> Iterator[SqlStorage]:  # type: ignore[no-untyped-def]
+    store = SqlStorage(any_engine, RowSeals(hsm))
+    with anchored(store, hsm):
+        yield store
 
 
 # -- Redis (tests/redis_server.py): one real redis-server per session, on first use -------

@@ -54,6 +54,57 @@ def init_data_dir(path: Path) -> Path:
     return path
 
 
+@contextmanager
+def anchored(storage: Any, hsm: Any) -> Iterator[str]:
+    """Anchor ``storage``'s audit chain in ``hsm`` as ``kms init`` does (the token may
+    anchor other tests' chains), and destroy the anchor afterwards."""
+    from kms.services.audit import AuditTrail
+    from kms.services.audit_anchor import AuditAnchor
+    from kms.services.clock import SystemClock
+
+    chain_id = AuditTrail(storage, SystemClock(), hsm).anchor_new_chain(allow_other_chains=True)
+    assert chain_id is not None
+    try:
+        yield chain_id
+    finally:
+        label = AuditAnchor.label(chain_id)
+        for value in hsm.anchor_values(label):
+            hsm.drop_anchor(label, value)
+
+
+_UPDATE_KEYS = """
+from dataclasses import replace
+from datetime import datetime
+from kms import config
+from kms.app import hsm_config
+from kms.backends.hsm import Pkcs11Hsm
+from kms.backends.storage import SqlStorage, make_engine
+from kms.services.seals import RowSeals
+settings = config.from_env({{"KMS_DATA_DIR": {data_dir!r}}})
+hsm = Pkcs11Hsm(hsm_config(settings))
+storage = SqlStorage(make_engine(settings.database_url), RowSeals(hsm))
+changes = {{k: datetime.fromisoformat(v) for k, v in {changes!r}.items()}}
+with storage.transaction() as tx:
+    for key in tx.list_keys():
+        if {key_id!r} in (None, key.key_id):
+            tx.update_key(replace(key, **changes))
+hsm.close()
+"""
+
+
+def update_keys(data_dir: Path, key_id: str | None = None, **changes: datetime) -> None:
+    """Test set-up that only time would do (a version made days ago, a deletion date that
+    has passed): change the times of one key (or all) and seal the rows as the server
+    would, from a fresh process (a process holds one SoftHSM configuration)."""
+    code = _UPDATE_KEYS.format(
+        data_dir=str(data_dir),
+        key_id=key_id,
+        changes={k: v.isoformat() for k, v in changes.items()},
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,10 +153,12 @@ def gunicorn_server(
     workers: int = 2,
     env: dict[str, str] | None = None,
     tls: dict[str, Any] | None = None,
+    ready: bool = True,
 ) -> Iterator[Server]:
     """``kms serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit.
     With ``tls`` (the requests arguments the readiness probe needs: ``verify``, ``cert``)
-    the server is reached as https://localhost (KMS_TLS_* go in ``env``)."""
+    the server is reached as https://localhost (KMS_TLS_* go in ``env``). With ``ready``
+    False, waiting ends when the server is live (/healthz) even if it is not ready."""
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
@@ -130,19 +183,19 @@ def gunicorn_server(
     url = f"https://localhost:{port}" if tls is not None else f"http://127.0.0.1:{port}"
     server = Server(url, data_dir, proc, log_path)
     try:
-        wait_ready(server, **(tls or {}))
+        wait_ready(server, path="/readyz" if ready else "/healthz", **(tls or {}))
         yield server
     finally:
         stop(proc)
 
 
-def wait_ready(server: Server, timeout: float = 30.0, **probe: Any) -> None:
+def wait_ready(server: Server, timeout: float = 30.0, path: str = "/readyz", **probe: Any) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log_text()[-3000:]}")
         try:
-            if requests.get(server.url + "/readyz", timeout=1, **probe).status_code == 200:
+            if requests.get(server.url + path, timeout=1, **probe).status_code == 200:
                 return
         except requests.RequestException:
             pass

@@ -18,14 +18,26 @@ _FILTERS = ("key_id", "principal", "operation", "outcome", "case_id")
 
 
 def _query() -> AuditQuery:
-    values = {}
+    values: dict[str, str | None] = {}
     for name in _FILTERS:
         value = request.args.get(name)
         if value is not None and (not value or len(value) > 64):
             raise InvalidRequest(f"{name} must be 1..64 characters")
         values[name] = value
     times = {n: parse_time(v, n) for n in ("since", "until") if (v := request.args.get(n))}
-    return AuditQuery(**values, **times)
+    return _make_query(values, times)
+
+
+def _make_query(values: dict[str, str | None], times: dict[str, str]) -> AuditQuery:
+    return AuditQuery(
+        key_id=values["key_id"],
+        principal=values["principal"],
+        operation=values["operation"],
+        outcome=values["outcome"],
+        case_id=values["case_id"],
+        since=times.get("since"),
+        until=times.get("until"),
+    )
 
 
 @bp.get("/v1/audit")
@@ -40,10 +52,47 @@ def audit() -> dict[str, Any]:
     return {"records": records}
 
 
+_BY_CONTEXT = {"context", "after", "limit", *_FILTERS, "since", "until"}
+_MAX_SEQ = 999_999_999_999_999_999
+
+
+@bp.post("/v1/audit/context")
+@operation("read_audit_context")
+def audit_by_context() -> dict[str, Any]:
+    """``{context, after?=0, limit?=100, key_id?, principal?, operation?, outcome?,
+    case_id?, since?, until?}`` -> ``{"records": [...]}``: the records of that encryption
+    context, in chain order. The server computes the context's keyed hash; the query is
+    recorded with that hash, never the context. A POST so that the context stays out of
+    URLs and access logs."""
+    body = p.json_body(_BY_CONTEXT, frozenset({"context"}))
+    if body["context"] is None:
+        raise InvalidRequest("context must be an object of string values")
+    context = p.context(body)
+    after = p.integer(body, "after", (0, _MAX_SEQ)) if "after" in body else 0
+    limit = p.integer(body, "limit", (1, 1000)) if "limit" in body else 100
+    for name in (*_FILTERS, "since", "until"):
+        if name in body and not isinstance(body[name], str):  # null too: absent means any
+            raise InvalidRequest(f"{name} must be a string")
+    values: dict[str, str | None] = {}
+    for name in _FILTERS:
+        value = p.string(body, name, max_len=64)
+        if value == "":
+            raise InvalidRequest(f"{name} must be 1..64 characters")
+        values[name] = value
+    times = {
+        n: parse_time(v, n) for n in ("since", "until") if (v := p.string(body, n, max_len=64))
+    }
+    query = _make_query(values, times)
+    records = services().audit_context.records(caller(), context, after, limit, query)
+    return {"records": records}
+
+
 @bp.get("/v1/audit/checkpoints")
 @operation("read_checkpoints")
 def checkpoints() -> dict[str, Any]:
-    """``?after=<seq>&limit=<n>`` -> ``{"checkpoints": [...]}`` (kms/formats/checkpoint.py)."""
+    """``?after=<seq>&limit=<n>`` -> ``{"checkpoints": [...]}`` (kms/formats/checkpoint.py),
+    oldest first: the checkpoint feed, for admins and auditors. The data owner pulls it with
+    an auditor token to witness every checkpoint (docs/auditing.md)."""
     found = services().audit.checkpoints(
         caller(), p.query_int("after", 0), p.query_int("limit", 100)
     )
@@ -106,7 +155,8 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, Any], int]:
-    """``{"status": "ok"|"unavailable", "checks": {"hsm", "database", "audit_signing_key"}}``
+    """``{"status": "ok"|"unavailable", "checks": {"hsm", "database", "audit_signing_key",
+    "audit_anchor"}}``
     with each check "ok" or an error code: 200 when every check is ok, 503 otherwise.
     Unauthenticated (load balancers probe it); it shows only those codes, no detail."""
     checks = services().health.readiness()

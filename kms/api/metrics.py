@@ -46,5 +46,6 @@ def _finish(response: Response) -> Response:
 
 
 def _scrape() -> Response:
+    services().audit_growth.sample_quietly()  # the audit growth gauges, fresh
     body, content_type = metrics.exposition(services().keys.rotation_due_count)
     return Response(body, content_type=content_type)

@@ -1,6 +1,6 @@
 """The RateLimiter port on the ``limits`` library (the core of Flask-Limiter): a moving
-window, counted by an atomic Lua script in Redis when Redis is configured, else in
-this process.
+window (rate limits) or a sliding-window counter (audit budgets), counted by atomic Lua
+scripts in Redis when Redis is configured, else in this process.
 
 When Redis cannot be used the limiter counts in this process instead (each worker then
 enforces the full limit on its own, so a principal gets at most workers x nodes x limit),
@@ -14,7 +14,11 @@ import time
 
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage, RedisStorage
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import (
+    MovingWindowRateLimiter,
+    RateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 
 from kms.backends.redis_store import RedisConnection, RedisUnavailable
 
@@ -23,12 +27,18 @@ class MemoryRateLimiter:
     """Counts in this process only."""
 
     def __init__(self) -> None:
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        storage = MemoryStorage()
+        self._moving = MovingWindowRateLimiter(storage)
+        self._counter = SlidingWindowCounterRateLimiter(storage)
 
-    def hit(self, bucket: str, amount: int, seconds: int) -> float:
-        """0.0 and one request counted if fewer than ``amount`` were counted in the last
-        ``seconds``; otherwise the seconds until one will be."""
-        return _hit(self._limiter, bucket, amount, seconds)
+    def hit(self, bucket: str, amount: int, seconds: int, cost: int = 1) -> float:
+        """0.0 and ``cost`` requests counted if at most ``amount`` are then counted in the
+        last ``seconds``; otherwise the seconds until one will be."""
+        return _hit(self._moving, bucket, amount, seconds, cost)
+
+    def spend(self, bucket: str, amount: int, seconds: int, cost: int) -> float:
+        """As hit(), on a sliding-window counter."""
+        return _hit(self._counter, "budget/" + bucket, amount, seconds, cost)
 
 
 class RedisRateLimiter:
@@ -39,23 +49,35 @@ class RedisRateLimiter:
         storage = RedisStorage(
             conn.url, connection_pool=conn.client.connection_pool, key_prefix="kms:rate"
         )
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._moving = MovingWindowRateLimiter(storage)
+        self._counter = SlidingWindowCounterRateLimiter(storage)
         self._fallback = MemoryRateLimiter()
 
-    def hit(self, bucket: str, amount: int, seconds: int) -> float:
+    def hit(self, bucket: str, amount: int, seconds: int, cost: int = 1) -> float:
         """As MemoryRateLimiter.hit, counted atomically in Redis; in this process (never
         raising) while Redis is unavailable."""
         try:
             return self._conn.run(
-                "rate_limit", lambda _: _hit(self._limiter, bucket, amount, seconds)
+                "rate_limit", lambda _: _hit(self._moving, bucket, amount, seconds, cost)
             )
         except RedisUnavailable:
-            return self._fallback.hit(bucket, amount, seconds)
+            return self._fallback.hit(bucket, amount, seconds, cost)
+
+    def spend(self, bucket: str, amount: int, seconds: int, cost: int) -> float:
+        """As MemoryRateLimiter.spend, counted atomically in Redis (per process while it
+        is unavailable)."""
+        try:
+            return self._conn.run(
+                "rate_limit",
+                lambda _: _hit(self._counter, "budget/" + bucket, amount, seconds, cost),
+            )
+        except RedisUnavailable:
+            return self._fallback.spend(bucket, amount, seconds, cost)
 
 
-def _hit(limiter: MovingWindowRateLimiter, bucket: str, amount: int, seconds: int) -> float:
+def _hit(limiter: RateLimiter, bucket: str, amount: int, seconds: int, cost: int) -> float:
     item = RateLimitItemPerSecond(amount, seconds)
-    if limiter.hit(item, bucket):
+    if limiter.hit(item, bucket, cost=cost):
         return 0.0
     reset, _ = limiter.get_window_stats(item, bucket)
     return min(float(seconds), max(0.0, reset - time.time()))

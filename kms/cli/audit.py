@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
 from kms.cli.common import clear_errors, client, data_dir_option, print_json, remote
+from kms.formats.bundle import MAX_LINE_BYTES
+from kms.services.audit_verify import DEFAULT_MAX_UNSIGNED
 
 
 @click.group()
@@ -30,12 +33,38 @@ def audit() -> None:
 @click.option("--case-id")
 @click.option("--since", help="ISO 8601 date or time (inclusive).")
 @click.option("--until", help="ISO 8601 date or time (exclusive).")
+@click.option(
+    "--context",
+    "context_json",
+    help="Only the records of this encryption context, a JSON object such as "
+    '\'{"patient": "p-1"}\'. The server matches its keyed hash; the query is audited.',
+)
 @remote
-def audit_list(after: int, limit: int, url: str, token_file: Path | None, **filters: str) -> None:
+def audit_list(
+    after: int,
+    limit: int,
+    url: str,
+    token_file: Path | None,
+    context_json: str | None,
+    **filters: str,
+) -> None:
     """Print records as JSON lines, in chain order."""
     chosen = {k: v for k, v in filters.items() if v is not None}
+    context = None
+    if context_json is not None:
+        try:
+            context = json.loads(context_json)
+        except ValueError:
+            raise click.BadParameter("not valid JSON", param_hint="--context") from None
+        if not isinstance(context, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--context")
     with clear_errors():
-        for record in client(url, token_file).audit(after, limit, **chosen):
+        kms = client(url, token_file)
+        if context is None:
+            records = kms.audit(after, limit, **chosen)
+        else:
+            records = kms.audit_by_context(context, after, limit, **chosen)
+        for record in records:
             click.echo(json.dumps(record, sort_keys=True))
 
 
@@ -129,20 +158,35 @@ def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | 
     help="A later checkpoint you hold (JSON); the bundle must reach and match it.",
 )
 @click.option(
+    "--witnessed",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Checkpoints you received (JSON lines: `kms audit checkpoints` output or the "
+    "audit_checkpoint webhook bodies); each one must be in the bundle, identical.",
+)
+@click.option(
     "--max-unsigned",
     type=click.IntRange(0),
-    help="Fail if more records than this follow the last checkpoint (the server's "
-    "KMS_AUDIT_CHECKPOINT_RECORDS, e.g. 1000).",
+    help=f"Fail if more records than this follow the last signature (default "
+    f"{DEFAULT_MAX_UNSIGNED}, the server's default KMS_AUDIT_CHECKPOINT_RECORDS).",
+)
+@click.option(
+    "--allow-unsigned",
+    is_flag=True,
+    help="Also accept a bundle that no checkpoint signature covers, and (without "
+    "--max-unsigned) an unsigned tail of any length; reported as NOT VERIFIED BY SIGNATURE.",
 )
 def audit_verify(
     bundle: Path,
     public_key: Path,
     since_checkpoint: Path | None,
     through_checkpoint: Path | None,
+    witnessed: Path | None,
     max_unsigned: int | None,
+    allow_unsigned: bool,
 ) -> None:
-    """Verify a bundle offline. Exit 0 only if everything verifies (an unsigned tail is
-    reported, not failed); 1 if anything is wrong; 2 if the inputs are unusable."""
+    """Verify a bundle offline. Exit 0 only if everything verifies: a bundle no signature
+    covers, or with more than --max-unsigned records after its last signature, fails
+    unless loosened explicitly; 1 if anything is wrong; 2 if the inputs are unusable."""
     from kms.services.audit_verify import VerifyInputError, verify_bundle
 
     anchors = []
@@ -155,19 +199,57 @@ def audit_verify(
             if anchor is not None and not isinstance(anchor, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, OSError) as e:
-            click.echo(f"Error: {option}: {e}", err=True)
-            sys.exit(2)
+            _unusable(f"{option}: {e}")
         anchors.append(anchor)
+    held = _read_witnessed(witnessed) if witnessed else []
+    if max_unsigned is None and not allow_unsigned:
+        max_unsigned = DEFAULT_MAX_UNSIGNED
     try:
         with bundle.open("rb") as lines:
             report = verify_bundle(
-                lines, public_key.read_bytes(), anchors[0], anchors[1], max_unsigned
+                lines,
+                public_key.read_bytes(),
+                anchors[0],
+                anchors[1],
+                max_unsigned,
+                allow_unsigned=allow_unsigned,
+                witnessed=held,
             )
     except (VerifyInputError, OSError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+        _unusable(str(e))
     click.echo(report.summary())
     sys.exit(0 if report.ok else 1)
+
+
+def _read_witnessed(path: Path) -> list[dict[str, Any]]:
+    """The checkpoints of a --witnessed file: one JSON object a line, a checkpoint or a
+    webhook body carrying one (``{"event": "audit_checkpoint", "checkpoint": {...}}``)."""
+    found = []
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if len(raw) > MAX_LINE_BYTES:
+                    raise ValueError(f"line {number}: line too long")
+                try:
+                    obj = json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise ValueError(f"line {number}: not valid JSON") from None
+                if isinstance(obj, dict) and isinstance(obj.get("checkpoint"), dict):
+                    obj = obj["checkpoint"]
+                if not isinstance(obj, dict):
+                    raise ValueError(f"line {number}: not a checkpoint (a JSON object)")
+                obj.pop("type", None)
+                found.append(obj)
+    except (ValueError, OSError) as e:
+        _unusable(f"--witnessed: {e}")
+    return found
+
+
+def _unusable(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
 
 
 @audit.command("archive")
@@ -189,3 +271,31 @@ def audit_archive(data_dir: Path, through: int, out: Path) -> None:
             result = services.exports.archive(through, f, lambda: out.open("rb"))
     click.echo(f"archived {result.records} records through seq {result.through} to {out}")
     click.echo(f"sha256 {result.sha256}")
+
+
+@audit.command("accept-state")
+@data_dir_option
+@click.option("--reason", required=True, help="Why (a ticket, the restore being done); recorded.")
+@click.option("--yes", is_flag=True, help="Accept without asking (scripts).")
+def audit_accept_state(data_dir: Path, reason: str, yes: bool) -> None:
+    """Accept the database's audit chain as it is and re-anchor the HSM on its head (run on
+    the server host). Needed after restoring an older backup or when the chain does not
+    extend the head the HSM anchored; the acceptance is itself chained and signed."""
+    with clear_errors():
+        from kms.bootstrap import open_services
+        from kms.errors import AuditStateRefused
+
+        with open_services(data_dir) as services:
+            try:
+                services.audit.verify_anchor()
+                problem = None
+            except AuditStateRefused as e:
+                problem = e.detail
+            click.echo(f"current state: {problem or 'the chain extends its HSM anchor'}")
+            if not yes and not click.confirm("Accept this database's audit chain?"):
+                click.echo("nothing changed", err=True)
+                sys.exit(1)
+            _, chain_id = services.audit.accept_state(reason[:120])
+            checkpoint = services.audit.checkpoint()
+    seq = checkpoint["seq"] if checkpoint else 0
+    click.echo(f"accepted: audit chain {chain_id} anchored and signed at seq {seq}")

@@ -46,6 +46,7 @@ def init(
         )
     click.echo(f"data directory: {report.data_dir}")
     click.echo(f"HSM keys created: {', '.join(report.created_keys) or 'none (already present)'}")
+    _report_secured(report.anchored_chain, report.sealed_rows)
     if report.admin_created:
         click.echo(f"admin token written to {report.admin_token_file} (mode 0600)")
     else:
@@ -59,8 +60,17 @@ def migrate(data_dir: Path) -> None:
     with clear_errors():
         from kms.bootstrap import migrate_database
 
-        migrate_database(data_dir)
+        chain_id, sealed = migrate_database(data_dir)
     click.echo("database schema is current")
+    _report_secured(chain_id, sealed)
+
+
+def _report_secured(chain_id: str | None, sealed: dict[str, int]) -> None:
+    if chain_id:
+        click.echo(f"audit chain {chain_id} anchored in the HSM")
+    if sealed:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(sealed.items()))
+        click.echo(f"sealed rows made before row seals existed, trusted as found: {counts}")
 
 
 @click.command()

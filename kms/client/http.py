@@ -174,6 +174,14 @@ class KmsClient:
         params = {"after": after, "limit": limit, **filters}
         return list(self.call("GET", "/v1/audit", params=params)["records"])
 
+    def audit_by_context(
+        self, context: Mapping[str, str], after: int = 0, limit: int = 100, **filters: str
+    ) -> list[dict[str, Any]]:
+        """One page of the records of an encryption context (the server matches its keyed
+        hash, and records the query); filters as for audit()."""
+        body = {"context": dict(context), "after": after, "limit": limit, **filters}
+        return list(self.call("POST", "/v1/audit/context", body)["records"])
+
     def audit_checkpoints(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         params = {"after": after, "limit": limit}
         return list(self.call("GET", "/v1/audit/checkpoints", params=params)["checkpoints"])

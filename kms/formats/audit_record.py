@@ -11,7 +11,7 @@ exactly these fields::
     operation      str    e.g. "decrypt", "create_key", "rotate_key"
     key_id         str?   key the operation used or changed
     key_version    int?   key version used
-    context_sha256 str?   hex SHA-256 of the canonical encryption context
+    context_sha256 str?   hex keyed hash of the encryption context (see below)
     justification  str?   justification code of an unwrap
     case_id        str?   escrow case, if any
     outcome        str    "ok" or the error code returned to the caller
@@ -24,6 +24,14 @@ escaped as ``\\uXXXX`` (Python's ``json.dumps(..., sort_keys=True, separators=("
 ensure_ascii=True)``). The record hash is the hex SHA-256 of those bytes. Because each
 record includes its predecessor's hash, editing, deleting, inserting or reordering any
 record changes every later hash.
+
+``context_sha256`` is, since keyed context hashes, the HSM's HMAC-SHA256 of
+``b"KMS-CONTEXT-1\\n"`` and the canonical context encoding (kms/formats/context.py);
+records written before hold the unkeyed SHA-256 of the encoding. The name and the format
+version are kept on purpose: nothing here or in the verifier recomputes the value (it is
+an opaque 64-hex identifier of the context), so every format-1 record, old or new, is
+encoded, hashed and verified exactly as before. Only the server can compute a keyed
+hash: auditors match a context through its audited query (docs/auditing.md).
 """
 
 from __future__ import annotations

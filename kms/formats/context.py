@@ -13,6 +13,18 @@ Byte layout (version 1), all integers unsigned big-endian::
 Length prefixes make the encoding injective: ``{"ab": "c"}`` and ``{"a": "bc"}`` encode
 differently, and no two distinct maps share an encoding. The empty context encodes as
 ``b"\\x00\\x00"``.
+
+Keyed context hash (what audit records carry in ``context_sha256``): the hex
+HMAC-SHA256, computed inside the HSM with its integrity key, of::
+
+    b"KMS-CONTEXT-1\\n" || canonical encoding
+
+The prefix separates it from every other use of that key (row seals start with
+``b"KMS-ROW-1\\n"``, the dashboard's session key is the MAC of a fixed label), so a
+context hash can never be replayed as a seal or a session key. Equal contexts give equal
+hashes; without the HSM nobody can compute one, so a guessable context (``{"patient":
+"p-1"}``) cannot be found by hashing candidates. ``digest`` (unkeyed SHA-256) is what
+records written before keyed hashes carry, and what local tools use as an identifier.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from collections.abc import Mapping
 MAX_PAIRS = 64
 MAX_KEY_BYTES = 256
 MAX_VALUE_BYTES = 1024
+KEYED_PREFIX = b"KMS-CONTEXT-1\n"
 
 
 class ContextError(ValueError):
@@ -66,6 +79,13 @@ def encode(context: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
+def keyed_input(context: Mapping[str, str]) -> bytes:
+    """The bytes the HSM MACs for a keyed context hash (see the module docstring)."""
+    return KEYED_PREFIX + encode(context)
+
+
 def digest(context: Mapping[str, str]) -> str:
-    """Hex SHA-256 of the canonical encoding: what the audit trail records, never the context."""
+    """Hex SHA-256 of the canonical encoding, unkeyed: anyone can recompute it, so it
+    reveals a guessable context. Audit records written before keyed context hashes hold
+    it; new records hold the keyed hash (kms/services/context_hash.py)."""
     return hashlib.sha256(encode(context)).hexdigest()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,16 +23,28 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from kms.errors import Forbidden, InvalidRequest, KmsError, StorageUnavailable, Unauthenticated
+from kms.errors import (
+    AuditBudgetExceeded,
+    AuditStateRefused,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    KmsError,
+    StorageUnavailable,
+    Unauthenticated,
+)
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
-from kms.metrics import AUDIT_APPEND_SECONDS
+from kms.formats.anchor import Anchor
+from kms.metrics import AUDIT_APPEND_SECONDS, AUDIT_STATE_REFUSED
+from kms.services.audit_anchor import AnchorCheck, AuditAnchor
 from kms.services.model import AuditEvent, AuditQuery, Principal, Role
-from kms.services.ports import AuditRows, Clock, Hsm, NonceRows, Store
+from kms.services.ports import AuditRows, Clock, Hsm, NonceRows, NotificationRows, Store
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
 MAX_DETAIL = 256
+RECHECK_SECONDS = 2.0  # how often a refusing worker asks the HSM anchor again
 
 
 class Claim(Protocol):
@@ -124,10 +138,14 @@ class CheckpointPolicy:
     every_records: int = 1000
 
 
+class AuditTx(AuditRows, NotificationRows, Protocol):
+    """The rows the trail writes: the chain, and the outbox that announces checkpoints."""
+
+
 class AuditTrail:
     def __init__(
         self,
-        storage: Store[AuditRows],
+        storage: Store[AuditTx],
         clock: Clock,
         hsm: Hsm,
         policy: CheckpointPolicy = CheckpointPolicy(),
@@ -137,6 +155,14 @@ class AuditTrail:
         self._hsm = hsm
         self._policy = policy
         self._fingerprint: str | None = None
+        # queues each new checkpoint for the data owner (witness) in the transaction that
+        # stores it: Notifier.checkpoint_signed, set by build_services (the notifier
+        # audits through this trail, so it is made after it)
+        self.on_checkpoint: Callable[[NotificationRows, dict[str, Any]], None] | None = None
+        self._anchor = AuditAnchor(hsm)
+        self._anchored = False  # this process saw the database extend the HSM anchor
+        self._refusal: tuple[float, str] | None = None  # when and why it last did not
+        self._known_chain_id: str | None = None
 
     @staticmethod
     def drafts(events: Sequence[AuditEvent]) -> list[audit_record.Draft]:
@@ -158,7 +184,14 @@ class AuditTrail:
 
     @AUDIT_APPEND_SECONDS.time()
     def append_drafts(self, tx: AuditRows, drafts: Sequence[audit_record.Draft]) -> bool:
-        """append() for records already encoded with drafts()."""
+        """append() for records already encoded with drafts(). Raises AuditStateRefused
+        (nothing is appended) until this process has seen the database's chain extend
+        its HSM anchor: once per process, then again at every checkpoint."""
+        if not self._anchored:
+            self._check_anchor(tx)
+        return self._chain(tx, drafts)
+
+    def _chain(self, tx: AuditRows, drafts: Sequence[audit_record.Draft]) -> bool:
         head = tx.audit_head()
         seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())
@@ -207,29 +240,130 @@ class AuditTrail:
         if events:
             with self._storage.transaction() as tx:
                 self.append(tx, events)
+        chain_id = self._chain_id()
         with self._storage.reader() as tx:
-            head = tx.audit_head()
+            checked = self._check_anchor(tx, chain_id)
+            head = checked.head
             if head.seq == 0:
                 return None
-            if head.seq == head.checkpoint_seq:
-                return tx.checkpoints(head.seq - 1, head.seq, 1)[0]
+            signed = tx.checkpoints(head.seq - 1, head.seq, 1)  # the row, not checkpoint_seq
+            if signed:
+                return signed[0]
+            prev = head.checkpoint_seq  # the previous checkpoint, if its row says so too
+            if not (prev < head.seq and (prev == 0 or tx.checkpoints(prev - 1, prev, 1))):
+                prev = checked.anchor.seq if checked.anchor.seq < head.seq else 0
         cp: dict[str, Any] = {
             "v": cpfmt.FORMAT_VERSION,
             "seq": head.seq,
-            "prev_seq": head.checkpoint_seq,
+            "prev_seq": prev,
             "record_hash": head.hash,
             "time": format_time(self._clock.now()),
             "key_sha256": fingerprint,
         }
         signature = self._hsm.sign_digest(cpfmt.digest(cp))
         cp["signature"] = base64.b64encode(signature).decode("ascii")
+        self._anchor.advance(checked.chain_id, Anchor(head.seq, head.hash, checked.anchor.archived))
         with self._storage.transaction() as tx:
             current = tx.audit_head()
-            if current.checkpoint_seq != head.checkpoint_seq:
-                # another worker signed meanwhile; its checkpoint is as good
-                return tx.checkpoints(current.checkpoint_seq - 1, current.checkpoint_seq, 1)[0]
+            newer = tx.checkpoints(head.checkpoint_seq, current.checkpoint_seq, 1)
+            if current.checkpoint_seq != head.checkpoint_seq and newer:
+                return newer[0]  # another worker signed meanwhile; its checkpoint is as good
             tx.insert_checkpoint(cp)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(tx, cp)  # witnessed, or not stored at all
         return cp
+
+    # -- the HSM anchor (kms/services/audit_anchor.py) -----------------------------------
+
+    def _chain_id(self) -> str | None:
+        """The database's chain id, remembered once known (only ``kms init`` and
+        accept-state set it, and a worker keeps checking against the anchor it named)."""
+        if self._known_chain_id is None:
+            with self._storage.reader() as tx:
+                self._known_chain_id = tx.audit_chain_id()
+        return self._known_chain_id
+
+    def _check_anchor(self, tx: AuditRows, chain_id: str | None = None) -> AnchorCheck:
+        """Verify in ``tx`` that the chain extends the HSM anchor, or refuse: loudly the
+        first time, then from memory for RECHECK_SECONDS before asking the HSM again.
+        Readers pass ``chain_id`` (AuditAnchor.verify says why)."""
+        if self._refusal is not None and time.monotonic() - self._refusal[0] < RECHECK_SECONDS:
+            raise AuditStateRefused(detail=self._refusal[1])
+        try:
+            checked = self._anchor.verify(tx, chain_id)
+        except AuditStateRefused as e:
+            self._anchored = False
+            if self._refusal is None or self._refusal[1] != e.detail:
+                AUDIT_STATE_REFUSED.inc()
+                log.error(
+                    "audit chain refused: it does not extend its HSM anchor; nothing audited "
+                    "runs until an operator runs `kms audit accept-state`",
+                    extra={"detail": e.detail},
+                )
+            self._refusal = (time.monotonic(), e.detail or "")
+            raise
+        self._anchored, self._refusal = True, None
+        return checked
+
+    def verify_anchor(self) -> None:
+        """Return only if the database's chain extends its HSM anchor now (readiness);
+        AuditStateRefused with the reason otherwise, HsmUnavailable if it cannot tell."""
+        chain_id = self._chain_id()
+        with self._storage.reader() as tx:
+            self._check_anchor(tx, chain_id)
+
+    def anchor_new_chain(self, allow_other_chains: bool = False) -> str | None:
+        """``kms init``: give a database without a chain id one and anchor its head in the
+        HSM (a chain that already has records first records that it is being anchored:
+        what came before was trusted as found); None if the database is anchored already.
+        Conflict if the token anchors other chains (this database may be replacing one of
+        them: that is accept_state's business) unless ``allow_other_chains``."""
+        with self._storage.transaction() as tx:
+            if tx.audit_chain_id() is not None:
+                return None
+            others = self._anchor.other_chains(None)
+            if others and not allow_other_chains:
+                raise Conflict(
+                    f"this HSM already anchors {len(others)} other audit chain(s); if this "
+                    "database replaces one, run `kms audit accept-state`"
+                )
+            if tx.audit_head().seq:  # an existing chain: say when it was first anchored
+                self._chain(tx, self.drafts([local_event("anchor_audit_chain", None)]))
+            # the one HSM call under the write lock: the database must name the anchor
+            # only if the anchor exists, so the id commits after the object is created
+            return self._anchor.anchor_new_chain(tx)
+
+    def accept_state(self, reason: str) -> tuple[str | None, str]:
+        """``kms audit accept-state``: record that an operator accepted the database's
+        chain as it is (with ``reason``), then make its head the HSM anchor. Returns the
+        problem that was accepted (None if there was none) and the chain id."""
+        with self._storage.reader() as tx:
+            try:
+                self._anchor.verify(tx)
+                problem = None
+            except AuditStateRefused as e:
+                problem = e.detail
+        with self._storage.transaction() as tx:
+            chain_id = tx.audit_chain_id() or secrets.token_hex(16)
+            detail = f"accepted chain {chain_id}: {problem or 'no mismatch'}; reason: {reason}"
+            self._chain(tx, self.drafts([local_event("accept_audit_state", detail)]))
+            tx.set_audit_chain_id(chain_id)
+            head = tx.audit_head()
+            # under the write lock so no other process moves the anchor meanwhile
+            self._anchor.replace(chain_id, Anchor(head.seq, head.hash, head.archived_seq))
+        self._anchored, self._refusal = False, None
+        log.warning("audit state accepted by an operator", extra={"detail": detail})
+        return problem, chain_id
+
+    def anchor_archived(self, tx: AuditRows, through: int) -> None:
+        """``kms audit archive``, inside the transaction that archives records up to
+        ``through``: the HSM anchor records it, so only this command moves what the
+        database may call archived."""
+        chain_id = tx.audit_chain_id()
+        if chain_id is None:
+            raise AuditStateRefused(detail="this database's audit chain is not anchored")
+        current = self._anchor.read(chain_id)
+        self._anchor.replace(chain_id, replace(current, archived=through))
 
     def public_key_pem(self) -> bytes:
         """The audit public key (PEM) auditors verify checkpoints with."""
@@ -277,6 +411,8 @@ class AuditTrail:
             return
         if isinstance(error, Unauthenticated):
             return  # logged by the face that authenticates
+        if isinstance(error, AuditBudgetExceeded):
+            return  # coalesced by kms/services/audit_budget.py
         if isinstance(error, KmsError):
             code, detail = error.code, error.detail or error.message
         else:
@@ -286,8 +422,17 @@ class AuditTrail:
         failed += [replace(op.event, outcome=code, detail="batch aborted")] * unreached
         try:
             self.record(failed)
-        except StorageUnavailable:
+        except (StorageUnavailable, AuditStateRefused):
             log.error("could not record a refused operation", extra={"op": failed[0].operation})
+
+    def record_alarm(self, operation: str, error: KmsError) -> None:
+        """Chain that a database row failed its HSM seal where no principal can be named
+        (authentication): ``error``'s code and precise detail, no principal. Never raises
+        (the caller is refusing already); a failure to record is logged."""
+        try:
+            self.record([local_event(operation, error.detail, outcome=error.code)])
+        except KmsError:
+            log.error("could not record an integrity alarm", extra={"detail": error.detail})
 
     def records(
         self, caller: Caller, after: int, limit: int, query: AuditQuery | None = None
@@ -311,3 +456,15 @@ class AuditTrail:
 def _check_page(after: int, limit: int) -> None:
     if after < 0 or not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"after must be >= 0 and limit 1..{MAX_PAGE}")
+
+
+def local_event(operation: str, detail: str | None, outcome: str = "ok") -> AuditEvent:
+    """The record of something no principal asked for: an operator command run on the
+    server host, an integrity alarm."""
+    return AuditEvent(
+        request_id="local-" + secrets.token_hex(8),
+        principal=None,
+        operation=operation,
+        outcome=outcome,
+        detail=detail,
+    )

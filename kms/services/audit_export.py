@@ -146,8 +146,9 @@ class AuditExports:
                 )
             op.note(detail=f"through={through} sha256={digest.hexdigest()}")
             with self._storage.transaction() as tx:
+                self._trail.append(tx, [op.ok()])  # checks the anchor before anything moves
                 tx.archive_audit_through(through)
-                self._trail.append(tx, [op.ok()])
+                self._trail.anchor_archived(tx, through)
         return ArchiveResult(through, report.records, digest.hexdigest())
 
 

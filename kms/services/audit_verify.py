@@ -6,10 +6,19 @@ an edited, deleted, inserted, duplicated or reordered record; a truncated tail t
 checkpoint covers; a forged checkpoint; a checkpoint dropped from the middle (checkpoints
 name their predecessor); a bundle signed by another key; a bundle that does not connect
 to a checkpoint the auditor already holds (``since_checkpoint``) or does not reach one
-(``through_checkpoint``). Nothing in the bundle's header is trusted but its public key,
-which must be the trusted one. Records after the last checkpoint (the unsigned tail) are
-reported but do not fail verification: nothing can prove them yet. Dropping the newest
-records together with their checkpoints is detectable only with ``through_checkpoint``.
+(``through_checkpoint``); a trail rewritten after one of the data owner's witnessed
+checkpoints (``witnessed``). Nothing in the bundle's header is trusted but its public key,
+which must be the trusted one.
+
+Strict by default: a chain alone proves nothing (anyone who can write the database can
+recompute one), so a bundle that no valid signature covers fails, and so does an unsigned
+tail (records after the last signature) longer than ``DEFAULT_MAX_UNSIGNED``. A signature
+covers a record if a verified checkpoint of the bundle, the held ``since_checkpoint`` or a
+matched ``through_checkpoint`` is at or after it. Looser checks are explicit
+(``allow_unsigned``, a larger or no ``max_unsigned``), and the report then lists what was
+not verified by a signature. Dropping the newest records together with their checkpoints
+is detectable only against a later checkpoint held outside the keyholder
+(``through_checkpoint``, ``witnessed``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,11 @@ from typing import Any
 
 from kms.formats import audit_record, bundle
 from kms.formats import checkpoint as cpfmt
+
+# The longest unsigned tail accepted by default: the server signs a checkpoint at least
+# every KMS_AUDIT_CHECKPOINT_RECORDS records (default 1000) and every
+# KMS_AUDIT_CHECKPOINT_SECONDS seconds, so an honest export has at most about this many.
+DEFAULT_MAX_UNSIGNED = 1000
 
 
 class VerifyInputError(ValueError):
@@ -32,15 +46,27 @@ class Report:
     first_seq: int | None = None
     last_seq: int | None = None  # of the last record whose chain verified
     checkpoints_verified: int = 0
-    last_signed_seq: int | None = None
+    last_signed_seq: int | None = None  # of the newest verified checkpoint in the bundle
+    held_seq: int | None = None  # newest auditor-held checkpoint the records agree with
+    max_unsigned: int | None = DEFAULT_MAX_UNSIGNED
+    witnessed: int = 0  # distinct witnessed checkpoints given
+    witnessed_matched: int = 0
+    witnessed_before: int = 0  # before the bundle's start: nothing to compare them with
     errors: list[str] = field(default_factory=list)
+    not_verified: list[str] = field(default_factory=list)  # accepted by a looser option
+
+    @property
+    def signed_through(self) -> int | None:
+        """The newest seq a verified signature covers (None: no signature at all)."""
+        found = [s for s in (self.last_signed_seq, self.held_seq) if s is not None]
+        return max(found) if found else None
 
     @property
     def unsigned_tail(self) -> int:
-        """Records after the last verified checkpoint."""
+        """Records after the last verified signature."""
         if self.last_seq is None:
             return 0
-        return self.last_seq - max(self.last_signed_seq or 0, (self.first_seq or 1) - 1)
+        return self.last_seq - max(self.signed_through or 0, (self.first_seq or 1) - 1)
 
     @property
     def ok(self) -> bool:
@@ -59,9 +85,29 @@ class Report:
             + (f", last at seq {self.last_signed_seq}" if self.last_signed_seq else ""),
         ]
         if self.ok:
-            lines.append(f"unsigned tail: {self.unsigned_tail} record(s) after the last checkpoint")
+            bound = "no limit" if self.max_unsigned is None else f"at most {self.max_unsigned}"
+            lines.append(
+                f"unsigned tail: {self.unsigned_tail} record(s) after the last checkpoint, "
+                f"not covered by a signature ({bound} allowed)"
+            )
+        if self.witnessed:
+            lines.append(
+                f"witnessed checkpoints: {self.witnessed_matched} of {self.witnessed} found "
+                "identical in the bundle"
+                + (
+                    f", {self.witnessed_before} before its start (not compared)"
+                    if self.witnessed_before
+                    else ""
+                )
+            )
         lines += [f"ERROR: {e}" for e in self.errors]
-        lines.append("VERIFIED" if self.ok else "FAILED")
+        lines += [f"NOT VERIFIED BY SIGNATURE: {n}" for n in self.not_verified]
+        if not self.ok:
+            lines.append("FAILED")
+        elif self.not_verified:
+            lines.append("VERIFIED ONLY IN PART: see NOT VERIFIED BY SIGNATURE above")
+        else:
+            lines.append("VERIFIED")
         return "\n".join(lines)
 
 
@@ -70,36 +116,42 @@ def verify_bundle(
     trusted_public_key_pem: bytes,
     since_checkpoint: Mapping[str, Any] | None = None,
     through_checkpoint: Mapping[str, Any] | None = None,
-    max_unsigned: int | None = None,
+    max_unsigned: int | None = DEFAULT_MAX_UNSIGNED,
+    *,
+    allow_unsigned: bool = False,
+    witnessed: Iterable[Mapping[str, Any]] = (),
 ) -> Report:
     """Verify a bundle (see kms/formats/bundle.py) against the trusted public key.
 
     Without ``since_checkpoint`` the bundle must start at the first record of the chain;
     with it, the bundle must continue exactly from that (verified) checkpoint. With
     ``through_checkpoint`` (a later checkpoint the auditor holds) the bundle must reach it
-    and agree with it. With ``max_unsigned`` a longer unsigned tail fails: the server signs
-    at least every KMS_AUDIT_CHECKPOINT_RECORDS records, so a longer one means checkpoints
-    were dropped. Raises VerifyInputError only for unusable inputs; every finding about
-    the bundle is in the returned Report."""
+    and agree with it. A bundle that no verified signature covers fails unless
+    ``allow_unsigned`` (its records are then listed in ``Report.not_verified``); an
+    unsigned tail longer than ``max_unsigned`` (default DEFAULT_MAX_UNSIGNED; None: no
+    limit) fails: the server signs at least every KMS_AUDIT_CHECKPOINT_RECORDS records, so
+    a longer one means checkpoints were dropped or are overdue. ``witnessed`` are
+    checkpoints the data owner received (webhook or feed): each one at or after the
+    bundle's start must be in the bundle, identical, and agree with its records; one
+    beyond the bundle's end, or whose record has another hash, means the trail was
+    truncated or rewritten after it was witnessed. Raises VerifyInputError only for
+    unusable inputs (a held or witnessed checkpoint that is malformed or not signed by the
+    trusted key); every finding about the bundle is in the returned Report."""
     try:
         key = cpfmt.load_public_key(trusted_public_key_pem)
         fingerprint = cpfmt.key_fingerprint(trusted_public_key_pem)
     except cpfmt.CheckpointError as e:
         raise VerifyInputError(str(e)) from None
-    report = Report()
+    report = Report(max_unsigned=max_unsigned)
     expected_seq, prev_hash = 1, audit_record.GENESIS_HASH
     if since_checkpoint is not None:
-        try:
-            cpfmt.verify(since_checkpoint, key)
-        except cpfmt.CheckpointError as e:
-            raise VerifyInputError(f"the --since-checkpoint checkpoint: {e}") from None
+        _check_held(since_checkpoint, key, fingerprint, "the --since-checkpoint checkpoint")
         expected_seq = since_checkpoint["seq"] + 1
         prev_hash = since_checkpoint["record_hash"]
+        report.held_seq = since_checkpoint["seq"]
     if through_checkpoint is not None:
-        try:
-            cpfmt.verify(through_checkpoint, key)
-        except cpfmt.CheckpointError as e:
-            raise VerifyInputError(f"the --through-checkpoint checkpoint: {e}") from None
+        _check_held(through_checkpoint, key, fingerprint, "the --through-checkpoint checkpoint")
+    witnesses = _witnesses(witnessed, key, fingerprint, report)
 
     header, records, checkpoints = _parse(lines, report)
     if header is None:
@@ -108,7 +160,7 @@ def verify_bundle(
         report.errors.append("the bundle's public key is not the trusted public key")
 
     hashes = _check_chain(records, expected_seq, prev_hash, report)
-    _check_checkpoints(checkpoints, hashes, key, fingerprint, report, expected_seq - 1)
+    in_bundle = _check_checkpoints(checkpoints, hashes, key, fingerprint, report, expected_seq - 1)
     if through_checkpoint is not None:
         seq = through_checkpoint["seq"]
         if hashes.get(seq) != through_checkpoint["record_hash"]:
@@ -116,12 +168,128 @@ def verify_bundle(
                 f"the bundle does not reach or agree with your checkpoint at seq {seq}: "
                 "records were removed or rewritten (truncated or rolled back)"
             )
-    if max_unsigned is not None and report.ok and report.unsigned_tail > max_unsigned:
-        report.errors.append(
-            f"{report.unsigned_tail} records after the last checkpoint, more than the "
-            f"{max_unsigned} allowed: checkpoints were dropped or are overdue"
-        )
+        else:
+            report.held_seq = max(report.held_seq or 0, seq)
+    _check_witnessed(witnesses, hashes, in_bundle, since_checkpoint, expected_seq - 1, report)
+    if report.ok:
+        _check_signed(report, allow_unsigned)
     return report
+
+
+def _check_held(cp: Mapping[str, Any], key: Any, fingerprint: str, name: str) -> None:
+    try:
+        cpfmt.verify(cp, key)
+    except cpfmt.CheckpointError as e:
+        raise VerifyInputError(f"{name}: {e}") from None
+    if cp["key_sha256"] != fingerprint:
+        raise VerifyInputError(f"{name}: names another signing key")
+
+
+def _check_signed(report: Report, allow_unsigned: bool) -> None:
+    """Strictness: some signature must cover the records, and the tail must be short."""
+    signed, tail, last = report.signed_through, report.unsigned_tail, report.last_seq
+    if signed is None:
+        span = f"seq {report.first_seq}..{last} ({report.records} records)" if last else "none"
+        what = (
+            f"no valid checkpoint signature covers the bundle (records: {span}); a chain "
+            "alone is what anyone who can write the database can compute"
+        )
+        if allow_unsigned:
+            report.not_verified.append(what + " (accepted by --allow-unsigned)")
+        else:
+            report.errors.append(
+                what + ": have an admin sign a checkpoint (kms audit checkpoint) and export "
+                "again, or verify a bundle that starts at a checkpoint you hold"
+            )
+        return
+    if not tail:
+        return
+    assert last is not None
+    span = f"seq {last - tail + 1}..{last} ({tail} records) after the last signature"
+    if report.max_unsigned is not None and tail > report.max_unsigned:
+        report.errors.append(
+            f"{tail} records after the last checkpoint, more than the {report.max_unsigned} "
+            "allowed: checkpoints were dropped or are overdue"
+        )
+    elif tail > DEFAULT_MAX_UNSIGNED:
+        report.not_verified.append(
+            f"{span}, more than the default {DEFAULT_MAX_UNSIGNED} (accepted by --max-unsigned "
+            "or --allow-unsigned)"
+        )
+
+
+def _witnesses(
+    witnessed: Iterable[Mapping[str, Any]], key: Any, fingerprint: str, report: Report
+) -> dict[int, Mapping[str, Any]]:
+    """The distinct witnessed checkpoints by seq; two different ones at one seq, both
+    signed by the trusted key, mean the keyholder signed two histories."""
+    by_seq: dict[int, Mapping[str, Any]] = {}
+    seen: set[tuple[int, str, str]] = set()
+    for number, cp in enumerate(witnessed, 1):
+        _check_held(cp, key, fingerprint, f"witnessed checkpoint {number}")
+        seq = cp["seq"]
+        ident = (seq, cp["record_hash"], cp["signature"])
+        if ident in seen:
+            continue  # delivered twice (a retried webhook, the feed and the webhook)
+        seen.add(ident)
+        report.witnessed += 1
+        if seq in by_seq:
+            if by_seq[seq]["record_hash"] != cp["record_hash"]:
+                report.errors.append(
+                    f"witnessed checkpoint at seq {seq}: two signed checkpoints with different "
+                    "record hashes were witnessed: the trail was rewritten and signed again"
+                )
+            continue
+        by_seq[seq] = cp
+    return by_seq
+
+
+def _check_witnessed(
+    witnesses: dict[int, Mapping[str, Any]],
+    hashes: dict[int, str],
+    in_bundle: dict[int, dict[str, Any]],
+    since: Mapping[str, Any] | None,
+    start: int,
+    report: Report,
+) -> None:
+    """Every witnessed checkpoint from the bundle's start on must be in it, identical."""
+    rewritten = "the trail was rewritten after that checkpoint was witnessed"
+    end = report.last_seq if report.last_seq is not None else start
+    for seq in sorted(witnesses):
+        cp = witnesses[seq]
+        where = f"witnessed checkpoint at seq {seq}"
+        if seq < start or (seq == start and since is None):
+            report.witnessed_before += 1
+        elif seq == start:
+            assert since is not None
+            if since["record_hash"] != cp["record_hash"]:
+                report.errors.append(
+                    f"{where}: does not match your --since-checkpoint: {rewritten}"
+                )
+            else:
+                report.witnessed_matched += 1
+        elif seq > end:
+            report.errors.append(
+                f"{where}: beyond the end of the bundle's verified chain at seq {end}: "
+                f"records were removed (truncated or rolled back), or {rewritten}"
+            )
+        elif hashes.get(seq) != cp["record_hash"]:
+            report.errors.append(
+                f"{where}: the bundle's record {seq} has another hash: {rewritten}"
+            )
+        elif seq not in in_bundle:
+            report.errors.append(f"{where}: missing from the bundle (checkpoints were deleted)")
+        elif not _same(in_bundle[seq], cp):
+            report.errors.append(
+                f"{where}: the bundle's checkpoint at seq {seq} is another one "
+                "(checkpoints were replaced)"
+            )
+        else:
+            report.witnessed_matched += 1
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a.get(name) == b.get(name) for name in cpfmt.FIELDS)
 
 
 def _parse(
@@ -197,9 +365,10 @@ def _check_checkpoints(
     fingerprint: str,
     report: Report,
     start: int,
-) -> None:
+) -> dict[int, dict[str, Any]]:
     """Each checkpoint must be signed, name the trusted key, match the records it covers,
-    and name its predecessor; ``start`` is the seq the segment continues from."""
+    and name its predecessor; ``start`` is the seq the segment continues from. Returns
+    the checkpoints whose signature verified, by seq."""
     chain_ok = not report.errors
     last_in_bundle = report.last_seq or 0
     by_seq: dict[int, dict[str, Any]] = {}
@@ -242,6 +411,7 @@ def _check_checkpoints(
         else:
             report.checkpoints_verified += 1
             report.last_signed_seq = max(report.last_signed_seq or 0, seq)
+    return by_seq
 
 
 def _fingerprint_of(pem: object) -> str | None:

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 from kms.errors import StorageUnavailable
 from kms.services.audit import Caller
+from kms.services.audit_budget import AuditBudget
 from kms.services.keys import KeyService
 from kms.services.model import Principal
 from kms.services.ports import Hsm, InvalidationBus, Leases, RateLimiter
-from kms.services.rate_limits import RatePolicy, Throttled, parse_rate_limits
+from kms.services.rate_limits import RatePolicy, Throttled, parse_audit_budget, parse_rate_limits
 from kms.services.rotation import DueRun
 
 log = logging.getLogger("kms.cluster")
@@ -45,6 +46,7 @@ class ClusterSettings:
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     redis_timeout_ms: int = 250
     rate_limits: RatePolicy = field(default_factory=lambda: parse_rate_limits(""))
+    audit_budget: RatePolicy = field(default_factory=lambda: parse_audit_budget(""))
 
 
 class Invalidations:
@@ -112,21 +114,35 @@ class Cluster:
         leases: Leases | None,
         invalidations: Invalidations,
         hsm: Hsm,
+        budget: AuditBudget | None = None,
     ) -> None:
         self._limiter = limiter
         self._policy = policy
+        self.budget = budget
         self._leases = leases
         self.invalidations = invalidations
         invalidations.subscribe(KEY, lambda key_id: hsm.forget(key_id) if key_id else None)
 
-    def admit(self, principal: Principal) -> None:
-        """Count one request of an authenticated ``principal``; Throttled (429, with the
-        seconds to wait) if it is over its rate. Applies pending cache invalidations."""
+    def admit(
+        self,
+        principal: Principal,
+        request_id: str = "",
+        operation: str = "",
+        items: int = 1,
+        batch: int = 1,
+    ) -> None:
+        """Count ``items`` (one request, or the further items of a batch of ``batch``) of
+        an authenticated ``principal``: first against its audit budget
+        (AuditBudgetExceeded, 429, coalesced: kms/services/audit_budget.py), then against
+        its rate (Throttled, 429, with the seconds to wait). Applies pending cache
+        invalidations."""
         self.invalidations.refresh()
+        if self.budget is not None:
+            self.budget.charge(principal, request_id, operation, items, batch)
         rate = self._policy.rate_for(principal)
-        if rate is None:
+        if rate is None or items <= 0:
             return
-        wait = self._limiter.hit(principal.name, rate.amount, rate.seconds)
+        wait = self._limiter.hit(principal.name, rate.amount, rate.seconds, items)
         if wait > 0:
             raise Throttled(rate, max(1, math.ceil(wait)))
 

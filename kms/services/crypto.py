@@ -26,8 +26,8 @@ from kms.errors import (
     WrongKey,
 )
 from kms.formats import blob as blobfmt
-from kms.formats import context as ctxfmt
 from kms.services.audit import Caller, EventBuilder
+from kms.services.context_hash import ContextHasher
 from kms.services.key_use import CaseUse, Face, Use, check_caller
 from kms.services.key_work import KeyUseRunner, KeyWork
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Permission, Role
@@ -97,10 +97,13 @@ class CryptoService:
         hsm: Hsm,
         runner: KeyUseRunner,
         random: Callable[[int], bytes] = os.urandom,
+        contexts: ContextHasher | None = None,
     ) -> None:
         self._hsm = hsm
         self._runner = runner
         self._random = random  # IVs; injectable so tests can reproduce exact blobs
+        # keyed context hashes for the audit records (one HSM call per item at most)
+        self._contexts = contexts or ContextHasher(hsm)
 
     def datakey(
         self, caller: Caller, ref: str, items: Sequence[DataKeyRequest], face: Face = Face.NATIVE
@@ -109,7 +112,7 @@ class CryptoService:
         wrapped under the key's current version."""
 
         def one(work: KeyWork, op: EventBuilder, item: DataKeyRequest) -> Sealed:
-            op.note(context_sha256=ctxfmt.digest(item.context))
+            op.note(context_sha256=self._contexts.digest(item.context))
             if not 1 <= item.size <= MAX_DATAKEY_BYTES:
                 raise InvalidRequest(f"a data key is 1 to {MAX_DATAKEY_BYTES} bytes")
             key = work.use(work.key_id(ref), Use(Permission.DATAKEY, None, face=face)).key
@@ -126,7 +129,7 @@ class CryptoService:
         """Encrypt small plaintexts (at most 4096 bytes) under the key's current version."""
 
         def one(work: KeyWork, op: EventBuilder, item: EncryptRequest) -> Sealed:
-            op.note(context_sha256=ctxfmt.digest(item.context))
+            op.note(context_sha256=self._contexts.digest(item.context))
             if len(item.plaintext) > MAX_PLAINTEXT:
                 raise InvalidRequest(f"plaintext must be at most {MAX_PLAINTEXT} bytes")
             key = work.use(work.key_id(ref), Use(Permission.ENCRYPT, None, face=face)).key
@@ -143,7 +146,8 @@ class CryptoService:
         only under an escrow case (``case_id``), within its scope and budget."""
 
         def one(work: KeyWork, op: EventBuilder, item: DecryptRequest) -> Opened:
-            _note_unwrap(op, item.context, item.justification, item.reference, item.case_id)
+            context_hash = self._contexts.digest(item.context)
+            _note_unwrap(op, context_hash, item.justification, item.reference, item.case_id)
             check_caller(work.principal.role, item.justification, item.case_id)
             parsed = _parse_blob(op, item.ciphertext)
             _expect(work, parsed, item.expected_key)
@@ -166,7 +170,8 @@ class CryptoService:
         destination, since whoever can decrypt there could read it."""
 
         def one(work: KeyWork, op: EventBuilder, item: RewrapRequest) -> Sealed:
-            _note_unwrap(op, item.context, item.justification, item.reference, None)
+            context_hash = self._contexts.digest(item.context)
+            _note_unwrap(op, context_hash, item.justification, item.reference, None)
             check_caller(work.principal.role, item.justification, None)
             parsed = _parse_blob(op, item.ciphertext)
             _expect(work, parsed, item.expected_key)
@@ -181,7 +186,7 @@ class CryptoService:
             sealed = self._seal(work.kek(dest_id, dest.current_version), plaintext, context)
             moved = f"to {sealed.key_id} v{sealed.key_version}"
             if item.destination_context is not None:
-                moved += f" context_sha256={ctxfmt.digest(item.destination_context)}"
+                moved += f" context_sha256={self._contexts.digest(item.destination_context)}"
             op.note(detail=moved)
             return replace(sealed, source_key_id=parsed.key_id)
 
@@ -232,10 +237,10 @@ def _expect(work: KeyWork, parsed: blobfmt.Blob, expected: str | None) -> None:
 
 
 def _note_unwrap(
-    op: EventBuilder, context: dict[str, str], code: str, reference: str | None, case_id: str | None
+    op: EventBuilder, context_hash: str, code: str, reference: str | None, case_id: str | None
 ) -> None:
     op.note(
-        context_sha256=ctxfmt.digest(context),
+        context_sha256=context_hash,
         justification=code,
         case_id=case_id,
         detail=f"reference={reference}" if reference else None,

@@ -44,6 +44,7 @@ from kms.services.ports import (
 )
 from kms.services.principals import PrincipalService
 from kms.services.rotation import is_overdue, next_rotation
+from kms.services.seals import RowSeals
 
 DASHBOARD_ROLES = (Role.ADMIN, Role.AUDITOR)
 SESSION_KEY_LABEL = b"kms-dashboard-session-v1"
@@ -138,7 +139,7 @@ class DashboardService:
         self._keys = keys
         self._exports = exports
         self._clock = clock
-        self._rows = EscrowRows(hsm)
+        self._rows = EscrowRows(RowSeals(hsm))
 
     def now(self) -> datetime:
         return self._clock.now()

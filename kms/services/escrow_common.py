@@ -1,8 +1,7 @@
 """What the escrow services share: settings, the refusal to run unconfigured, and the
 HSM-sealed access to the rows the procedure trusts.
 
-Custodian rows and case state carry ``mac``: an HMAC-SHA256 made by the HSM's integrity
-key over ``b"KMS-ROW-1\n" + kind + "\n" + canonical JSON of the sealed fields``. A row
+Custodian rows and case state carry ``mac``: the row seal of kms/services/seals.py. A row
 edited in the database no longer matches its seal: a custodian whose row fails is
 ignored (its approvals do not count), a case whose row fails refuses every use.
 """
@@ -10,7 +9,6 @@ ignored (its approvals do not count), a case whose row fails refuses every use.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -22,10 +20,10 @@ from kms.services.ports import (
     AuditRows,
     CaseRows,
     CustodianRows,
-    Hsm,
     KeyRows,
     NotificationRows,
 )
+from kms.services.seals import RowSeals
 
 log = logging.getLogger("kms.escrow")
 
@@ -67,13 +65,12 @@ def require_configured(notifier: Notifier, settings: EscrowSettings) -> None:
 class EscrowRows:
     """Sealed reads and writes of custodian and case rows."""
 
-    def __init__(self, hsm: Hsm) -> None:
-        self._hsm = hsm
+    def __init__(self, seals: RowSeals) -> None:
+        self._seals = seals
 
     def mac(self, kind: str, fields: dict[str, Any]) -> str:
         """An HSM-held HMAC over a row's fields: the database alone cannot make one."""
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return self._hsm.mac(f"KMS-ROW-1\n{kind}\n{text}".encode("ascii")).hex()
+        return self._seals.seal(kind, fields)
 
     def custodian_mac(self, c: Custodian) -> str:
         return self.mac(

@@ -17,9 +17,10 @@ _PROBE_DIGEST = hashlib.sha256(b"keyholder-kms readiness probe v1").digest()
 
 
 class HealthService:
-    def __init__(self, storage: StorageUpkeep, hsm: Hsm) -> None:
+    def __init__(self, storage: StorageUpkeep, hsm: Hsm, audit_anchor: Callable[[], None]) -> None:
         self._storage = storage
         self._hsm = hsm
+        self._audit_anchor = audit_anchor
 
     def storage_upkeep(self) -> None:
         """The database's routine upkeep outside any request (StorageUpkeep.checkpoint_wal);
@@ -37,13 +38,17 @@ class HealthService:
         - ``hsm``: a logged-in session can use the root key (touches the token, not only
           cached session objects);
         - ``database``: the database answers and its schema is current;
-        - ``audit_signing_key``: the HSM's audit key signs (checkpoints need it).
+        - ``audit_signing_key``: the HSM's audit key signs (checkpoints need it);
+        - ``audit_anchor``: the database's audit chain extends the head anchored in the
+          HSM (kms/services/audit_anchor.py; ``audit_state_refused`` until an operator
+          accepts a rolled-back or rewritten state).
 
         Never raises; every check runs even if an earlier one failed."""
         checks: tuple[tuple[str, Callable[[], object]], ...] = (
             ("hsm", self._hsm.check),
             ("database", self._storage.check),
             ("audit_signing_key", lambda: self._hsm.sign_digest(_PROBE_DIGEST)),
+            ("audit_anchor", self._audit_anchor),
         )
         report = {}
         for name, check in checks:

@@ -3,6 +3,9 @@ AWS KMS face, the XKS face and escrow unwraps.
 
 For each request it:
 
+0. charges the further items of a batch (the first was charged when the request was
+   admitted) against the principal's audit budget and rate limit (``Admission``), before
+   any row is read or the HSM called: over either, the request is refused whole;
 1. collects the uses of keys its items make (``KeyWork.use``), deciding each with the one
    rule of kms/services/key_use.py on rows the worker cached (a provisional admission) or
    read in the request's read transaction;
@@ -67,6 +70,22 @@ class KeyUseTx(EscrowTx, GrantRows, XksRows, NonceRows, Protocol):
     escrow cases (and what deciding on them reads), a deferred SigV4 nonce, the audit."""
 
 
+class Admission(Protocol):
+    """The per-principal audit budget and rate limit (kms/services/cluster.py)."""
+
+    def admit(
+        self,
+        principal: Principal,
+        request_id: str = "",
+        operation: str = "",
+        items: int = 1,
+        batch: int = 1,
+    ) -> None:
+        """Count ``items`` of a request of ``batch`` items; AuditBudgetExceeded or
+        Throttled (429) over either limit."""
+        ...
+
+
 class CaseBook(Protocol):
     """The escrow cases' side of a decision (kms/services/escrow.py)."""
 
@@ -81,6 +100,7 @@ class Rows:
     key: Key
     grant: Grant
     xks_policy: XksKeyPolicy | None = None  # read only for the XKS face
+    broken_grant: str | None = None  # KeyAccess.broken_grant
 
 
 class KeyWork:
@@ -218,7 +238,7 @@ class KeyWork:
             self._cache.drop(self._ident(key_id, xks))
 
     def _decide(self, rows: Rows, use: Use, case: CaseStanding | None) -> ClientError | None:
-        return decide(
+        refusal = decide(
             rows.key,
             rows.grant,
             use,
@@ -226,6 +246,10 @@ class KeyWork:
             case=case,
             requester=self.principal.name,
         )
+        if refusal is not None and rows.broken_grant is not None:
+            # the caller sees the ordinary "no grant"; the audit record, which row failed
+            refusal.detail = rows.broken_grant
+        return refusal
 
     def _may_admit(self, use: Use) -> bool:
         return self._admissions and use.case is None and use.permission in _PROVISIONAL
@@ -268,7 +292,7 @@ def _read_rows(tx: KeyUseTx, key_id: str, principal: Principal, xks: bool) -> Ro
     if access is None:
         return None
     policy = tx.xks_policy(key_id) if xks else None
-    return Rows(access.key, access.grant, policy)
+    return Rows(access.key, access.grant, policy, access.broken_grant)
 
 
 class _StaleAdmission(Exception):
@@ -284,11 +308,13 @@ class KeyUseRunner:
         audit: AuditTrail,
         cache: LookupCache,
         cases: CaseBook | None,
+        admission: Admission | None = None,
     ) -> None:
         self._storage = storage
         self._audit = audit
         self._cache = cache
         self._cases = cases
+        self._admission = admission
 
     def run(
         self,
@@ -303,6 +329,9 @@ class KeyUseRunner:
             principal = caller.require(*roles)
             if not 1 <= len(items) <= MAX_BATCH:
                 raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items")
+            if self._admission is not None and len(items) > 1:  # a batch of N costs N
+                n = len(items)
+                self._admission.admit(principal, caller.request_id, name, n - 1, n)
             try:
                 try:
                     results, due = self._attempt(caller, name, principal, items, one, True)

@@ -165,6 +165,8 @@ class AuditQuery:
     case_id: str | None = None
     since: str | None = None
     until: str | None = None
+    # records whose context_sha256 is one of these (the hashes of one context)
+    context_hashes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,8 @@ class KeyAccess:
 
     key: Key
     grant: Grant
+    # the principal's grant row failed its HSM seal: ``grant`` is empty, this says why
+    broken_grant: str | None = None
 
 
 @dataclass(frozen=True)

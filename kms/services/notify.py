@@ -3,15 +3,20 @@
 An event is queued in the same transaction as the change it announces, so it is never
 lost; a delivery loop (a thread in each worker, or ``kms escrow deliver``) sends due
 notifications and retries failures with exponential backoff (1 s, 2 s, 4 s ... at most
-5 min) until delivered or expired (when the case expires). A receiver that is down never
-blocks the KMS. Every attempt is audited with the case id.
+5 min) until delivered or expired (when the case expires; events about no case after a
+week). A receiver that is down never blocks the KMS. Every attempt is audited with the
+case id, except those of ``audit_checkpoint``: each chained record would need the next
+checkpoint, announced in turn, forever; those attempts are logged and kept in the outbox
+row (attempts, last error).
 
 Wire format: ``POST <url>`` with a JSON body ``{"event", "notification_id", "sent_at",
 "case": {...}}`` (or ``"custodian": {...}`` for ``custodian_registered`` and
-``custodian_revoked``) and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix seconds) and
-``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``. The receiver
-recomputes the HMAC with the shared secret, compares in constant time, and rejects
-timestamps older than a few minutes.
+``custodian_revoked``, ``"checkpoint": {...}`` for ``audit_checkpoint``: every signed
+checkpoint of the audit trail, fields as in kms/formats/checkpoint.py, so that the data
+owner holds them as witness) and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix
+seconds) and ``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``.
+The receiver recomputes the HMAC with the shared secret, compares in constant time, and
+rejects timestamps older than a few minutes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from kms.services.ports import Clock, NotificationRows, Store, Tx
 log = logging.getLogger("kms.notify")
 MAX_BACKOFF_SECONDS = 300
 LEASE_SECONDS = 60
+CHECKPOINT_EVENT = "audit_checkpoint"
 
 
 class WebhookError(Exception):
@@ -116,6 +122,14 @@ class Notifier:
             )
         )
 
+    def checkpoint_signed(self, tx: NotificationRows, checkpoint: dict[str, Any]) -> None:
+        """Queue a newly signed audit checkpoint for the data owner (the witness), in the
+        transaction that stores it. Without a webhook nothing is queued; the data owner
+        can still pull every checkpoint (GET /v1/audit/checkpoints, role auditor)."""
+        if not self.configured:
+            return  # every checkpoint, every minute: no warning each time
+        self.announce(tx, CHECKPOINT_EVENT, checkpoint)
+
     def enqueue(self, tx: NotificationRows, case: EscrowCase, event: str) -> None:
         """Queue ``event`` about ``case`` inside the caller's transaction. Without a webhook
         nothing is queued; escrow then refuses new cases, and an approved case never starts
@@ -158,7 +172,10 @@ class Notifier:
     def _attempt(self, n: Notification) -> bool:
         assert self._settings.url is not None and self._sender is not None
         now = self._clock.now()
-        subject = "case" if n.case_id else "custodian"
+        if n.case_id:
+            subject = "case"
+        else:
+            subject = "checkpoint" if n.event == CHECKPOINT_EVENT else "custodian"
         body = json.dumps(
             {
                 "event": n.event,
@@ -200,5 +217,12 @@ class Notifier:
             tx.update_notification(updated)
             if error is None and self.on_delivered is not None:
                 self.on_delivered(tx, updated)
-            self._audit.append(tx, [event])
+            if n.event != CHECKPOINT_EVENT:
+                self._audit.append(tx, [event])
+        if n.event == CHECKPOINT_EVENT:
+            log.log(
+                logging.INFO if error is None else logging.WARNING,
+                "checkpoint notification " + ("delivered" if error is None else "failed"),
+                extra={"op": event.detail},
+            )
         return error is None

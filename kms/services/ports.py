@@ -7,7 +7,7 @@ Protocol combining several that it defines next to itself; ``Tx`` combines them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -71,6 +71,29 @@ class Hsm(Protocol):
     def sign_digest(self, digest: bytes) -> bytes:
         """DER ECDSA P-256 signature of a SHA-256 ``digest`` by the audit signing key."""
 
+    def anchor_values(self, label: str) -> list[bytes]:
+        """The values of the token data objects ``label``, read fresh from the token."""
+
+    def anchor_labels(self, prefix: str) -> list[str]:
+        """Labels of the token's data objects that start with ``prefix``."""
+
+    def add_anchor(self, label: str, value: bytes) -> None:
+        """Store a new token data object ``label`` = ``value`` (others of the label stay)."""
+
+    def drop_anchor(self, label: str, value: bytes) -> None:
+        """Destroy the token data objects ``label`` whose value is ``value``."""
+
+
+class Seals(Protocol):
+    """HSM seals on rows (kms/services/seals.py): the storage layer seals what it writes
+    and checks what it reads."""
+
+    def seal(self, kind: str, fields: Mapping[str, Any]) -> str: ...
+    def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
+        """Return only if ``seal`` seals ``fields``; kms.errors.SealBroken otherwise."""
+
+    def verified(self, kind: str, fields: Mapping[str, Any], seal: object) -> bool: ...
+
 
 class PrincipalRows(Protocol):
     """Principals and the SHA-256 hashes of their bearer tokens."""
@@ -80,7 +103,11 @@ class PrincipalRows(Protocol):
 
     def principal_by_token_hash(self, token_hash: str) -> Principal | None: ...
     def principal_by_name(self, name: str) -> Principal | None: ...
-    def list_principals(self) -> list[Principal]: ...
+    def list_principals(self) -> list[Principal]:
+        """Every principal whose row verifies its seal."""
+
+    def principal_count(self) -> int:
+        """Every principal row, whether or not it verifies."""
 
 
 class KeyRows(Protocol):
@@ -199,6 +226,11 @@ class AuditRows(Protocol):
     def audit_head(self) -> AuditHead:
         """The chain head, locked until the transaction ends."""
 
+    def audit_chain_id(self) -> str | None:
+        """The id naming the chain's HSM anchor (None: not anchored yet)."""
+
+    def set_audit_chain_id(self, chain_id: str) -> None: ...
+
     def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
         """Insert chained records and move the head to the last one."""
 
@@ -220,8 +252,16 @@ class AuditRows(Protocol):
         """Delete records with seq <= ``seq`` (already exported); returns how many."""
 
 
+class SealRows(Protocol):
+    def seal_unsealed(self) -> dict[str, int]:
+        """Seal every row that has no seal yet (kms/backends/storage/seal_tx.py); how
+        many of each kind."""
+        ...
+
+
 class Tx(
     PrincipalRows,
+    SealRows,
     KeyRows,
     GrantRows,
     LifecycleRows,
@@ -268,6 +308,11 @@ class StorageUpkeep(Protocol):
 class Storage(Store[Tx], StorageUpkeep, Protocol):
     """The database, chosen by configuration in create_app."""
 
+    def seal_with(self, seals: Seals) -> None:
+        """Seal every row that grants or describes access with ``seals`` on write, and
+        check it on read (kms/services/seals.py)."""
+        ...
+
     def purge_erased(self) -> None:
         """Best effort: make deleted rows unrecoverable from the database files now (not
         only at the next routine checkpoint). Never raises."""
@@ -289,11 +334,16 @@ class NonceStore(Protocol):
 
 
 class RateLimiter(Protocol):
-    def hit(self, bucket: str, amount: int, seconds: int) -> float:
-        """Count one request in ``bucket`` and return 0.0 if fewer than ``amount`` were
-        counted in the last ``seconds`` (atomically for all processes sharing the store);
-        otherwise count nothing and return the seconds until one would be counted. Never
-        raises: without its shared store it counts in this process."""
+    def hit(self, bucket: str, amount: int, seconds: int, cost: int = 1) -> float:
+        """Count ``cost`` requests in ``bucket`` and return 0.0 if at most ``amount`` are
+        then counted in the last ``seconds`` (a moving window, atomically for all processes
+        sharing the store); otherwise count nothing and return the seconds until one would
+        be counted. Never raises: without its shared store it counts in this process."""
+        ...
+
+    def spend(self, bucket: str, amount: int, seconds: int, cost: int) -> float:
+        """As hit(), on a sliding-window counter (constant memory whatever ``amount``,
+        approximate within a window): for budgets of many units over long windows."""
         ...
 
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from kms.errors import InvalidRequest, Unauthenticated
+from kms.errors import InvalidRequest, SealBroken, Unauthenticated
 from kms.services.audit import AuditTrail, Caller, EventBuilder
 from kms.services.model import Principal, Role
 from kms.services.ports import AuditRows, Clock, PrincipalRows, Store
@@ -93,8 +93,12 @@ class PrincipalService:
             if hit is not None and hit[1] > now:
                 self._cache.move_to_end(key)
                 return hit[0]
-        with self._storage.reader() as tx:
-            principal = load(tx)
+        try:
+            with self._storage.reader() as tx:
+                principal = load(tx)
+        except SealBroken as e:  # a row written outside the server: the generic refusal
+            self._audit.record_alarm("authenticate", e)
+            raise Unauthenticated(detail=e.detail) from e
         if principal is not None and self._cache_seconds > 0:
             with self._lock:
                 self._cache[key] = (principal, now + self._cache_seconds)
@@ -129,7 +133,7 @@ class PrincipalService:
         _check_name(name)
         op = EventBuilder(Caller(request_id="kms-init", principal=None), "bootstrap_admin")
         with self._storage.transaction() as tx:
-            if tx.list_principals():
+            if tx.principal_count():  # every row, sealed or not: never a second first admin
                 return None
             token = new_token()
             tx.add_principal(name, Role.ADMIN, token_hash(token), self._clock.now())

@@ -18,8 +18,13 @@ from kms.services.model import Principal, Role
 
 UNITS = {"second": 1, "minute": 60, "hour": 3600}
 DEFAULT_RATE_LIMITS = (
-    "service=2000/second,admin=1000/second,auditor=1000/second,"
+    "service=20000/second,admin=1000/second,auditor=1000/second,"
     "custodian=100/second,requester=100/second"
+)
+# KMS_AUDIT_BUDGET: chained audit records per principal (kms/services/audit_budget.py)
+DEFAULT_AUDIT_BUDGET = (
+    "service=1000000/hour,admin=100000/hour,auditor=100000/hour,"
+    "custodian=10000/hour,requester=10000/hour"
 )
 _ENTRY = re.compile(r"(?:(?P<role>[a-z]+)|principal:(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,63}))")
 _RATE = re.compile(r"(?P<amount>[1-9][0-9]{0,8})/(?P<unit>second|minute|hour)")
@@ -80,6 +85,12 @@ def parse_rate_limits(text: str, base: str = DEFAULT_RATE_LIMITS) -> RatePolicy:
                     f"{entry!r}: unknown role; roles are " + ", ".join(r.value for r in Role)
                 ) from None
     return RatePolicy(roles, names)
+
+
+def parse_audit_budget(text: str) -> RatePolicy:
+    """The audit budget ``text`` describes over DEFAULT_AUDIT_BUDGET (same syntax and
+    errors as parse_rate_limits; the amount counts audit records, not requests)."""
+    return parse_rate_limits(text, base=DEFAULT_AUDIT_BUDGET)
 
 
 def _rate(entry: str, value: str) -> Rate | None:

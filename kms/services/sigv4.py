@@ -40,6 +40,7 @@ from kms.errors import (
     IntegrityFailure,
     InvalidRequest,
     NotFound,
+    SealBroken,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -315,8 +316,12 @@ class SigV4Service:
             hit = self._cache.get(access_key_id)
             if hit is not None and hit[2] > now:
                 return hit[0], hit[1]
-        with self._storage.reader() as tx:
-            credential = tx.sigv4_credential(access_key_id)
+        try:
+            with self._storage.reader() as tx:
+                credential = tx.sigv4_credential(access_key_id)
+        except SealBroken as e:  # a row written outside the server: the generic refusal
+            self._audit.record_alarm("sigv4_authenticate", e)
+            raise SigV4Refused("unknown_key", e.detail) from e
         if credential is None or credential.state != "active":
             raise SigV4Refused("unknown_key", "unknown or revoked access key")
         sealed = credential.sealed_secret

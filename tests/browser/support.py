@@ -3,8 +3,6 @@ browser, and set-up steps on the server's database."""
 
 from __future__ import annotations
 
-import re
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import requests
 from playwright.sync_api import Page
 
-from tests.helpers import ROOT, Server
+from tests.helpers import ROOT, Server, update_keys
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -79,18 +77,9 @@ class Admin:
 
 
 def age_key(server: Server, key_id: str, days: float) -> None:
-    """Test set-up: pretend the key's current version was made ``days`` ago, by editing
-    its rotated_at in the server's database (the same column a rotation writes)."""
-    when = datetime.now(UTC) - timedelta(days=days)
-    with sqlite3.connect(server.data_dir / "kms.sqlite3") as db:
-        (old,) = db.execute("SELECT rotated_at FROM keys WHERE key_id = ?", (key_id,)).fetchone()
-        # keep the stored format (SQLAlchemy's "YYYY-MM-DD HH:MM:SS.ffffff")
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?", old), old
-        db.execute(
-            "UPDATE keys SET rotated_at = ? WHERE key_id = ?",
-            (when.strftime("%Y-%m-%d %H:%M:%S.%f"), key_id),
-        )
-    db.close()
+    """Test set-up: pretend the key's current version was made ``days`` ago (its
+    rotated_at, the same field a rotation writes, sealed as the server would)."""
+    update_keys(server.data_dir, key_id, rotated_at=datetime.now(UTC) - timedelta(days=days))
 
 
 def csrf_of(page: Page) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -16,16 +17,14 @@ import pytest
 import requests
 
 from kms.client import KmsClient, KmsClientError, decrypt_bytes, encrypt_bytes
-from tests.helpers import gunicorn_server, run_kms
+from tests.helpers import gunicorn_server, run_kms, update_keys
 
 pytestmark = pytest.mark.e2e
 
 
-def _make_due(db: Path) -> None:
+def _make_due(data_dir: Path) -> None:
     """Test set-up: pretend every current version was made two days ago."""
-    two_days_ago = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S.%f")
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE keys SET rotated_at = ?", (two_days_ago,))
+    update_keys(data_dir, rotated_at=datetime.now(UTC) - timedelta(days=2))
 
 
 def _versions(db: Path) -> dict[str, tuple[int, int]]:
@@ -54,7 +53,7 @@ def test_two_racing_schedulers_rotate_each_due_key_exactly_once(fresh_data_dir: 
     n = 40
     _in_subprocess(SET_UP.format(data_dir=str(fresh_data_dir), n=n))
     db = fresh_data_dir / "kms.sqlite3"
-    _make_due(db)
+    _make_due(fresh_data_dir)
     # Hold the database writer lock while both start, so that both read the full due set
     # before either can write: every key is then attempted by both processes.
     fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -106,7 +105,7 @@ def test_server_scheduler_rotates_a_due_key_once_across_workers(fresh_data_dir: 
             timeout=10,
         )
         assert r.status_code == 200
-        _make_due(fresh_data_dir / "kms.sqlite3")
+        _make_due(fresh_data_dir)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             shown = requests.get(f"{srv.url}/v1/keys/k", headers=admin, timeout=10).json()
@@ -157,7 +156,7 @@ def test_crypto_shredding_leaves_no_path_to_the_data(fresh_data_dir: Path) -> No
     with gunicorn_server(fresh_data_dir, workers=2) as srv:
         admin = KmsClient(srv.url, srv.admin_token)
         svc_token = admin.create_principal("records-svc", "service")["token"]
-        admin.create_key("records")
+        key_id = admin.create_key("records")["key_id"]
         admin.grant("records", "records-svc", ["datakey", "decrypt", "rewrap"])
         svc = KmsClient(srv.url, svc_token)
         sealed = encrypt_bytes(svc, "records", b"patient 7: diagnosis", context={"p": "7"})
@@ -170,8 +169,8 @@ def test_crypto_shredding_leaves_no_path_to_the_data(fresh_data_dir: Path) -> No
         labels_before = _hsm_labels(fresh_data_dir)
 
         admin.key_action("records", "schedule-deletion", {"pending_days": 7})
-        with sqlite3.connect(db) as conn:  # test set-up: the waiting period is over
-            conn.execute("UPDATE keys SET deletion_date = '2026-01-01 00:00:00.000000'")
+        # test set-up: the waiting period is over
+        update_keys(fresh_data_dir, key_id, deletion_date=datetime(2026, 1, 1, tzinfo=UTC))
         done = run_kms("rotate-due", "--data-dir", str(fresh_data_dir))
         assert done.returncode == 0, done.stderr
         assert "1 destroyed" in done.stdout
@@ -189,8 +188,14 @@ def test_crypto_shredding_leaves_no_path_to_the_data(fresh_data_dir: Path) -> No
         raw = b"".join(p.read_bytes() for p in fresh_data_dir.glob("kms.sqlite3*"))
         assert all(m not in raw for m in material)
         # HSM: KEKs were never token objects, so nothing per key remains there either.
-        labels = _hsm_labels(fresh_data_dir)
-        expected = "['kms-audit-signing', 'kms-audit-signing', 'kms-integrity', 'kms-root']"
-        assert labels == labels_before == expected  # the audit key pair, integrity, root
+        labels = re.sub(
+            r"kms-audit-anchor-[0-9a-f]{32}", "kms-audit-anchor", _hsm_labels(fresh_data_dir)
+        )
+        expected = (
+            "['kms-audit-anchor', 'kms-audit-signing', 'kms-audit-signing', 'kms-integrity', "
+            "'kms-root']"
+        )
+        before = re.sub(r"kms-audit-anchor-[0-9a-f]{32}", "kms-audit-anchor", labels_before)
+        assert labels == before == expected  # the chain's anchor, audit key pair, integrity, root
         records = admin.audit(operation="destroy_key")
         assert [r["detail"] for r in records] == ["versions erased: 2"]

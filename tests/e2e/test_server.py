@@ -154,17 +154,24 @@ def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
             AESGCM(data[i : i + 32]).decrypt(parsed.iv, parsed.ciphertext, aad)
             pytest.fail(f"bytes at offset {i} of the database decrypt the blob")
     assert blob.plaintext not in data
-    # 2. The copy served by a KMS with another HSM token opens nothing.
+    # 2. The copy served by a KMS with another HSM token opens nothing: that HSM holds no
+    # anchor of the copied chain (not ready, nothing audited runs) and its integrity key did
+    # not seal the copied rows (the stolen token does not even authenticate).
     with gunicorn_server(
-        fresh_data_dir, workers=1, env={"KMS_DATABASE_URL": f"sqlite:///{copy}"}
+        fresh_data_dir, workers=1, env={"KMS_DATABASE_URL": f"sqlite:///{copy}"}, ready=False
     ) as thief:
+        ready = requests.get(thief.url + "/readyz", timeout=10)
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["audit_anchor"] == "audit_state_refused"
         stolen = KmsClient(thief.url, str(setup["svc_token"]))
-        with pytest.raises(KmsClientError) as err:
-            stolen.decrypt(blob.ciphertext, {"t": "1"})
-        assert err.value.code == "decryption_failed"
-        with pytest.raises(KmsClientError) as err:
-            stolen.datakey("patients")
-        assert err.value.code == "key_unusable" and err.value.status == 500
+        for attempt in (
+            lambda: stolen.decrypt(blob.ciphertext, {"t": "1"}),
+            lambda: stolen.datakey("patients"),
+        ):
+            with pytest.raises(KmsClientError) as err:
+                attempt()
+            assert (err.value.status, err.value.code) == (401, "unauthenticated")
+        assert "the seal of the principal row" in thief.log_text()
 
 
 def test_sdk_envelope_files_through_the_server(

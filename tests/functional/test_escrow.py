@@ -97,14 +97,6 @@ class World:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
-
-
-@pytest.fixture
 def world(
     settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage, receiver: Receiver
 ) -> Iterator[World]:

@@ -91,7 +91,7 @@ def test_the_default_policy_and_overrides() -> None:
     default = parse_rate_limits("")
     admin = Principal(1, "a", Role.ADMIN, None)  # type: ignore[arg-type]
     svc = Principal(2, "s", Role.SERVICE, None)  # type: ignore[arg-type]
-    assert default.rate_for(svc) == Rate(2000, 1) and default.rate_for(admin) == Rate(1000, 1)
+    assert default.rate_for(svc) == Rate(20000, 1) and default.rate_for(admin) == Rate(1000, 1)
     assert all(role in default.by_role for role in Role)  # every role has a default
     custom = parse_rate_limits(" admin = 5/hour , principal:s=none ")
     assert custom.rate_for(admin) == Rate(5, 3600) and str(custom.rate_for(admin)) == "5/hour"

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SchemaNotCurrent, SqlStorage, make_engine, postgres
 from kms.backends.storage.migrate import check_current_if_reachable
 from kms.errors import StorageUnavailable
 from kms.services.model import Key, KeyState, KeyVersion
+from kms.services.seals import RowSeals
 from tests.helpers import free_port
 from tests.pg import PgCluster, PgDatabase, fresh_name
 
@@ -25,13 +27,13 @@ def _key(state: KeyState = KeyState.ENABLED) -> Key:
 
 
 def test_write_transactions_of_two_engines_take_turns(
-    pg_database: PgDatabase, pg_storage: SqlStorage
+    pg_database: PgDatabase, pg_storage: SqlStorage, hsm: Pkcs11Hsm
 ) -> None:
     """A writer that read a key while another writer was changing it would overwrite the
     change (READ COMMITTED alone allows that): the second writer must wait and see it."""
     with pg_storage.transaction() as tx:
         tx.add_key(_key())
-    other = SqlStorage(make_engine(pg_database.url))
+    other = SqlStorage(make_engine(pg_database.url), RowSeals(hsm))
     first_in, first_may_commit = threading.Event(), threading.Event()
     seen_by_second: list[KeyState] = []
 
@@ -88,9 +90,11 @@ def test_a_writer_waiting_too_long_for_the_lock_gets_503(
     impatient._engine.dispose()
 
 
-def test_every_connection_runs_in_utc_with_bounded_waits(pg_database: PgDatabase) -> None:
+def test_every_connection_runs_in_utc_with_bounded_waits(
+    pg_database: PgDatabase, hsm: Pkcs11Hsm
+) -> None:
     pg_database.execute(f"ALTER DATABASE {pg_database.name} SET timezone = 'Asia/Kolkata'")
-    storage = SqlStorage(make_engine(pg_database.url))
+    storage = SqlStorage(make_engine(pg_database.url), RowSeals(hsm))
     with storage.transaction() as tx:
         tx.add_key(_key())
         tx.add_version(KeyVersion("k1", 1, NOW, b"w" * 40))

@@ -7,7 +7,7 @@ Process and thread rules:
 - python-pkcs11 initialises modules without OS locking and releases the GIL inside calls,
   so one process-wide lock (shared by every instance; renewed in a forked child)
   serialises every PKCS#11 call.
-- One logged-in session per process lives as long as the process; the root key handle and
+- One logged-in read-write session per process lives as long as the process; the root key handle and
   unwrapped KEK handles (bounded LRU, destroyed on eviction) are cached on it.
 - A call failing with a session, token or device error is retried once after a reconnect
   (finalize, initialize, log in again); if that fails too the caller gets HsmUnavailable
@@ -204,6 +204,62 @@ class Pkcs11Hsm:
 
         return self._call(op)
 
+    def anchor_values(self, label: str) -> list[bytes]:
+        """The values of the token's data objects labelled ``label`` (the audit anchor,
+        kms/services/audit_anchor.py), read fresh from the token on every call so that
+        another process's update is seen."""
+
+        def op(c: _Conn) -> list[bytes]:
+            found = c.session.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
+            )
+            return [bytes(o[Attribute.VALUE]) for o in found]
+
+        return self._call(op)
+
+    def anchor_labels(self, prefix: str) -> list[str]:
+        """Labels of the token's data objects whose label starts with ``prefix``."""
+
+        def op(c: _Conn) -> list[str]:
+            found = c.session.get_objects({Attribute.CLASS: ObjectClass.DATA})
+            labels = (str(o[Attribute.LABEL]) for o in found)
+            return sorted(label for label in labels if label.startswith(prefix))
+
+        return self._call(op)
+
+    def add_anchor(self, label: str, value: bytes) -> None:
+        """Store a new private token data object ``label`` holding ``value``. Objects of the
+        same label are left alone (remove them with drop_anchor once this one exists)."""
+
+        def op(c: _Conn) -> None:
+            c.session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.LABEL: label,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.MODIFIABLE: False,
+                    Attribute.VALUE: value,
+                }
+            )
+
+        self._call(op)
+
+    def drop_anchor(self, label: str, value: bytes) -> None:
+        """Destroy the data objects ``label`` holding exactly ``value``; none is fine
+        (another process got there first)."""
+
+        def op(c: _Conn) -> None:
+            found = c.session.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
+            )
+            for o in found:
+                if bytes(o[Attribute.VALUE]) == value:
+                    with contextlib.suppress(p11e.ObjectHandleInvalid):
+                        o.destroy()
+
+        self._call(op)
+
     def forget(self, key_id: str) -> None:
         """Destroy and drop this process's unwrapped session objects of every version of
         ``key_id`` (the KEK cache). Afterwards no cached object of that key is left in this
@@ -347,8 +403,9 @@ def _reset(lib: Any) -> None:
 
 
 def _login(token: Any, pin: str) -> Any:
+    """A read-write session (the audit anchor is a token object the server updates)."""
     try:
-        return token.open(user_pin=pin)
+        return token.open(rw=True, user_pin=pin)
     except p11e.UserAlreadyLoggedIn:
         # Another session of this process is logged in; login state is per process.
-        return token.open()
+        return token.open(rw=True)

@@ -24,6 +24,17 @@ class AuditTx:
         (seq, hash_, checkpoint_seq, archived_seq), *_ = prepared.AUDIT_HEAD.rows(self._c, {})
         return AuditHead(int(seq), str(hash_), int(checkpoint_seq), int(archived_seq))
 
+    def audit_chain_id(self) -> str | None:
+        chain_id = self._c.execute(
+            select(t.audit_head.c.chain_id).where(t.audit_head.c.id == 1)
+        ).scalar_one()
+        return None if chain_id is None else str(chain_id)
+
+    def set_audit_chain_id(self, chain_id: str) -> None:
+        self._c.execute(
+            update(t.audit_head).where(t.audit_head.c.id == 1).values(chain_id=chain_id)
+        )
+
     def insert_audit(self, records: Sequence[dict[str, Any]]) -> None:
         if not records:
             return
@@ -52,6 +63,8 @@ class AuditTx:
                 stmt = stmt.where(r.time >= query.since)
             if query.until is not None:
                 stmt = stmt.where(r.time < query.until)
+            if query.context_hashes is not None:
+                stmt = stmt.where(r.context_sha256.in_(query.context_hashes))
         rows = self._c.execute(stmt.order_by(r.seq).limit(limit))
         return [row._asdict() for row in rows]
 

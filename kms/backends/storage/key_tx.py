@@ -1,4 +1,6 @@
-"""The keys' part of the Tx port: keys, their versions (wrapped KEKs) and aliases."""
+"""The keys' part of the Tx port: keys, their versions (wrapped KEKs) and aliases. Key
+and version rows are sealed (kms/services/seals.py): a row written outside the server
+is never used; aliases are not (an alias only names a key, whose own row is checked)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
+from kms.backends.storage.loading import checked_rows
 from kms.backends.storage.times import utc, utc_or_none
 from kms.errors import Conflict
 from kms.services.model import EscrowPolicy, Key, KeyState, KeyVersion
+from kms.services.ports import Seals
+from kms.services.seals import key_fields, parsed, version_fields
 
 
 class KeyTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+    _seals: Seals
 
     def add_key(self, key: Key) -> None:
         self._c.execute(
@@ -33,6 +39,7 @@ class KeyTx:
                 rotation_period_days=key.rotation_period_days,
                 min_decryption_version=key.min_decryption_version,
                 rotated_at=key.rotated_at,
+                seal=self._seals.seal("key", key_fields(key)),
             )
         )
         if key.alias is not None:
@@ -49,6 +56,7 @@ class KeyTx:
                 wrapped_kek=version.wrapped,
                 root_label=version.root_label,
                 created_at=version.created_at,
+                seal=self._seals.seal("key_version", version_fields(version)),
             )
         )
 
@@ -65,34 +73,50 @@ class KeyTx:
                 rotation_period_days=key.rotation_period_days,
                 min_decryption_version=key.min_decryption_version,
                 rotated_at=key.rotated_at,
+                seal=self._seals.seal("key", key_fields(key)),
             )
         )
 
     def key_by_id(self, key_id: str) -> Key | None:
-        row = self._c.execute(_KEY_BY_ID, {"key_id": key_id}).first()
-        return key_row(row) if row else None
+        row = parsed("key", key_id, lambda: self._c.execute(_KEY_BY_ID, {"key_id": key_id}).first())
+        return self._checked_key(row) if row else None
 
     def key_by_alias(self, alias: str) -> Key | None:
-        return self._one_key(t.aliases.c.alias == alias)
+        query = key_select().where(t.aliases.c.alias == alias)
+        row = parsed("key", f"alias={alias}", lambda: self._c.execute(query).first())
+        return self._checked_key(row) if row else None
 
     def list_keys(self) -> list[Key]:
-        return [key_row(r) for r in self._c.execute(key_select().order_by(t.keys.c.created_at))]
+        """Every key whose row verifies (the others are alarmed and left out)."""
+        return self.verified_keys(key_select().order_by(t.keys.c.created_at))
+
+    def verified_keys(self, stmt: Any) -> list[Key]:
+        """The keys of a key_select() statement whose rows load and verify."""
+        return checked_rows(self._c, stmt, t.keys.c.key_id, "key", self._checked_key)
 
     def key_version(self, key_id: str, version: int) -> KeyVersion | None:
         row = self._c.execute(_KEY_VERSION, {"key_id": key_id, "version": version}).first()
         if row is None:
             return None
-        return KeyVersion(
-            key_id=row.key_id,
-            version=row.version,
-            created_at=utc(row.created_at),
-            wrapped=bytes(row.wrapped_kek),
-            root_label=row.root_label,
+        found = parsed(
+            "key_version",
+            f"{key_id},{version}",
+            lambda: KeyVersion(
+                key_id=row.key_id,
+                version=row.version,
+                created_at=utc(row.created_at),
+                wrapped=bytes(row.wrapped_kek),
+                root_label=row.root_label,
+            ),
         )
+        self._seals.check("key_version", version_fields(found), row.seal)
+        return found
 
-    def _one_key(self, where: Any) -> Key | None:
-        row = self._c.execute(key_select().where(where)).first()
-        return key_row(row) if row else None
+    def _checked_key(self, row: Any) -> Key:
+        """The key of a row, SealBroken if the row does not parse or verify."""
+        key = parsed("key", row.key_id, lambda: key_row(row))
+        self._seals.check("key", key_fields(key), row.seal)
+        return key
 
 
 def key_select() -> Any:

@@ -3,14 +3,15 @@ trail, and the erasure of a key's material (crypto-shredding)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
-from kms.backends.storage.key_tx import key_row, key_select
+from kms.backends.storage.key_tx import key_select
 from kms.backends.storage.times import utc
 from kms.services.model import Key, KeyState, UsageDay
 
@@ -22,10 +23,13 @@ class LifecycleTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+    verified_keys: Callable[[Any], list[Key]]  # KeyTx's
 
     def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]:
+        """Keys in ``states`` whose rows verify: a key set to pending deletion in the
+        database is never deleted."""
         stmt = key_select().where(t.keys.c.state.in_([s.value for s in states]))
-        return [key_row(r) for r in self._c.execute(stmt.order_by(t.keys.c.created_at))]
+        return self.verified_keys(stmt.order_by(t.keys.c.created_at))
 
     def version_usage(self, key_id: str) -> list[tuple[int, datetime, int, str | None]]:
         """(version, created_at, successful uses, time of the last one) per version still

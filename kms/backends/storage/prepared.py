@@ -111,7 +111,13 @@ def _on_cursor(
 
 # A key with its alias and one principal's grant on it (kms/backends/storage/grant_tx.py).
 KEY_ACCESS = Prepared(
-    select(t.keys, t.aliases.c.alias, t.grants.c.operations, t.grants.c.justifications)
+    select(
+        t.keys,
+        t.aliases.c.alias,
+        t.grants.c.operations,
+        t.grants.c.justifications,
+        t.grants.c.seal.label("grant_seal"),
+    )
     .select_from(
         t.keys.outerjoin(t.aliases, t.aliases.c.key_id == t.keys.c.key_id).outerjoin(
             t.grants,
@@ -121,13 +127,20 @@ KEY_ACCESS = Prepared(
     )
     .where(t.keys.c.key_id == bindparam("key_id"))
 )
-KEY_ACCESS_COLUMNS = (*t.keys.columns.keys(), "alias", "operations", "justifications")
+KEY_ACCESS_COLUMNS = (
+    *t.keys.columns.keys(),
+    "alias",
+    "operations",
+    "justifications",
+    "grant_seal",
+)
 # The key's XKS policy (kms/backends/storage/xks_tx.py).
 XKS_POLICY = Prepared(
     select(
         t.xks_key_policies.c.usage,
         t.xks_key_policies.c.aws_principals,
         t.xks_key_policies.c.kms_operations,
+        t.xks_key_policies.c.seal,
     ).where(t.xks_key_policies.c.key_id == bindparam("key_id"))
 )
 # Record a SigV4 nonce unless a live one is recorded (an expired one is replaced): one

@@ -27,6 +27,7 @@ principals = Table(
     Column("name", String(64), nullable=False, unique=True),
     Column("role", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
 
 # Bearer tokens: only the SHA-256 of the token is stored.
@@ -36,6 +37,7 @@ tokens = Table(
     Column("token_sha256", String(64), primary_key=True),
     Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
 
 keys = Table(
@@ -51,6 +53,7 @@ keys = Table(
     Column("rotation_period_days", Integer, nullable=True),  # None: no scheduled rotation
     Column("min_decryption_version", Integer, nullable=False, server_default="1"),
     Column("rotated_at", DateTime(timezone=True), nullable=True),  # current version made
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
 
 aliases = Table(
@@ -69,6 +72,7 @@ key_versions = Table(
     Column("wrapped_kek", LargeBinary, nullable=False),
     Column("root_label", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
 
 grants = Table(
@@ -79,6 +83,7 @@ grants = Table(
     Column("operations", String(64), nullable=False),  # comma-separated, sorted
     # justification codes the grant allows, comma-separated
     Column("justifications", String(200), nullable=False, server_default="service_processing"),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
 
 audit_records = Table(
@@ -129,6 +134,8 @@ audit_head = Table(
     # seq of the newest checkpoint, and of the last record archived (removed) from here
     Column("checkpoint_seq", _SEQ, nullable=False, server_default="0"),
     Column("archived_seq", _SEQ, nullable=False, server_default="0"),
+    # names the HSM object anchoring the chain (kms/services/audit_anchor.py)
+    Column("chain_id", String(32), nullable=True),
 )
 
 
@@ -206,6 +213,7 @@ sigv4_credentials = Table(
     Column("root_label", String(64), nullable=False),
     Column("state", String(16), nullable=False),  # active | revoked
     Column("created_at", _TIME, nullable=False),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
     Index("ix_sigv4_principal", "principal_id"),
 )
 
@@ -229,4 +237,5 @@ xks_key_policies = Table(
     Column("aws_principals", Text, nullable=True),  # JSON list of patterns; null: any
     Column("kms_operations", Text, nullable=True),  # JSON list of names; null: any
     Column("updated_at", _TIME, nullable=False),
+    Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )

@@ -1,7 +1,10 @@
-"""The SigV4 credential table's part of the Tx port, and the replay nonce store."""
+"""The SigV4 credential table's part of the Tx port, and the replay nonce store.
+Credential rows are sealed, as is the principal row each one joins (kms/services/seals.py):
+a credential written, revived or re-pointed outside the server is never used."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -9,14 +12,18 @@ from sqlalchemy.engine import Connection, Row
 
 from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
+from kms.backends.storage.loading import checked_rows
 from kms.backends.storage.times import utc
 from kms.services.model import Principal, Role, SigV4Credential
+from kms.services.ports import Seals
+from kms.services.seals import parsed, principal_fields, sigv4_fields
 
 
 class SigV4Tx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+    _seals: Seals
 
     def add_sigv4_credential(self, credential: SigV4Credential) -> None:
         self._c.execute(
@@ -28,23 +35,41 @@ class SigV4Tx:
                 root_label=credential.root_label,
                 state=credential.state,
                 created_at=credential.created_at,
+                seal=self._seals.seal("sigv4_credential", sigv4_fields(credential)),
             )
         )
 
     def sigv4_credential(self, access_key_id: str) -> SigV4Credential | None:
         row = self._c.execute(_SELECT.where(t.sigv4_credentials.c.access_key_id == access_key_id))
         first = row.first()
-        return _credential(first) if first else None
+        return None if first is None else self._checked_credential(first)
 
     def sigv4_credentials_of(self, principal_id: int) -> list[SigV4Credential]:
+        """The principal's credentials whose rows verify (the others are alarmed, left out)."""
         c = t.sigv4_credentials.c
-        rows = self._c.execute(_SELECT.where(c.principal_id == principal_id).order_by(c.created_at))
-        return [_credential(r) for r in rows]
+        query = _SELECT.where(c.principal_id == principal_id).order_by(c.created_at)
+        check = self._checked_credential
+        return checked_rows(self._c, query, c.access_key_id, "sigv4_credential", check)
+
+    def _checked_credential(self, row: Row[Any]) -> SigV4Credential:
+        """The credential of a row with its principal; SealBroken unless both parse and
+        verify."""
+        credential = parsed("sigv4_credential", row.access_key_id, lambda: _credential(row))
+        self._seals.check("principal", principal_fields(credential.principal), row.principal_seal)
+        self._seals.check("sigv4_credential", sigv4_fields(credential), row.seal)
+        return credential
 
     def set_sigv4_state(self, access_key_id: str, state: str) -> None:
+        """Change a credential's state and seal it anew; SealBroken if its row fails."""
+        credential = self.sigv4_credential(access_key_id)
+        if credential is None:
+            return
+        seal = self._seals.seal("sigv4_credential", sigv4_fields(replace(credential, state=state)))
         c = t.sigv4_credentials.c
         self._c.execute(
-            update(t.sigv4_credentials).where(c.access_key_id == access_key_id).values(state=state)
+            update(t.sigv4_credentials)
+            .where(c.access_key_id == access_key_id)
+            .values(state=state, seal=seal)
         )
 
     def remember_nonce(self, nonce: str, expires_at: str, now: str) -> bool:
@@ -66,6 +91,7 @@ _SELECT = select(
     t.principals.c.name,
     t.principals.c.role,
     t.principals.c.created_at.label("principal_created_at"),
+    t.principals.c.seal.label("principal_seal"),
 ).join(t.principals, t.principals.c.id == t.sigv4_credentials.c.principal_id)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, NoReturn
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
@@ -33,9 +34,11 @@ from kms.backends.storage.lifecycle_tx import LifecycleTx
 from kms.backends.storage.migrate import SchemaNotCurrent, check_current
 from kms.backends.storage.postgres import lock_writers, vacuum_erased
 from kms.backends.storage.principal_tx import PrincipalTx
+from kms.backends.storage.seal_tx import SealTx
 from kms.backends.storage.sigv4_tx import SigV4Tx
 from kms.backends.storage.xks_tx import XksTx
 from kms.errors import StorageUnavailable
+from kms.services.ports import Seals
 
 # make_engine and WAL_BACKSTOP_PAGES are defined in engine.py; re-exported for callers
 __all__ = ["WAL_BACKSTOP_PAGES", "WAL_FINISH_FRAMES", "SqlStorage", "SqlTx", "make_engine"]
@@ -45,11 +48,24 @@ log = logging.getLogger("kms.storage")
 WAL_FINISH_FRAMES = 4096  # 16 MiB: the log a background checkpoint finishes under the lock
 
 
-class SqlTx(PrincipalTx, KeyTx, AliasTx, GrantTx, LifecycleTx, AuditTx, EscrowTx, SigV4Tx, XksTx):
-    """The Tx port on one SQLAlchemy connection inside a transaction."""
+class SqlTx(
+    PrincipalTx, KeyTx, AliasTx, GrantTx, LifecycleTx, AuditTx, EscrowTx, SigV4Tx, XksTx, SealTx
+):
+    """The Tx port on one SQLAlchemy connection inside a transaction; every row that
+    grants or describes access is sealed on write and checked on read with ``seals``."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, seals: Seals) -> None:
         self._c = conn
+        self._seals = seals
+
+
+class _Unsealed:
+    """The seals of a storage nobody gave any: every sealed row is refused."""
+
+    def _refuse(self, *_: Any) -> NoReturn:
+        raise RuntimeError("storage used without row seals (SqlStorage.seal_with)")
+
+    seal = check = verified = _refuse
 
 
 class SqlStorage:
@@ -59,8 +75,9 @@ class SqlStorage:
     ``BEGIN IMMEDIATE``: the kernel wakes the next writer as soon as the lock is free,
     where SQLite's own busy handler sleeps up to 100 ms between tries."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, seals: Seals | None = None) -> None:
         self._engine = engine
+        self._seals: Seals = seals or _Unsealed()
         self._postgres = engine.url.get_backend_name() == "postgresql"
         path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
         on_disk = bool(path) and path != ":memory:"
@@ -71,6 +88,11 @@ class SqlStorage:
         self._checkpointer = FileLock(f"{path}.ckpt" if on_disk else None)
         self._wal_checkpoints_ok = True
 
+    def seal_with(self, seals: Seals) -> None:
+        """Seal and check rows with ``seals`` from now on (the service layer's RowSeals,
+        set when the services are built over this storage)."""
+        self._seals = seals
+
     @contextmanager
     def transaction(self) -> Iterator[SqlTx]:
         with self._translate(), self._writer_lock(), self._engine.connect() as conn:
@@ -78,7 +100,7 @@ class SqlStorage:
             with conn.begin():
                 if self._postgres:
                     lock_writers(conn)
-                yield SqlTx(conn)
+                yield SqlTx(conn, self._seals)
 
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -90,7 +112,7 @@ class SqlStorage:
     @contextmanager
     def reader(self) -> Iterator[SqlTx]:
         with self._translate(), self._engine.connect() as conn, conn.begin():
-            yield SqlTx(conn)
+            yield SqlTx(conn, self._seals)
 
     def purge_erased(self) -> None:
         """On SQLite, checkpoint the WAL into the database and truncate it: deleted rows

@@ -1,0 +1,211 @@
+"""HSM seals on the database rows that grant or describe access.
+
+A seal is an HMAC-SHA256 made inside the HSM with its integrity key, hex-encoded, over::
+
+    b"KMS-ROW-1\\n" || kind || b"\\n" || canonical JSON of the row's sealed fields
+
+(canonical JSON: keys sorted, no whitespace, ASCII). The fields name the row (its key
+columns) as well as its content, so a seal copied onto another row does not verify. The
+sealed fields of each kind are the functions below; the storage layer seals every row it
+writes and checks every row it reads (kms/backends/storage/*_tx.py), the escrow rows use
+the same seals (kms/services/escrow_common.py).
+
+Whoever writes the database cannot make a seal: a row inserted or edited there (a minted
+principal, token or grant, a revived key) fails its check, is never used, and the caller
+gets the generic refusal of SealBroken while the audit trail, a metric and an error log
+line get the precise reason. A seal does not say whether the row is the newest one: an
+older sealed copy still verifies (see SECURITY.md, "Known limits").
+
+Checking is on the hot path, so a process remembers the rows it verified (bounded): a
+row read again costs the JSON encoding and a dictionary lookup, not an HSM call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from kms.errors import SealBroken
+from kms.formats.xks import XksKeyPolicy
+from kms.metrics import SEAL_FAILURES
+from kms.services.audit import AuditTrail, local_event
+from kms.services.model import Grant, Key, KeyVersion, Principal, SigV4Credential
+from kms.services.ports import Hsm, Store, Tx
+
+log = logging.getLogger("kms.seals")
+T = TypeVar("T")
+_SEAL = re.compile(r"[0-9a-f]{64}")
+MEMO_SIZE = 200_000  # verified rows remembered per process (~150 bytes each)
+
+
+class RowSeals:
+    def __init__(self, hsm: Hsm, memo_size: int = MEMO_SIZE) -> None:
+        self._hsm = hsm
+        self._memo: OrderedDict[bytes, None] = OrderedDict()
+        self._memo_size = memo_size
+
+    def seal(self, kind: str, fields: Mapping[str, Any]) -> str:
+        """The seal of a row of ``kind`` with ``fields`` (HsmUnavailable if the HSM is
+        down: nothing is written unsealed)."""
+        return self._hsm.mac(_message(kind, fields)).hex()
+
+    def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
+        """Return only if ``seal`` is the seal of these fields; SealBroken otherwise
+        (an unsealed row, NULL, or a seal that is not 64 hex digits is broken too)."""
+        ident = ",".join(str(fields[k]) for k in _IDENTITY[kind])
+        if seal is None:
+            raise broken(kind, f"the {kind} row {ident} is unsealed")
+        if not isinstance(seal, str) or not _SEAL.fullmatch(seal):
+            raise broken(kind, f"the seal of the {kind} row {ident} is malformed")
+        message = _message(kind, fields)
+        memo_key = message + b"\n" + seal.encode("ascii")
+        if memo_key in self._memo:
+            self._memo.move_to_end(memo_key)
+            return
+        if not hmac.compare_digest(self._hsm.mac(message).hex(), seal):
+            raise broken(kind, f"the seal of the {kind} row {ident} does not verify")
+        self._memo[memo_key] = None
+        if len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+
+    def verified(self, kind: str, fields: Mapping[str, Any], seal: object) -> bool:
+        """check() as a boolean, for listings that skip broken rows (still alarmed)."""
+        try:
+            self.check(kind, fields, seal)
+        except SealBroken:
+            return False
+        return True
+
+
+def broken(kind: str, reason: str) -> SealBroken:
+    """The refusal of a row that is not the server's (counted and logged as an alarm)."""
+    SEAL_FAILURES.labels(kind).inc()
+    log.error("database row fails its HSM seal; not used", extra={"detail": reason})
+    return SealBroken(detail=reason)
+
+
+def parsed(kind: str, ident: object, parse: Callable[[], T]) -> T:
+    """``parse()`` of a row, or SealBroken if the row does not even parse (a value no
+    server writes: it was written in the database), never a 500."""
+    try:
+        return parse()
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise broken(kind, f"the {kind} row {ident} is malformed: {type(e).__name__}") from e
+
+
+def _message(kind: str, fields: Mapping[str, Any]) -> bytes:
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"KMS-ROW-1\n{kind}\n{text}".encode("ascii")
+
+
+def _time(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the sealed fields of each kind -----------------------------------------------------
+
+_IDENTITY = {
+    "principal": ("id", "name"),
+    "token": ("principal_id",),
+    "grant": ("key_id", "principal_id"),
+    "key": ("key_id",),
+    "key_version": ("key_id", "version"),
+    "sigv4_credential": ("access_key_id",),
+    "xks_policy": ("key_id",),
+    "custodian": ("name",),
+    "case": ("case_id",),
+}
+
+
+def principal_fields(p: Principal) -> dict[str, Any]:
+    return {"id": p.id, "name": p.name, "role": p.role.value}
+
+
+def token_fields(token_sha256: str, principal_id: int) -> dict[str, Any]:
+    return {"token_sha256": token_sha256, "principal_id": principal_id}
+
+
+def grant_fields(key_id: str, principal_id: int, grant: Grant) -> dict[str, Any]:
+    return {
+        "key_id": key_id,
+        "principal_id": principal_id,
+        "operations": sorted(grant.operations),
+        "justifications": sorted(grant.justifications),
+    }
+
+
+def key_fields(key: Key) -> dict[str, Any]:
+    """Everything that decides how a key may be used or when it rotates (not its
+    description or alias)."""
+    policy = key.escrow_policy
+    return {
+        "key_id": key.key_id,
+        "state": key.state.value,
+        "current_version": key.current_version,
+        "min_decryption_version": key.min_decryption_version,
+        "deletion_date": _time(key.deletion_date),
+        "rotation_period_days": key.rotation_period_days,
+        "rotated_at": _time(key.rotated_at),
+        "escrow_policy": None
+        if policy is None
+        else {
+            "quorum": policy.quorum,
+            "required_groups": sorted(policy.required_groups),
+            "veto_groups": sorted(policy.veto_groups),
+        },
+    }
+
+
+def version_fields(v: KeyVersion) -> dict[str, Any]:
+    """A KEK version and the identity of its wrapped material."""
+    return {
+        "key_id": v.key_id,
+        "version": v.version,
+        "wrapped_sha256": _sha256(v.wrapped),
+        "root_label": v.root_label,
+    }
+
+
+def xks_policy_fields(key_id: str, policy: XksKeyPolicy) -> dict[str, Any]:
+    return {
+        "key_id": key_id,
+        "usage": sorted(policy.usage),
+        "aws_principals": None if policy.aws_principals is None else list(policy.aws_principals),
+        "kms_operations": None if policy.kms_operations is None else list(policy.kms_operations),
+    }
+
+
+def sigv4_fields(c: SigV4Credential) -> dict[str, Any]:
+    return {
+        "access_key_id": c.access_key_id,
+        "principal_id": c.principal.id,
+        "state": c.state,
+        "sealed_secret_sha256": _sha256(c.sealed_secret),
+        "wrapped_kek_sha256": _sha256(c.wrapped_kek),
+        "root_label": c.root_label,
+    }
+
+
+def seal_unsealed_rows(storage: Store[Tx], trail: AuditTrail) -> dict[str, int]:
+    """``kms init`` / ``kms migrate``: seal the rows a database made before row seals
+    existed, trusting them as found, and record how many of each kind in the audit
+    trail (nothing is recorded when every row was sealed already)."""
+    with storage.transaction() as tx:
+        counts = tx.seal_unsealed()
+        if counts:
+            detail = "sealed rows as found: " + " ".join(
+                f"{k}={n}" for k, n in sorted(counts.items())
+            )
+            trail.append(tx, [local_event("seal_unsealed_rows", detail)])
+    return counts
