@@ -36,7 +36,7 @@ def main() -> None:
     message = b"x" * 1024
     with tempfile.TemporaryDirectory(prefix="kms-bench-sdk-") as tmp:
         data = init_data_dir(Path(tmp) / "data")
-        env = {"KMS_LOG_LEVEL": "WARNING", "KMS_AUDIT_BUDGET": "service=1000000000/hour"}
+        env = {"KMS_LOG_LEVEL": "WARNING", "KMS_AUDIT_BUDGET": "service=none"}
         with gunicorn_server(data, workers=2, env=env) as srv:
             admin = KmsClient(srv.url, srv.admin_token)
             svc = admin.create_principal("bench", "service")

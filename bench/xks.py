@@ -238,6 +238,7 @@ def main() -> None:
                 "KMS_LOG_LEVEL": "WARNING",
                 "KMS_AUDIT_CHECKPOINT_SECONDS": "0",
                 "KMS_AUDIT_BUDGET": UNTHROTTLED_BUDGET,
+                "KMS_RATE_LIMITS": "service=none",
             }
             with gunicorn_server(data, workers=2, env=env) as srv:
                 if sync == "FULL":

@@ -242,7 +242,7 @@ class AuditTrail:
                 self.append(tx, events)
         chain_id = self._chain_id()
         with self._storage.reader() as tx:
-            checked = self._check_anchor(tx, chain_id)
+            checked = self._check_anchor(tx, chain_id, rehash=False)
             head = checked.head
             if head.seq == 0:
                 return None
@@ -283,14 +283,17 @@ class AuditTrail:
                 self._known_chain_id = tx.audit_chain_id()
         return self._known_chain_id
 
-    def _check_anchor(self, tx: AuditRows, chain_id: str | None = None) -> AnchorCheck:
+    def _check_anchor(
+        self, tx: AuditRows, chain_id: str | None = None, rehash: bool = True
+    ) -> AnchorCheck:
         """Verify in ``tx`` that the chain extends the HSM anchor, or refuse: loudly the
         first time, then from memory for RECHECK_SECONDS before asking the HSM again.
-        Readers pass ``chain_id`` (AuditAnchor.verify says why)."""
+        Readers pass ``chain_id`` (AuditAnchor.verify says why); ``rehash`` as for
+        audit_anchor.check_extends (a process's first check re-hashes)."""
         if self._refusal is not None and time.monotonic() - self._refusal[0] < RECHECK_SECONDS:
             raise AuditStateRefused(detail=self._refusal[1])
         try:
-            checked = self._anchor.verify(tx, chain_id)
+            checked = self._anchor.verify(tx, chain_id, rehash)
         except AuditStateRefused as e:
             self._anchored = False
             if self._refusal is None or self._refusal[1] != e.detail:
@@ -310,7 +313,7 @@ class AuditTrail:
         AuditStateRefused with the reason otherwise, HsmUnavailable if it cannot tell."""
         chain_id = self._chain_id()
         with self._storage.reader() as tx:
-            self._check_anchor(tx, chain_id)
+            self._check_anchor(tx, chain_id, rehash=False)
 
     def anchor_new_chain(self, allow_other_chains: bool = False) -> str | None:
         """``kms init``: give a database without a chain id one and anchor its head in the

@@ -23,7 +23,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import logging
 import secrets
 from dataclasses import dataclass
 
@@ -33,7 +32,6 @@ from kms.formats.anchor import Anchor, AnchorError, decode
 from kms.services.model import AuditHead
 from kms.services.ports import AuditRows, Hsm
 
-log = logging.getLogger("kms.audit")
 LABEL_PREFIX = "kms-audit-anchor-"
 PAGE = 1000
 
@@ -70,18 +68,21 @@ class AuditAnchor:
         except AnchorError as e:
             raise refused(f"the HSM anchor of audit chain {chain_id} is unreadable: {e}") from e
 
-    def verify(self, tx: AuditRows, chain_id: str | None = None) -> AnchorCheck:
+    def verify(
+        self, tx: AuditRows, chain_id: str | None = None, rehash: bool = True
+    ) -> AnchorCheck:
         """Check inside ``tx`` that the database's chain extends its HSM anchor; raise
-        AuditStateRefused with the precise reason otherwise. The anchor is read before
-        ``tx``'s head: a reader whose snapshot started earlier could see an older head
-        than a concurrent signer anchored, so a reader passes ``chain_id`` (read before
-        ``tx`` began) and lets this method make ``tx``'s first read."""
+        AuditStateRefused with the precise reason otherwise (check_extends says how deep,
+        with ``rehash``). The anchor is read before ``tx``'s head: a reader whose snapshot
+        started earlier could see an older head than a concurrent signer anchored, so a
+        reader passes ``chain_id`` (read before ``tx`` began) and lets this method make
+        ``tx``'s first read."""
         chain_id = chain_id or tx.audit_chain_id()
         if chain_id is None:
             raise refused("this database's audit chain is not anchored in the HSM (kms init)")
         anchor = self.read(chain_id)
         head = tx.audit_head()
-        check_extends(tx, anchor, head)
+        check_extends(tx, anchor, head, rehash)
         return AnchorCheck(chain_id, anchor, head)
 
     def advance(self, chain_id: str, new: Anchor) -> None:
@@ -127,9 +128,16 @@ class AuditAnchor:
                 self._hsm.drop_anchor(label, value)
 
 
-def check_extends(tx: AuditRows, anchor: Anchor, head: AuditHead) -> None:
-    """Raise AuditStateRefused unless the chain stored in ``tx`` (from the record at
-    ``anchor.seq`` to ``head``) re-hashes into an unbroken chain from ``anchor``."""
+def check_extends(tx: AuditRows, anchor: Anchor, head: AuditHead, rehash: bool = True) -> None:
+    """Raise AuditStateRefused unless the chain stored in ``tx`` runs unbroken from
+    ``anchor`` to ``head``: the record at ``anchor.seq`` re-hashes to the anchored hash,
+    and every later record links to the one before. With ``rehash`` every later record is
+    re-hashed from its content too (a process's first check); without (each checkpoint,
+    readiness), a record whose content was edited but whose stored hash was kept is left
+    to the offline verifier, which re-hashes everything: re-hashing a thousand records
+    at every checkpoint cost batch requests a tenth of their throughput. Either way a
+    history deleted, re-chained or rolled back cannot pass: it does not contain the
+    anchored record, or its links or head do not match."""
     if head.seq < anchor.seq:
         raise refused(
             f"the database's audit head (seq {head.seq}) is behind the HSM anchor "
@@ -150,21 +158,38 @@ def check_extends(tx: AuditRows, anchor: Anchor, head: AuditHead) -> None:
             )
     cursor = anchor.seq
     while cursor < head.seq:
-        page = tx.audit_records(cursor, PAGE, until=head.seq)
-        if not page:
-            break
         try:
-            prev = audit_record.verify_chain(page, prev_hash=prev, first_seq=cursor + 1)
+            if rehash:
+                page = tx.audit_records(cursor, PAGE, until=head.seq)
+                prev = audit_record.verify_chain(page, prev_hash=prev, first_seq=cursor + 1)
+                links = [(r["seq"], r["prev_hash"], r["hash"]) for r in page]
+            else:
+                links = tx.audit_links(cursor, head.seq, PAGE)
+                prev = _linked(links, prev, cursor + 1)
         except audit_record.ChainError as e:
             raise refused(
                 f"the chain after the HSM anchor (seq {anchor.seq}) is broken: {e}"
             ) from e
-        cursor = page[-1]["seq"]
+        if not links:
+            break
+        cursor = links[-1][0]
     if cursor != head.seq or prev != head.hash:
         raise refused(
             f"the audit head row (seq {head.seq}) does not match the records after the "
             f"HSM anchor (seq {anchor.seq})"
         )
+
+
+def _linked(links: list[tuple[int, str, str]], prev_hash: str, first_seq: int) -> str:
+    """The stored hash of the last of ``links`` (seq, prev_hash, hash) if each follows the
+    one before; ChainError at the first that does not."""
+    for expected, (seq, prev, hash_) in enumerate(links, start=first_seq):
+        if seq != expected:
+            raise audit_record.ChainError(expected, f"found seq {seq}")
+        if prev != prev_hash:
+            raise audit_record.ChainError(expected, "prev_hash does not match the previous record")
+        prev_hash = hash_
+    return prev_hash
 
 
 def _hash_of(record: dict[str, object]) -> str | None:

@@ -92,8 +92,6 @@ class Seals(Protocol):
     def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
         """Return only if ``seal`` seals ``fields``; kms.errors.SealBroken otherwise."""
 
-    def verified(self, kind: str, fields: Mapping[str, Any], seal: object) -> bool: ...
-
 
 class PrincipalRows(Protocol):
     """Principals and the SHA-256 hashes of their bearer tokens."""
@@ -225,6 +223,10 @@ class AuditRows(Protocol):
 
     def audit_head(self) -> AuditHead:
         """The chain head, locked until the transaction ends."""
+
+    def audit_links(self, after: int, until: int, limit: int) -> list[tuple[int, str, str]]:
+        """(seq, prev_hash, hash) of records after < seq <= until, in order: the links
+        alone, for checking a chain without reading its records."""
 
     def audit_chain_id(self) -> str | None:
         """The id naming the chain's HSM anchor (None: not anchored yet)."""

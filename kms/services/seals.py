@@ -75,14 +75,6 @@ class RowSeals:
         if len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
 
-    def verified(self, kind: str, fields: Mapping[str, Any], seal: object) -> bool:
-        """check() as a boolean, for listings that skip broken rows (still alarmed)."""
-        try:
-            self.check(kind, fields, seal)
-        except SealBroken:
-            return False
-        return True
-
 
 def broken(kind: str, reason: str) -> SealBroken:
     """The refusal of a row that is not the server's (counted and logged as an alarm)."""

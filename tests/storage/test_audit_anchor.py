@@ -117,11 +117,31 @@ def test_two_anchor_objects_resolve_to_the_newest(storage: SqlStorage, hsm: Pkcs
     assert _anchors(hsm, storage) == [Anchor(newest["seq"], newest["record_hash"])]
 
 
-def test_a_rewritten_record_after_the_anchor_is_refused_at_signing(
+def test_a_broken_link_after_the_anchor_is_refused_at_signing(
     storage: SqlStorage, hsm: Pkcs11Hsm
 ) -> None:
     """A running worker that already checked the anchor still refuses to sign a head whose
-    records were edited meanwhile, and refuses appends from then on."""
+    chain was cut after the anchor, and refuses appends from then on."""
+    trail = AuditTrail(storage, SystemClock(), hsm, CheckpointPolicy(0))
+    trail.record([AuditEvent("r1", "svc", "encrypt")])
+    trail.checkpoint()
+    trail.record([AuditEvent("r2", "svc", "decrypt")])
+    trail.record([AuditEvent("r3", "svc", "decrypt")])
+    with storage.transaction() as tx:
+        tx._c.execute(sa.delete(t.audit_records).where(t.audit_records.c.seq == 2))
+    with pytest.raises(AuditStateRefused) as refused:
+        trail.checkpoint()
+    assert "broken" in (refused.value.detail or "")
+    with pytest.raises(AuditStateRefused):
+        trail.record([AuditEvent("r4", "svc", "encrypt")])
+
+
+def test_an_edited_record_after_the_anchor_is_refused_by_a_new_worker(
+    storage: SqlStorage, hsm: Pkcs11Hsm
+) -> None:
+    """A record edited in place after the anchor (its stored hash kept): a worker's first
+    check re-hashes every record since the anchor and refuses (a signer only checks the
+    links; the offline verifier re-hashes everything)."""
     trail = AuditTrail(storage, SystemClock(), hsm, CheckpointPolicy(0))
     trail.record([AuditEvent("r1", "svc", "encrypt")])
     trail.checkpoint()
@@ -130,11 +150,10 @@ def test_a_rewritten_record_after_the_anchor_is_refused_at_signing(
         tx._c.execute(
             sa.update(t.audit_records).where(t.audit_records.c.seq == 2).values(principal="x")
         )
+    fresh = AuditTrail(storage, SystemClock(), hsm, CheckpointPolicy(0))
     with pytest.raises(AuditStateRefused) as refused:
-        trail.checkpoint()
-    assert "broken" in (refused.value.detail or "")
-    with pytest.raises(AuditStateRefused):
-        trail.record([AuditEvent("r3", "svc", "encrypt")])
+        fresh.record([AuditEvent("r3", "svc", "encrypt")])
+    assert "record hash does not match its content" in (refused.value.detail or "")
 
 
 def test_kms_init_anchors_only_while_the_token_anchors_no_other_chain(

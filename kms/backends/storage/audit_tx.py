@@ -68,6 +68,16 @@ class AuditTx:
         rows = self._c.execute(stmt.order_by(r.seq).limit(limit))
         return [row._asdict() for row in rows]
 
+    def audit_links(self, after: int, until: int, limit: int) -> list[tuple[int, str, str]]:
+        r = t.audit_records.c
+        rows = self._c.execute(
+            select(r.seq, r.prev_hash, r.hash)
+            .where(r.seq > after, r.seq <= until)
+            .order_by(r.seq)
+            .limit(limit)
+        )
+        return [(int(seq), str(prev), str(hash_)) for seq, prev, hash_ in rows]
+
     def audit_counts(self, since: str, until: str) -> list[dict[str, Any]]:
         r = t.audit_records.c
         escrow = r.case_id.is_not(None).label("escrow")

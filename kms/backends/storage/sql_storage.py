@@ -65,7 +65,7 @@ class _Unsealed:
     def _refuse(self, *_: Any) -> NoReturn:
         raise RuntimeError("storage used without row seals (SqlStorage.seal_with)")
 
-    seal = check = verified = _refuse
+    seal = check = _refuse
 
 
 class SqlStorage:
