@@ -44,6 +44,7 @@ bench: venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/audit_append.py
+	$(BIN)/python bench/seals.py
 	$(BIN)/python bench/sdk_cache.py
 	$(BIN)/python bench/xks.py
 	$(BIN)/python bench/load.py

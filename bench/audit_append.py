@@ -78,6 +78,7 @@ def main() -> None:
                 engine = make_engine(f"sqlite:///{work}/a-{sync}-{batch}.sqlite3", sync)
                 upgrade(engine)
                 trail = AuditTrail(SqlStorage(engine), SystemClock(), hsm, CheckpointPolicy(1000))
+                trail.anchor_new_chain(allow_other_chains=True)  # as kms init would
                 kms = kms_rate(trail, batch, args.seconds)
                 base = sqlite_rate(work / f"b-{sync}-{batch}.sqlite3", sync, batch, args.seconds)
                 rows.append((sync, batch, kms, base))

@@ -5,10 +5,10 @@ The anchor is a private token data object labelled ``kms-audit-anchor-<chain id>
 chain id is in the database (audit_head.chain_id), its value is kms/formats/anchor.py.
 
 Guarantees:
-- A checkpoint is signed only for a head that extends the anchor: the records between
-  the anchored head and the new one are re-hashed and must chain, and the record at the
-  anchored seq must still have the anchored hash. The anchor then moves to the new head
-  before the checkpoint is stored.
+- A checkpoint is signed only for a head that extends the anchor: the record at the
+  anchored seq must still re-hash to the anchored hash, and every record up to the new
+  head must link to the one before (a process's first check re-hashes them all too; see
+  check_extends). The anchor then moves to the new head before the checkpoint is stored.
 - A database that is behind the anchor, or does not contain it (a rollback, a restore
   from an older backup, a history deleted and re-chained), is refused: no audited
   operation runs until an operator accepts the state with ``kms audit accept-state``,
