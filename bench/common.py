@@ -294,7 +294,7 @@ def _seed(data_dir: Path, total: int, used: int, out: Any) -> None:
     from kms.backends.hsm import Pkcs11Hsm
     from kms.backends.storage import SqlStorage, make_engine
     from kms.backends.storage import schema as t
-    from kms.services.audit import Caller
+    from kms.services.audit_events import Caller
     from kms.services.crypto import DataKeyRequest
 
     settings = config.from_env({"KMS_DATA_DIR": str(data_dir)})

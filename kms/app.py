@@ -27,7 +27,7 @@ from kms.backends.redis_store import shared_backends
 from kms.backends.storage import SqlStorage, make_engine
 from kms.backends.storage.migrate import check_current_if_reachable
 from kms.backends.webhook import RequestsWebhookSender
-from kms.services.audit import AuditTrail, Caller, CheckpointPolicy
+from kms.services.audit import AuditTrail, CheckpointPolicy
 from kms.services.audit_budget import (
     DEFAULT_ALERT_RECORDS_PER_MINUTE,
     FLUSH_SECONDS,
@@ -35,6 +35,7 @@ from kms.services.audit_budget import (
     AuditGrowth,
 )
 from kms.services.audit_context import ContextAudit
+from kms.services.audit_events import Caller
 from kms.services.audit_export import AuditExports
 from kms.services.aws_kms import AwsKeyService
 from kms.services.clock import SystemClock

@@ -17,7 +17,7 @@ from kms.api import peer
 from kms.api.parsing import check_text
 from kms.api.throttle import admit
 from kms.errors import InvalidRequest, KmsError, MethodNotAllowed, NotFound, PayloadTooLarge
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 
 if TYPE_CHECKING:
     from kms.app import Services

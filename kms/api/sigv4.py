@@ -9,7 +9,7 @@ from flask import Blueprint, g, request
 
 from kms.api import parsing as p
 from kms.api.context import caller, operation, request_id, services
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.sigv4 import SignedRequest, Verified, check_access_key_id
 
 bp = Blueprint("sigv4", __name__, url_prefix="/v1")

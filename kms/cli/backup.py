@@ -245,7 +245,7 @@ def _restore_files(source: Path, data_dir: Path, manifest: dict[str, Any]) -> No
 def _check_and_record(data_dir: Path, manifest: dict[str, Any]) -> str:
     """Schema up to date, HSM + database + audit key answering, restore recorded."""
     from kms.bootstrap import migrate_database, open_services
-    from kms.services.audit import Caller, EventBuilder
+    from kms.services.audit_events import Caller, EventBuilder
 
     migrate_database(data_dir)
     with open_services(data_dir) as services:

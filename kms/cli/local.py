@@ -115,7 +115,7 @@ def rotate_due(data_dir: Path) -> None:
     at once). Exit 1 if any key failed."""
     with clear_errors():
         from kms.bootstrap import open_services
-        from kms.services.audit import Caller
+        from kms.services.audit_events import Caller
 
         with open_services(data_dir) as services:
             caller = Caller(f"scheduler-{uuid.uuid4().hex}", SCHEDULER)

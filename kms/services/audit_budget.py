@@ -46,7 +46,8 @@ from kms.metrics import (
     AUDIT_GROWTH_ALERT,
     AUDIT_RECORDS_LAST_MINUTE,
 )
-from kms.services.audit import AuditTrail, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import format_time
 from kms.services.model import AuditEvent, Principal
 from kms.services.ports import AuditRows, Clock, RateLimiter, Store
 from kms.services.rate_limits import Rate, RatePolicy

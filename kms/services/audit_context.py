@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import Any
 
 from kms.errors import InvalidRequest
-from kms.services.audit import MAX_PAGE, AuditTrail, Caller
+from kms.services.audit import MAX_PAGE, AuditTrail
+from kms.services.audit_events import Caller
 from kms.services.context_hash import ContextHasher
 from kms.services.model import AuditQuery, Role
 from kms.services.ports import AuditRows, Store

@@ -20,7 +20,8 @@ from typing import IO, Any
 
 from kms.errors import Conflict, InvalidRequest
 from kms.formats import bundle
-from kms.services.audit import AuditTrail, Caller, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, format_time
 from kms.services.audit_verify import verify_bundle
 from kms.services.model import JUSTIFICATIONS, Role
 from kms.services.ports import AuditRows, Store

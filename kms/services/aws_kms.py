@@ -12,7 +12,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from kms.errors import Conflict, Forbidden, InvalidRequest, KeyStateError
-from kms.services.audit import AuditTrail, Caller
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller
 from kms.services.key_refs import ALIAS_RE, UUID_RE, resolve
 from kms.services.model import Key, KeyState, Role
 from kms.services.ports import AuditRows, GrantRows, KeyRows, Store

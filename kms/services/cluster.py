@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kms.errors import StorageUnavailable
-from kms.services.audit import Caller
 from kms.services.audit_budget import AuditBudget
+from kms.services.audit_events import Caller
 from kms.services.keys import KeyService
 from kms.services.model import Principal
 from kms.services.ports import Hsm, InvalidationBus, Leases, RateLimiter

@@ -26,7 +26,7 @@ from kms.errors import (
     WrongKey,
 )
 from kms.formats import blob as blobfmt
-from kms.services.audit import Caller, EventBuilder
+from kms.services.audit_events import Caller, EventBuilder
 from kms.services.context_hash import ContextHasher
 from kms.services.key_use import CaseUse, Face, Use, check_caller
 from kms.services.key_work import KeyUseRunner, KeyWork

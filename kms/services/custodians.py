@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from kms.formats import escrow as escrowfmt
-from kms.services.audit import AuditTrail, Caller, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
 from kms.services.model import Custodian, Role
 from kms.services.notify import Notifier

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from kms.errors import ClientError
-from kms.services.audit import MAX_PAGE, AuditTrail, Caller, format_time
+from kms.services.audit import MAX_PAGE, AuditTrail
+from kms.services.audit_events import Caller, format_time
 from kms.services.audit_export import AuditExports
 from kms.services.audit_verify import Report, VerifyInputError, verify_bundle
 from kms.services.escrow_common import EscrowRows

@@ -35,7 +35,8 @@ from typing import Any
 
 from kms.errors import Conflict, Forbidden, NotFound
 from kms.formats import escrow as escrowfmt
-from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx, require_configured
 from kms.services.escrow_filing import CaseRequest, build_case
 from kms.services.escrow_quorum import Quorum

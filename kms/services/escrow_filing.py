@@ -13,7 +13,7 @@ from typing import Any
 
 from kms.errors import InvalidRequest
 from kms.formats import escrow as escrowfmt
-from kms.services.audit import format_time
+from kms.services.audit_events import format_time
 from kms.services.key_refs import resolve
 from kms.services.model import JUSTIFICATIONS, CaseState, EscrowCase
 from kms.services.ports import KeyRows

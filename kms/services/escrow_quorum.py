@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from kms.formats import escrow as escrowfmt
-from kms.services.audit import format_time
+from kms.services.audit_events import format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx
 from kms.services.key_use import CASE_ALTERED
 from kms.services.model import EscrowCase, EscrowPolicy

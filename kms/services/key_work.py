@@ -39,7 +39,8 @@ from kms.errors import (
     NotFound,
 )
 from kms.formats.xks import XksKeyPolicy
-from kms.services.audit import AuditTrail, Caller, EventBuilder
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder
 from kms.services.escrow_common import EscrowTx
 from kms.services.key_refs import UUID_RE
 from kms.services.key_use import CaseStanding, Face, Use, decide

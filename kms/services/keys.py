@@ -29,7 +29,8 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
-from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.key_params import (
     UNSET,
     Unset,

@@ -31,7 +31,8 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from kms.errors import KmsError
-from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.model import EscrowCase, Notification
 from kms.services.ports import Clock, NotificationRows, Store, Tx
 

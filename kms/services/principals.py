@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kms.errors import InvalidRequest, SealBroken, Unauthenticated
-from kms.services.audit import AuditTrail, Caller, EventBuilder
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder
 from kms.services.model import Principal, Role
 from kms.services.ports import AuditRows, Clock, PrincipalRows, Store
 

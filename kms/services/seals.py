@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 from kms.errors import SealBroken
 from kms.formats.xks import XksKeyPolicy
 from kms.metrics import SEAL_FAILURES
-from kms.services.audit import AuditTrail, local_event
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import local_event
 from kms.services.model import Grant, Key, KeyVersion, Principal, SigV4Credential
 from kms.services.ports import Hsm, Store, Tx
 

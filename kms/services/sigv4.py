@@ -45,7 +45,8 @@ from kms.errors import (
     Unauthenticated,
 )
 from kms.formats import sigv4 as fmt
-from kms.services.audit import AuditTrail, Caller, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, format_time
 from kms.services.cluster import CREDENTIAL, Invalidations
 from kms.services.model import KekRef, Principal, Role, SigV4Credential
 from kms.services.ports import (

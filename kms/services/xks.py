@@ -43,7 +43,8 @@ from kms.errors import (
 )
 from kms.formats import xks as fmt
 from kms.formats.xks import RequestMetadata, XksKeyPolicy
-from kms.services.audit import AuditTrail, Caller, EventBuilder, format_time
+from kms.services.audit import AuditTrail
+from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.key_refs import resolve
 from kms.services.key_use import XKS_USAGE, Face, Use, XksCall
 from kms.services.key_work import KeyUseRunner, KeyWork

@@ -41,7 +41,7 @@ from kms.errors import (
     KmsError,
     Unauthenticated,
 )
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.dashboard import REFUSED, CsrfRefused, DashboardService
 from kms.services.model import Role
 from kms.web import display

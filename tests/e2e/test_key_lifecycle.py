@@ -126,7 +126,7 @@ SET_UP = """
 from datetime import UTC, datetime
 from pathlib import Path
 from kms.bootstrap import open_services
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.model import Principal, Role
 admin = Principal(1, "admin", Role.ADMIN, datetime(2026, 1, 1, tzinfo=UTC))
 with open_services(Path({data_dir!r})) as services:

@@ -15,7 +15,7 @@ from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
 from kms.errors import ClientError, HsmUnavailable
 from kms.formats import context as ctxfmt
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.context_hash import MEMO_MAX_BYTES, ContextHasher
 from kms.services.crypto import RewrapRequest
 from kms.services.model import AuditEvent

@@ -16,7 +16,7 @@ from kms import config
 from kms.app import Services, create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.principals import PrincipalService
 from kms.services.rotation import SCHEDULER
 from tests.helpers import Api, ManualClock

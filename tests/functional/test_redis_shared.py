@@ -9,7 +9,7 @@ from typing import Any
 
 from kms.app import Options, build_services
 from kms.backends.redis_store import RETRY_SECONDS, RedisBus, RedisConnection, RedisLeases
-from kms.services.audit import Caller
+from kms.services.audit_events import Caller
 from kms.services.cluster import KEY, ClusterSettings, Invalidations
 from kms.services.key_params import MIN_PENDING_DAYS
 from kms.services.model import KeyState, Principal, Role

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kms.formats import audit_record as a
 from kms.formats import blob as b
 from kms.formats import context as c
-from kms.services.audit import format_time
+from kms.services.audit_events import format_time
 
 # -- encryption context -------------------------------------------------------------------
 
