@@ -172,7 +172,7 @@ def build_services(
             storage, hsm, trail, clock, options.auth_cache_seconds, shared.nonces, invalidations
         ),
         cluster=cluster,
-        dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock),
+        dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock, rows),
         aws=AwsKeyService(storage, trail),
         xks=XksService(storage, hsm, trail, clock, runner),
         audit_growth=AuditGrowth(storage, clock, options.audit_alert_per_minute),

@@ -369,7 +369,7 @@ class AuditTrail:
         """One page of records in chain order matching ``query``, for admins and auditors."""
         with self.operation(caller, "read_audit"):
             caller.require(Role.ADMIN, Role.AUDITOR)
-            _check_page(after, limit)
+            check_page(after, limit)
             with self._storage.reader() as tx:
                 return tx.audit_records(after, limit, query=query)
 
@@ -377,11 +377,12 @@ class AuditTrail:
         """Signed checkpoints with seq > ``after``, oldest first."""
         with self.operation(caller, "read_checkpoints"):
             caller.require(Role.ADMIN, Role.AUDITOR)
-            _check_page(after, limit)
+            check_page(after, limit)
             with self._storage.reader() as tx:
                 return tx.checkpoints(after, None, limit)
 
 
-def _check_page(after: int, limit: int) -> None:
+def check_page(after: int, limit: int) -> None:
+    """InvalidRequest unless ``after`` >= 0 and 1 <= ``limit`` <= MAX_PAGE."""
     if after < 0 or not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"after must be >= 0 and limit 1..{MAX_PAGE}")

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from kms.errors import InvalidRequest
-from kms.services.audit import MAX_PAGE, AuditTrail
+from kms.services.audit import AuditTrail, check_page
 from kms.services.audit_events import Caller
 from kms.services.context_hash import ContextHasher
 from kms.services.model import AuditQuery, Role
@@ -44,8 +43,7 @@ class ContextAudit:
         (HsmUnavailable)."""
         with self._trail.operation(caller, "read_audit_context") as op:
             caller.require(Role.ADMIN, Role.AUDITOR)
-            if after < 0 or not 1 <= limit <= MAX_PAGE:
-                raise InvalidRequest(f"after must be >= 0 and limit 1..{MAX_PAGE}")
+            check_page(after, limit)
             hashes = self._hasher.matching(context)
             op.note(context_sha256=hashes[0])
             wanted = replace(query or AuditQuery(), context_hashes=hashes)

@@ -45,7 +45,6 @@ from kms.services.ports import (
 )
 from kms.services.principals import PrincipalService
 from kms.services.rotation import is_overdue, next_rotation
-from kms.services.seals import RowSeals
 
 DASHBOARD_ROLES = (Role.ADMIN, Role.AUDITOR)
 SESSION_KEY_LABEL = b"kms-dashboard-session-v1"
@@ -132,6 +131,7 @@ class DashboardService:
         keys: KeyService,
         exports: AuditExports,
         clock: Clock,
+        rows: EscrowRows,
     ) -> None:
         self._storage = storage
         self._hsm = hsm
@@ -140,7 +140,7 @@ class DashboardService:
         self._keys = keys
         self._exports = exports
         self._clock = clock
-        self._rows = EscrowRows(RowSeals(hsm))
+        self._rows = rows  # the worker's sealed escrow rows (one memo of verified rows)
 
     def now(self) -> datetime:
         return self._clock.now()

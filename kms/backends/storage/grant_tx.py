@@ -53,7 +53,7 @@ class GrantTx:
             return KeyAccess(key, Grant())
         try:  # a grant row: it must verify, or it is no grant (with the reason why)
             ident = f"{key_id},{principal_id}"
-            grant = parsed("grant", ident, lambda: Grant(_split(ops), _split(codes)))
+            grant = parsed("grant", ident, lambda: Grant(split_list(ops), split_list(codes)))
             fields = grant_fields(key_id, principal_id, grant)
             self._seals.check("grant", fields, found["grant_seal"])
         except SealBroken as e:
@@ -66,7 +66,9 @@ class GrantTx:
             return Grant()
         ident = f"{key_id},{principal_id}"
         grant = parsed(
-            "grant", ident, lambda: Grant(_split(row.operations), _split(row.justifications))
+            "grant",
+            ident,
+            lambda: Grant(split_list(row.operations), split_list(row.justifications)),
         )
         self._seals.check("grant", grant_fields(key_id, principal_id, grant), row.seal)
         return grant
@@ -80,7 +82,8 @@ def _access_key(found: dict[str, Any]) -> Key:
     return key_row(SimpleNamespace(**found))
 
 
-def _split(text: str | None) -> frozenset[str]:
+def split_list(text: str | None) -> frozenset[str]:
+    """The codes of a comma-separated column (grants.operations, .justifications)."""
     return frozenset(x for x in (text or "").split(",") if x)
 
 

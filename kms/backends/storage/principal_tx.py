@@ -74,12 +74,13 @@ class PrincipalTx:
 
     def _checked_principal(self, row: Row[Any]) -> Principal:
         """The principal of a row; SealBroken if it does not parse or verify."""
-        principal = parsed("principal", row.id, lambda: _principal(row))
+        principal = parsed("principal", row.id, lambda: principal_row(row))
         self._seals.check("principal", principal_fields(principal), row.seal)
         return principal
 
 
-def _principal(row: Row[Any]) -> Principal:
+def principal_row(row: Row[Any]) -> Principal:
+    """The Principal of a principals row (not checked: see _checked_principal)."""
     return Principal(int(row.id), row.name, Role(row.role), utc(row.created_at))
 
 

@@ -15,11 +15,10 @@ from sqlalchemy import ColumnElement, Table, select, update
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
-from kms.backends.storage.grant_tx import _split
+from kms.backends.storage.grant_tx import split_list
 from kms.backends.storage.key_tx import key_row, key_select
-from kms.backends.storage.principal_tx import _principal
-from kms.backends.storage.sigv4_tx import _SELECT as SIGV4_SELECT
-from kms.backends.storage.sigv4_tx import _credential
+from kms.backends.storage.principal_tx import principal_row
+from kms.backends.storage.sigv4_tx import CREDENTIAL_SELECT, credential_row
 from kms.backends.storage.times import utc
 from kms.backends.storage.xks_tx import xks_policy_row
 from kms.services.model import Grant, KeyVersion
@@ -54,7 +53,7 @@ class SealTx:
 
         p, k, g = t.principals.c, t.keys.c, t.grants.c
         for row in self._c.execute(select(t.principals).where(p.seal.is_(None))).all():
-            put("principal", t.principals, p.id == row.id, principal_fields(_principal(row)))
+            put("principal", t.principals, p.id == row.id, principal_fields(principal_row(row)))
         tok = t.tokens.c
         for row in self._c.execute(select(t.tokens).where(tok.seal.is_(None))).all():
             fields = token_fields(row.token_sha256, int(row.principal_id))
@@ -69,12 +68,12 @@ class SealTx:
             where = (v.key_id == row.key_id) & (v.version == row.version)
             put("key_version", t.key_versions, where, version_fields(version))
         for row in self._c.execute(select(t.grants).where(g.seal.is_(None))).all():
-            grant = Grant(_split(row.operations), _split(row.justifications))
+            grant = Grant(split_list(row.operations), split_list(row.justifications))
             where = (g.key_id == row.key_id) & (g.principal_id == row.principal_id)
             put("grant", t.grants, where, grant_fields(row.key_id, row.principal_id, grant))
         s = t.sigv4_credentials.c
-        for row in self._c.execute(SIGV4_SELECT.where(s.seal.is_(None))).all():
-            credential = _credential(row)
+        for row in self._c.execute(CREDENTIAL_SELECT.where(s.seal.is_(None))).all():
+            credential = credential_row(row)
             where = s.access_key_id == row.access_key_id
             put("sigv4_credential", t.sigv4_credentials, where, sigv4_fields(credential))
         x = t.xks_key_policies.c

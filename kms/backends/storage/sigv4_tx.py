@@ -40,21 +40,23 @@ class SigV4Tx:
         )
 
     def sigv4_credential(self, access_key_id: str) -> SigV4Credential | None:
-        row = self._c.execute(_SELECT.where(t.sigv4_credentials.c.access_key_id == access_key_id))
+        row = self._c.execute(
+            CREDENTIAL_SELECT.where(t.sigv4_credentials.c.access_key_id == access_key_id)
+        )
         first = row.first()
         return None if first is None else self._checked_credential(first)
 
     def sigv4_credentials_of(self, principal_id: int) -> list[SigV4Credential]:
         """The principal's credentials whose rows verify (the others are alarmed, left out)."""
         c = t.sigv4_credentials.c
-        query = _SELECT.where(c.principal_id == principal_id).order_by(c.created_at)
+        query = CREDENTIAL_SELECT.where(c.principal_id == principal_id).order_by(c.created_at)
         check = self._checked_credential
         return checked_rows(self._c, query, c.access_key_id, "sigv4_credential", check)
 
     def _checked_credential(self, row: Row[Any]) -> SigV4Credential:
         """The credential of a row with its principal; SealBroken unless both parse and
         verify."""
-        credential = parsed("sigv4_credential", row.access_key_id, lambda: _credential(row))
+        credential = parsed("sigv4_credential", row.access_key_id, lambda: credential_row(row))
         self._seals.check("principal", principal_fields(credential.principal), row.principal_seal)
         self._seals.check("sigv4_credential", sigv4_fields(credential), row.seal)
         return credential
@@ -86,7 +88,7 @@ class SigV4Tx:
         return self._c.execute(delete(t.sigv4_nonces).where(n.nonce.in_(expired))).rowcount
 
 
-_SELECT = select(
+CREDENTIAL_SELECT = select(
     t.sigv4_credentials,
     t.principals.c.name,
     t.principals.c.role,
@@ -95,7 +97,8 @@ _SELECT = select(
 ).join(t.principals, t.principals.c.id == t.sigv4_credentials.c.principal_id)
 
 
-def _credential(row: Row[Any]) -> SigV4Credential:
+def credential_row(row: Row[Any]) -> SigV4Credential:
+    """The credential of a CREDENTIAL_SELECT row (not checked: see _checked_credential)."""
     created = utc(row.principal_created_at)
     return SigV4Credential(
         access_key_id=row.access_key_id,
