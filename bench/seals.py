@@ -4,7 +4,11 @@ what a decrypt already pays the HSM, measured in the same run:
 - a key row checked the first time a worker reads it (one HMAC in SoftHSM);
 - the same row checked again (the worker's memo: JSON encoding and a dictionary look-up);
 - baseline: one AES-256-GCM decrypt of a 32-byte DEK under a KEK the worker holds (the
-  crypto of one decrypt request).
+  crypto of one decrypt request);
+- freshness (kms/services/state_index.py): the read of the HSM state anchor each
+  transaction makes before its first sealed row, and a transaction that changes a sealed
+  row (a key's description) beside one that changes nothing sealed, where the
+  difference is the state log and the anchor moved in the HSM.
 
     .venv/bin/python bench/seals.py --rows 2000
 
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from kms import config  # noqa: E402
 from kms.app import hsm_config  # noqa: E402
 from kms.backends.hsm import Pkcs11Hsm  # noqa: E402
+from kms.backends.storage import SqlStorage, make_engine  # noqa: E402
 from kms.services.model import KekRef, Key, KeyState  # noqa: E402
 from kms.services.seals import RowSeals, key_fields  # noqa: E402
 from tests.helpers import init_data_dir  # noqa: E402
@@ -53,14 +59,45 @@ def main() -> None:
         iv, aad = os.urandom(12), b"aad"
         sealed = hsm.encrypt(kek, iv, os.urandom(32), aad)
         decrypt = _per_op(lambda: [hsm.decrypt(kek, iv, sealed, aad) for _ in rows], len(rows))
+        anchor_read, sealed_tx, plain_tx = _freshness(settings, hsm, rows[0][0]["key_id"], now)
         hsm.close()
-    print(f"\n{'operation':<46}{'us':>8}{'x decrypt':>11}")
+    print(f"\n{'operation':<50}{'us':>8}{'x decrypt':>11}")
     for name, cost in (
         ("seal check, first read of a row (HSM HMAC)", first),
         ("seal check, row read again (memo)", again),
         ("baseline: AES-GCM decrypt of a DEK in the HSM", decrypt),
+        ("freshness: state anchor read, per transaction", anchor_read),
+        ("transaction changing a sealed row (key)", sealed_tx),
+        ("transaction changing no sealed row (nonce)", plain_tx),
     ):
-        print(f"{name:<46}{cost * 1e6:>8.1f}{cost / decrypt:>11.2f}")
+        print(f"{name:<50}{cost * 1e6:>8.1f}{cost / decrypt:>11.2f}")
+
+
+def _freshness(
+    settings: config.Settings, hsm: Pkcs11Hsm, key_id: str, now: datetime
+) -> tuple[float, float, float]:
+    """Seconds per anchor read, per transaction writing a sealed row, per one that
+    writes none, on the data directory's own database."""
+    storage = SqlStorage(make_engine(settings.database_url, "NORMAL"), RowSeals(hsm))
+    state = storage._seals.state  # type: ignore[attr-defined]
+    state.sync()
+    key = Key(key_id, None, "", KeyState.ENABLED, 1, now, None, None, None, 1, now)
+    with storage.transaction() as tx:
+        tx.add_key(key)
+    n = 200
+    read = _per_op(lambda: [state.sync() for _ in range(n)], n)
+
+    def sealed_writes() -> None:
+        for i in range(n):
+            with storage.transaction() as tx:
+                tx.update_key(replace(key, description=str(i)))
+
+    def plain_writes() -> None:
+        for i in range(n):
+            with storage.transaction() as tx:
+                tx.remember_nonce(f"bench-{i}", "9999-12-31T00:00:00.000Z", "2000")
+
+    return read, _per_op(sealed_writes, n), _per_op(plain_writes, n)
 
 
 def _per_op(run: Callable[[], object], n: int) -> float:

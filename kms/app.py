@@ -57,6 +57,7 @@ from kms.services.principals import PrincipalService
 from kms.services.rotation import SCHEDULER
 from kms.services.seals import RowSeals
 from kms.services.sigv4 import SigV4Service
+from kms.services.state_index import StateIndex
 from kms.services.xks import XksService
 from kms.web import dashboard as web_dashboard
 
@@ -81,6 +82,7 @@ class Services:
     aws: AwsKeyService
     xks: XksService
     audit_growth: AuditGrowth
+    state: StateIndex  # the freshness of sealed rows (kms/services/state_index.py)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,9 @@ def build_services(
     notifier = Notifier(storage, trail, clock, sender, options.webhook)
     trail.on_checkpoint = notifier.checkpoint_signed  # every checkpoint to the data owner
     seals = RowSeals(hsm)  # one memo of verified rows per worker
-    storage.seal_with(seals)
+    storage.seal_with(seals)  # and one index of the current seals (seals.state)
+    assert seals.state is not None
+    trail.sealed_state = seals.state  # checked and carried by every checkpoint
     rows = EscrowRows(seals)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
@@ -167,7 +171,9 @@ def build_services(
         escrow=escrow,
         custodians=CustodianService(storage, trail, clock, notifier, options.escrow, rows),
         notifier=notifier,
-        health=HealthService(storage, hsm, trail.verify_anchor),
+        health=HealthService(
+            storage, hsm, trail.verify_anchor, lambda: seals.state and seals.state.sync()
+        ),
         sigv4=SigV4Service(
             storage, hsm, trail, clock, options.auth_cache_seconds, shared.nonces, invalidations
         ),
@@ -176,6 +182,7 @@ def build_services(
         aws=AwsKeyService(storage, trail),
         xks=XksService(storage, hsm, trail, clock, runner),
         audit_growth=AuditGrowth(storage, clock, options.audit_alert_per_minute),
+        state=seals.state,
     )
 
 
@@ -268,6 +275,7 @@ def create_app(
         clock,
         options_from_settings(settings),
     )
+    app.extensions["kms"].state.warm()  # this worker's index of the current seals
     xks_bp = xks.blueprint(settings.xks_uri_prefix)  # its URLs depend on the prefix
     for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
         app.register_blueprint(bp)

@@ -20,6 +20,7 @@ from kms.app import Services, build_services, hsm_config, options_from_settings
 from kms.backends.hsm import Pkcs11Hsm, provision_keys
 from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.backends.storage.migrate import check_current
+from kms.services.audit_events import local_event
 from kms.services.seals import seal_unsealed_rows
 
 
@@ -94,9 +95,24 @@ def secure_database(
     anchors the chain (a new database, or one from before anchors and seals): afterwards
     an unsealed row is something the database writer made, and stays refused."""
     chain_id = services.audit.anchor_new_chain(allow_other_chains)
+    anchor_sealed_state(storage, services, new_chain=chain_id is not None)
     if chain_id is None:
         return None, {}
     return chain_id, seal_unsealed_rows(storage, services.audit)
+
+
+def anchor_sealed_state(storage: SqlStorage, services: Services, new_chain: bool) -> None:
+    """Anchor the sealed rows' state in the HSM (kms/services/state_index.py) where the
+    chain has no state anchor yet: with a new chain (before its rows are sealed: sealing
+    them is then a logged change), or a chain anchored before freshness existed, whose
+    rows are trusted as found, which the audit trail records."""
+    with storage.reader() as tx:
+        chain_id = tx.audit_chain_id()
+    if chain_id is None or services.state.anchored(chain_id):
+        return
+    if not new_chain:
+        services.audit.record([local_event("anchor_sealed_state", "rows trusted as found")])
+    services.state.anchor(chain_id)
 
 
 def migrate_database(data_dir: Path) -> tuple[str | None, dict[str, int]]:

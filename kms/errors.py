@@ -176,6 +176,16 @@ class AuditStateRefused(ServerError):
     public_message = "the audit trail does not match its HSM anchor; an operator must check it"
 
 
+class StateRefused(AuditStateRefused):
+    """The database's sealed rows match no state the HSM anchored (a row rolled back,
+    inserted or deleted while no process watched) or the state anchor cannot be read:
+    no sealed row is used until an operator accepts the state (``kms audit
+    accept-state``, kms/services/state_index.py)."""
+
+    code = "state_refused"
+    public_message = "the database does not match its HSM anchor; an operator must check it"
+
+
 class IntegrityFailure(Exception):
     """Raised by the HSM backend when authenticated decryption fails (tag, AAD, key) or a
     KEK cannot be unwrapped.

@@ -98,6 +98,13 @@ AUDIT_STATE_REFUSED = Counter(
     "refused until `kms audit accept-state`. Alert on any increase.",
     registry=_REGISTRY,
 )
+STATE_REFUSED = Counter(
+    "kms_state_refused_total",
+    "Times a process found the database's sealed rows matching no state the HSM "
+    "anchored (a row rolled back, inserted or deleted): sealed rows are refused until "
+    "`kms audit accept-state`. Alert on any increase.",
+    registry=_REGISTRY,
+)
 AUDIT_APPEND_SECONDS = Histogram(
     "kms_audit_append_seconds",
     "Time to chain audit records in a transaction (includes waiting for the head lock).",

@@ -56,20 +56,22 @@ def init_data_dir(path: Path) -> Path:
 
 @contextmanager
 def anchored(storage: Any, hsm: Any) -> Iterator[str]:
-    """Anchor ``storage``'s audit chain in ``hsm`` as ``kms init`` does (the token may
-    anchor other tests' chains), and destroy the anchor afterwards."""
+    """Anchor ``storage``'s audit chain and sealed state in ``hsm`` as ``kms init`` does
+    (the token may anchor other tests' chains), and destroy the anchors afterwards."""
+    from kms.services import state_index
     from kms.services.audit import AuditTrail
     from kms.services.audit_anchor import AuditAnchor
     from kms.services.clock import SystemClock
 
     chain_id = AuditTrail(storage, SystemClock(), hsm).anchor_new_chain(allow_other_chains=True)
     assert chain_id is not None
+    state_index.StateIndex(hsm, storage).anchor(chain_id)
     try:
         yield chain_id
     finally:
-        label = AuditAnchor.label(chain_id)
-        for value in hsm.anchor_values(label):
-            hsm.drop_anchor(label, value)
+        for label in (AuditAnchor.label(chain_id), state_index.label(chain_id)):
+            for value in hsm.anchor_values(label):
+                hsm.drop_anchor(label, value)
 
 
 _UPDATE_KEYS = """

@@ -1,7 +1,8 @@
 """``kms audit``: read, export, verify and archive the audit trail.
 
-``verify`` works offline on a bundle and the public key you trust; ``archive`` runs on the
-server host against the data directory; the others talk to a running server.
+``verify`` works offline on a bundle and the public key you trust (and a state export);
+``archive``, ``accept-state`` and ``export-state`` run on the server host against the data
+directory; the others talk to a running server.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from kms.cli.common import clear_errors, client, data_dir_option, print_json, remote
 from kms.formats.bundle import MAX_LINE_BYTES
+from kms.formats.state_export import MAX_BYTES as MAX_STATE_BYTES
 from kms.services.audit_verify import DEFAULT_MAX_UNSIGNED
+
+if TYPE_CHECKING:
+    from kms.formats.state_export import StateExport
+    from kms.services.state_export import StateSnapshot
 
 
 @click.group()
@@ -175,6 +181,12 @@ def audit_report(since: str, until: str, fmt: str, url: str, token_file: Path | 
     help="Also accept a bundle that no checkpoint signature covers, and (without "
     "--max-unsigned) an unsigned tail of any length; reported as NOT VERIFIED BY SIGNATURE.",
 )
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A state export (`kms audit export-state`); its sealed rows must be those the "
+    "bundle's checkpoint at the same state change signed.",
+)
 def audit_verify(
     bundle: Path,
     public_key: Path,
@@ -183,6 +195,7 @@ def audit_verify(
     witnessed: Path | None,
     max_unsigned: int | None,
     allow_unsigned: bool,
+    state: Path | None,
 ) -> None:
     """Verify a bundle offline. Exit 0 only if everything verifies: a bundle no signature
     covers, or with more than --max-unsigned records after its last signature, fails
@@ -202,6 +215,7 @@ def audit_verify(
             _unusable(f"{option}: {e}")
         anchors.append(anchor)
     held = _read_witnessed(witnessed) if witnessed else []
+    sealed = _read_state(state) if state else None
     if max_unsigned is None and not allow_unsigned:
         max_unsigned = DEFAULT_MAX_UNSIGNED
     try:
@@ -214,6 +228,7 @@ def audit_verify(
                 max_unsigned,
                 allow_unsigned=allow_unsigned,
                 witnessed=held,
+                state=sealed,
             )
     except (VerifyInputError, OSError) as e:
         _unusable(str(e))
@@ -245,6 +260,18 @@ def _read_witnessed(path: Path) -> list[dict[str, Any]]:
     except (ValueError, OSError) as e:
         _unusable(f"--witnessed: {e}")
     return found
+
+
+def _read_state(path: Path) -> StateExport:
+    """The state export of a --state file (kms/formats/state_export.py)."""
+    from kms.formats.state_export import StateExportError, decode
+
+    try:
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise StateExportError(f"larger than {MAX_STATE_BYTES} bytes")
+        return decode(path.read_bytes())
+    except (StateExportError, OSError) as e:
+        _unusable(f"--state: {e}")
 
 
 def _unusable(message: str) -> NoReturn:
@@ -299,3 +326,45 @@ def audit_accept_state(data_dir: Path, reason: str, yes: bool) -> None:
             checkpoint = services.audit.checkpoint()
     seq = checkpoint["seq"] if checkpoint else 0
     click.echo(f"accepted: audit chain {chain_id} anchored and signed at seq {seq}")
+
+
+@audit.command("export-state")
+@data_dir_option
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout (JSON)."
+)
+def audit_export_state(data_dir: Path, out: Path | None) -> None:
+    """Write the sealed rows, checked against the HSM state anchor, at the state change a
+    checkpoint signed now carries (run on the server host; recorded as export_state).
+    Export the bundle afterwards and give this file to `kms audit verify --state`."""
+    with clear_errors():
+        target = out.open("xb") if out is not None else None  # never overwrites a file
+        try:
+            snapshot = _export_state(data_dir)
+        except BaseException:
+            if target is not None and out is not None:  # nothing exported: no file left
+                target.close()
+                out.unlink()
+            raise
+        if target is None:
+            click.echo(snapshot.data, nl=False)
+        else:
+            with target:
+                target.write(snapshot.data)
+    click.echo(
+        f"sealed state at change {snapshot.state_seq}: {snapshot.rows} rows, signed in the "
+        f"checkpoint at seq {snapshot.checkpoint['seq']}" + (f"; written to {out}" if out else ""),
+        err=True,
+    )
+
+
+def _export_state(data_dir: Path) -> StateSnapshot:
+    from kms.bootstrap import open_services
+    from kms.errors import AuditStateRefused
+    from kms.services.state_export import export_state
+
+    with open_services(data_dir) as services:
+        try:
+            return export_state(services.audit)
+        except AuditStateRefused as e:  # the operator on the host gets the precise reason
+            raise click.ClickException(f"{e.code}: {e.detail or e.message}") from None

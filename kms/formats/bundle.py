@@ -12,7 +12,9 @@ the last seq it holds and ``head`` the chain head when it was exported. The head
 signed: the verifier takes the segment's bounds from the records and trusts nothing in
 the header but compares its public key with the one the auditor trusts. Record fields
 are those of kms/formats/audit_record.py, checkpoint fields those of
-kms/formats/checkpoint.py.
+kms/formats/checkpoint.py (format 1 or 2; a bundle may hold both). The sealed rows that
+format 2 checkpoints sign travel beside the bundle, in a state export
+(kms/formats/state_export.py).
 """
 
 from __future__ import annotations

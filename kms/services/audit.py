@@ -39,6 +39,7 @@ from kms.services.audit_anchor import AnchorCheck, AuditAnchor
 from kms.services.audit_events import Caller, EventBuilder, format_time, local_event
 from kms.services.model import AuditEvent, AuditQuery, Role
 from kms.services.ports import AuditRows, Clock, Hsm, NotificationRows, Store
+from kms.services.state_index import StateIndex
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
@@ -85,6 +86,8 @@ class AuditTrail:
         # stores it: Notifier.checkpoint_signed, set by build_services (the notifier
         # audits through this trail, so it is made after it)
         self.on_checkpoint: Callable[[NotificationRows, dict[str, Any]], None] | None = None
+        # the sealed rows' state, checked and carried by checkpoints (kms/app.py sets it)
+        self.sealed_state: StateIndex | None = None
         self._anchor = AuditAnchor(hsm)
         self._anchored = False  # this process saw the database extend the HSM anchor
         self._refusal: tuple[float, str] | None = None  # when and why it last did not
@@ -161,7 +164,9 @@ class AuditTrail:
 
     def _sign_head(self, events: Sequence[AuditEvent]) -> dict[str, Any] | None:
         """Sign outside any write transaction (the HSM never runs under the database's
-        write lock), then store the checkpoint unless another one got there first."""
+        write lock), then store the checkpoint unless another one got there first. With a
+        ``sealed_state`` the checkpoint is format 2 and carries the verified state of the
+        sealed rows (kms/formats/checkpoint.py); StateRefused if it does not verify."""
         fingerprint = self.public_key_fingerprint()
         if events:
             with self._storage.transaction() as tx:
@@ -178,14 +183,11 @@ class AuditTrail:
             prev = head.checkpoint_seq  # the previous checkpoint, if its row says so too
             if not (prev < head.seq and (prev == 0 or tx.checkpoints(prev - 1, prev, 1))):
                 prev = checked.anchor.seq if checked.anchor.seq < head.seq else 0
-        cp: dict[str, Any] = {
-            "v": cpfmt.FORMAT_VERSION,
-            "seq": head.seq,
-            "prev_seq": prev,
-            "record_hash": head.hash,
-            "time": format_time(self._clock.now()),
-            "key_sha256": fingerprint,
-        }
+        # the sealed rows now, checked against the HSM state anchor: StateRefused (and no
+        # checkpoint) if one was rolled back, inserted or deleted in the database
+        state = None if self.sealed_state is None else self.sealed_state.checkpoint_state()
+        now = format_time(self._clock.now())
+        cp = cpfmt.unsigned(head.seq, prev, head.hash, now, fingerprint, state)
         signature = self._hsm.sign_digest(cpfmt.digest(cp))
         cp["signature"] = base64.b64encode(signature).decode("ascii")
         self._anchor.advance(checked.chain_id, Anchor(head.seq, head.hash, checked.anchor.archived))
@@ -272,6 +274,11 @@ class AuditTrail:
                 problem = None
             except AuditStateRefused as e:
                 problem = e.detail
+        if self.sealed_state is not None and problem is None:
+            try:
+                self.sealed_state.verified_state()
+            except AuditStateRefused as e:  # StateRefused: the sealed rows' anchor
+                problem = e.detail
         with self._storage.transaction() as tx:
             chain_id = tx.audit_chain_id() or secrets.token_hex(16)
             detail = f"accepted chain {chain_id}: {problem or 'no mismatch'}; reason: {reason}"
@@ -280,6 +287,8 @@ class AuditTrail:
             head = tx.audit_head()
             # under the write lock so no other process moves the anchor meanwhile
             self._anchor.replace(chain_id, Anchor(head.seq, head.hash, head.archived_seq))
+        if self.sealed_state is not None:  # and the sealed rows as they are now
+            self.sealed_state.anchor(chain_id)
         self._anchored, self._refusal = False, None
         log.warning("audit state accepted by an operator", extra={"detail": detail})
         return problem, chain_id

@@ -7,8 +7,9 @@ checkpoint covers; a forged checkpoint; a checkpoint dropped from the middle (ch
 name their predecessor); a bundle signed by another key; a bundle that does not connect
 to a checkpoint the auditor already holds (``since_checkpoint``) or does not reach one
 (``through_checkpoint``); a trail rewritten after one of the data owner's witnessed
-checkpoints (``witnessed``). Nothing in the bundle's header is trusted but its public key,
-which must be the trusted one.
+checkpoints (``witnessed``); sealed rows that differ from those a format 2 checkpoint
+signed (``state``, a state export: a row rolled back, inserted or deleted). Nothing in the
+bundle's header is trusted but its public key, which must be the trusted one.
 
 Strict by default: a chain alone proves nothing (anyone who can write the database can
 recompute one), so a bundle that no valid signature covers fails, and so does an unsigned
@@ -29,6 +30,8 @@ from typing import Any
 
 from kms.formats import audit_record, bundle
 from kms.formats import checkpoint as cpfmt
+from kms.formats.state_export import StateExport
+from kms.services.state_verify import check_state
 
 # The longest unsigned tail accepted by default: the server signs a checkpoint at least
 # every KMS_AUDIT_CHECKPOINT_RECORDS records (default 1000) and every
@@ -52,6 +55,7 @@ class Report:
     witnessed: int = 0  # distinct witnessed checkpoints given
     witnessed_matched: int = 0
     witnessed_before: int = 0  # before the bundle's start: nothing to compare them with
+    state_checked: str | None = None  # what a state export was found to match
     errors: list[str] = field(default_factory=list)
     not_verified: list[str] = field(default_factory=list)  # accepted by a looser option
 
@@ -100,6 +104,8 @@ class Report:
                     else ""
                 )
             )
+        if self.state_checked:
+            lines.append(f"state export: {self.state_checked}")
         lines += [f"ERROR: {e}" for e in self.errors]
         lines += [f"NOT VERIFIED BY SIGNATURE: {n}" for n in self.not_verified]
         if not self.ok:
@@ -120,6 +126,7 @@ def verify_bundle(
     *,
     allow_unsigned: bool = False,
     witnessed: Iterable[Mapping[str, Any]] = (),
+    state: StateExport | None = None,
 ) -> Report:
     """Verify a bundle (see kms/formats/bundle.py) against the trusted public key.
 
@@ -134,9 +141,12 @@ def verify_bundle(
     checkpoints the data owner received (webhook or feed): each one at or after the
     bundle's start must be in the bundle, identical, and agree with its records; one
     beyond the bundle's end, or whose record has another hash, means the trail was
-    truncated or rewritten after it was witnessed. Raises VerifyInputError only for
-    unusable inputs (a held or witnessed checkpoint that is malformed or not signed by the
-    trusted key); every finding about the bundle is in the returned Report."""
+    truncated or rewritten after it was witnessed. With ``state`` (a state export, read
+    with kms/formats/state_export.py) the public digest of its rows must be the one every
+    verified checkpoint at its ``state_seq`` signed, and there must be one. Raises
+    VerifyInputError only for unusable inputs (a held or witnessed checkpoint that is
+    malformed or not signed by the trusted key); every finding about the bundle is in the
+    returned Report."""
     try:
         key = cpfmt.load_public_key(trusted_public_key_pem)
         fingerprint = cpfmt.key_fingerprint(trusted_public_key_pem)
@@ -171,6 +181,13 @@ def verify_bundle(
         else:
             report.held_seq = max(report.held_seq or 0, seq)
     _check_witnessed(witnesses, hashes, in_bundle, since_checkpoint, expected_seq - 1, report)
+    if state is not None:
+        held = [cp for cp in (since_checkpoint, through_checkpoint) if cp is not None]
+        matched, message = check_state(state, [*in_bundle.values(), *held])
+        if matched:
+            report.state_checked = message
+        else:
+            report.errors.append(message)
     if report.ok:
         _check_signed(report, allow_unsigned)
     return report

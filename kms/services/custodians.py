@@ -25,13 +25,16 @@ from kms.services.ports import (
     CustodianRows,
     NotificationRows,
     PrincipalRows,
+    SealRows,
     Store,
 )
 
 GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-class CustodianServiceTx(PrincipalRows, CustodianRows, NotificationRows, AuditRows, Protocol):
+class CustodianServiceTx(
+    PrincipalRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol
+):
     """The rows CustodianService reads and writes."""
 
 

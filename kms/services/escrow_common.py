@@ -13,7 +13,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from kms.errors import EscrowUnavailable, Forbidden
+from kms.errors import EscrowUnavailable, Forbidden, SealBroken
+from kms.formats.state import ident
 from kms.services.model import Custodian, EscrowCase, EscrowPolicy
 from kms.services.notify import Notifier
 from kms.services.ports import (
@@ -22,13 +23,22 @@ from kms.services.ports import (
     CustodianRows,
     KeyRows,
     NotificationRows,
+    SealRows,
 )
 from kms.services.seals import RowSeals
 
 log = logging.getLogger("kms.escrow")
 
 
-class EscrowTx(KeyRows, CaseRows, CustodianRows, NotificationRows, AuditRows, Protocol):
+class SealedCustodianRows(CustodianRows, SealRows, Protocol):
+    """Custodian rows with the freshness check of their seals."""
+
+
+class SealedCaseRows(CaseRows, SealRows, Protocol):
+    """Case rows with the freshness check of their seals."""
+
+
+class EscrowTx(KeyRows, CaseRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol):
     """The rows the escrow procedure reads and writes: cases and decisions, custodians,
     the data owner's notifications, the keys a case names, the audit trail."""
 
@@ -81,15 +91,22 @@ class EscrowRows:
     def sealed(self, c: Custodian) -> Custodian:
         return replace(c, mac=self.custodian_mac(c))
 
-    def custodians(self, tx: CustodianRows) -> dict[str, Custodian]:
-        """Registered custodians whose row still carries its HSM seal; a row edited in the
-        database (a swapped public key, a revived custodian) does not count."""
+    def custodians(self, tx: SealedCustodianRows) -> dict[str, Custodian]:
+        """Registered custodians whose row still carries its current HSM seal; a row
+        edited in the database (a swapped public key, a revived custodian, an older copy)
+        does not count. SealBroken if a custodian's row was deleted in the database (an
+        emptied group would take new custodians without endorsement)."""
         out = {}
-        for c in tx.list_custodians():
-            if hmac.compare_digest(c.mac, self.custodian_mac(c)):
+        found = tx.list_custodians()
+        for c in found:
+            try:
+                if not hmac.compare_digest(c.mac, self.custodian_mac(c)):
+                    raise SealBroken(detail="custodian row fails its seal")
+                tx.check_current("custodian", ident([c.name]), c.mac)
                 out[c.name] = c
-            else:
+            except SealBroken:
                 log.error("custodian row fails its seal; ignored", extra={"op": c.name})
+        tx.check_complete("custodian", {ident([c.name]) for c in found})
         return out
 
     def case_mac(self, case: EscrowCase) -> str:
@@ -105,11 +122,18 @@ class EscrowRows:
             },
         )
 
-    def case(self, tx: CaseRows, case_id: str) -> EscrowCase | None:
-        """The case (locked), refused if its row fails its HSM seal."""
+    def case(self, tx: SealedCaseRows, case_id: str) -> EscrowCase | None:
+        """The case (locked), refused if its row fails its HSM seal or is an older sealed
+        copy of it (a refilled unwrap budget)."""
         case = tx.case(case_id)
-        if case is not None and not hmac.compare_digest(case.mac, self.case_mac(case)):
+        if case is None:
+            return None
+        if not hmac.compare_digest(case.mac, self.case_mac(case)):
             raise Forbidden("the case record was altered", detail="case row fails its seal")
+        try:
+            tx.check_current("case", ident([case_id]), case.mac)
+        except SealBroken as e:
+            raise Forbidden("the case record was altered", detail=e.detail) from e
         return case
 
     def put_case(self, tx: CaseRows, case: EscrowCase, new: bool = False) -> None:

@@ -17,10 +17,17 @@ _PROBE_DIGEST = hashlib.sha256(b"keyholder-kms readiness probe v1").digest()
 
 
 class HealthService:
-    def __init__(self, storage: StorageUpkeep, hsm: Hsm, audit_anchor: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        storage: StorageUpkeep,
+        hsm: Hsm,
+        audit_anchor: Callable[[], None],
+        sealed_state: Callable[[], object] = lambda: None,
+    ) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit_anchor = audit_anchor
+        self._sealed_state = sealed_state
 
     def storage_upkeep(self) -> None:
         """The database's routine upkeep outside any request (StorageUpkeep.checkpoint_wal);
@@ -41,7 +48,10 @@ class HealthService:
         - ``audit_signing_key``: the HSM's audit key signs (checkpoints need it);
         - ``audit_anchor``: the database's audit chain extends the head anchored in the
           HSM (kms/services/audit_anchor.py; ``audit_state_refused`` until an operator
-          accepts a rolled-back or rewritten state).
+          accepts a rolled-back or rewritten state);
+        - ``sealed_state``: this process's index of current seals matches the HSM state
+          anchor (kms/services/state_index.py; ``state_refused`` until an operator
+          accepts a state whose sealed rows were rolled back, inserted or deleted).
 
         Never raises; every check runs even if an earlier one failed."""
         checks: tuple[tuple[str, Callable[[], object]], ...] = (
@@ -49,6 +59,7 @@ class HealthService:
             ("database", self._storage.check),
             ("audit_signing_key", lambda: self._hsm.sign_digest(_PROBE_DIGEST)),
             ("audit_anchor", self._audit_anchor),
+            ("sealed_state", self._sealed_state),
         )
         report = {}
         for name, check in checks:

@@ -7,7 +7,7 @@ Protocol combining several that it defines next to itself; ``Tx`` combines them 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -71,8 +71,9 @@ class Hsm(Protocol):
     def sign_digest(self, digest: bytes) -> bytes:
         """DER ECDSA P-256 signature of a SHA-256 ``digest`` by the audit signing key."""
 
-    def anchor_values(self, label: str) -> list[bytes]:
-        """The values of the token data objects ``label``, read fresh from the token."""
+    def anchor_values(self, label: str, cached: bool = False) -> list[bytes]:
+        """The values of the token data objects ``label``, searched for in the token
+        (``cached``: the objects the last search found, read again)."""
 
     def anchor_labels(self, prefix: str) -> list[str]:
         """Labels of the token's data objects that start with ``prefix``."""
@@ -80,17 +81,37 @@ class Hsm(Protocol):
     def add_anchor(self, label: str, value: bytes) -> None:
         """Store a new token data object ``label`` = ``value`` (others of the label stay)."""
 
-    def drop_anchor(self, label: str, value: bytes) -> None:
-        """Destroy the token data objects ``label`` whose value is ``value``."""
+    def drop_anchor(self, label: str, value: bytes, *, all_but: bool = False) -> None:
+        """Destroy the token data objects ``label`` whose value is ``value`` (with
+        ``all_but``: whose value is not)."""
+
+
+class TxSeals(Protocol):
+    """The seals of one transaction (kms/services/seals.py TxSeals)."""
+
+    written: dict[tuple[str, str], str | None]
+
+    def seal(self, kind: str, fields: Mapping[str, Any]) -> str: ...
+    def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
+        """Return only if ``seal`` seals ``fields`` and is the row's current seal;
+        kms.errors.SealBroken otherwise."""
+
+    def wrote(self, kind: str, ident: str, seal: str | None) -> None: ...
+    def current(self, kind: str, ident: str, seal: str) -> None: ...
+    def absent(self, kind: str, ident: str) -> None: ...
+    def complete(self, kind: str, found: set[str]) -> None: ...
 
 
 class Seals(Protocol):
     """HSM seals on rows (kms/services/seals.py): the storage layer seals what it writes
-    and checks what it reads."""
+    and checks what it reads, fresh against the HSM state anchor
+    (kms/services/state_index.py)."""
 
-    def seal(self, kind: str, fields: Mapping[str, Any]) -> str: ...
-    def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
-        """Return only if ``seal`` seals ``fields``; kms.errors.SealBroken otherwise."""
+    def follow(self, storage: Store[Tx]) -> None: ...
+    def begin(self) -> TxSeals: ...
+    def commit(self, tx: SealRows, seals: TxSeals) -> Callable[[bool], None] | None:
+        """Before ``tx`` commits: log its sealed writes; what to call after the commit
+        (True) or its failure (False)."""
 
 
 class PrincipalRows(Protocol):
@@ -258,6 +279,22 @@ class SealRows(Protocol):
     def seal_unsealed(self) -> dict[str, int]:
         """Seal every row that has no seal yet (kms/backends/storage/seal_tx.py); how
         many of each kind."""
+        ...
+
+    def sealed_rows(self) -> Iterator[tuple[str, str, str]]:
+        """Every sealed row as (kind, ident, seal or "-") (kms/formats/state.py)."""
+        ...
+
+    def state_seq(self) -> int: ...
+    def state_changes(self, after: int) -> list[tuple[int, str, str, str | None]]: ...
+    def add_state_changes(self, n: int, changes: Mapping[tuple[str, str], str | None]) -> None: ...
+    def check_current(self, kind: str, ident: str, seal: str) -> None:
+        """SealBroken unless ``seal`` is the current seal of a row the service layer
+        sealed (the escrow rows; the storage checks its own)."""
+        ...
+
+    def check_complete(self, kind: str, found: set[str]) -> None:
+        """SealBroken if a current row of ``kind`` is not among the idents ``found``."""
         ...
 
 

@@ -13,8 +13,9 @@ the same seals (kms/services/escrow_common.py).
 Whoever writes the database cannot make a seal: a row inserted or edited there (a minted
 principal, token or grant, a revived key) fails its check, is never used, and the caller
 gets the generic refusal of SealBroken while the audit trail, a metric and an error log
-line get the precise reason. A seal does not say whether the row is the newest one: an
-older sealed copy still verifies (see SECURITY.md, "Known limits").
+line get the precise reason. A seal alone does not say whether the row is the newest
+one; each transaction's TxSeals also checks that a row's seal is the current one, which
+the HSM anchors (kms/services/state_index.py), so an older sealed copy is refused too.
 
 Checking is on the hot path, so a process remembers the rows it verified (bounded): a
 row read again costs the JSON encoding and a dictionary lookup, not an HSM call.
@@ -33,12 +34,15 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from kms.errors import SealBroken
+from kms.formats import state as state_fmt
 from kms.formats.xks import XksKeyPolicy
 from kms.metrics import SEAL_FAILURES
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import local_event
 from kms.services.model import Grant, Key, KeyVersion, Principal, SigV4Credential
-from kms.services.ports import Hsm, Store, Tx
+from kms.services.ports import Hsm, SealRows, Store, Tx
+from kms.services.ports import TxSeals as TxSealsPort
+from kms.services.state_index import StateIndex
 
 log = logging.getLogger("kms.seals")
 T = TypeVar("T")
@@ -47,10 +51,30 @@ MEMO_SIZE = 200_000  # verified rows remembered per process (~150 bytes each)
 
 
 class RowSeals:
+    """The seals of one process; with ``follow(storage)`` they are also checked for
+    freshness against the HSM state anchor (kms/services/state_index.py)."""
+
     def __init__(self, hsm: Hsm, memo_size: int = MEMO_SIZE) -> None:
         self._hsm = hsm
         self._memo: OrderedDict[bytes, None] = OrderedDict()
         self._memo_size = memo_size
+        self.state: StateIndex | None = None
+
+    def follow(self, storage: Store[Tx]) -> None:
+        """Check freshness of the rows of ``storage`` from now on (called by the storage
+        these seals are given to)."""
+        self.state = StateIndex(self._hsm, storage)
+
+    def begin(self) -> TxSeals:
+        """The seals of one transaction."""
+        return TxSeals(self, self.state)
+
+    def commit(self, tx: SealRows, seals: TxSealsPort) -> Callable[[bool], None] | None:
+        """Before ``tx`` commits: log its sealed writes and move the HSM state anchor
+        (StateIndex.record); what to call after the commit, if anything."""
+        if self.state is None or not seals.written:
+            return None
+        return self.state.record(tx, seals.written)
 
     def seal(self, kind: str, fields: Mapping[str, Any]) -> str:
         """The seal of a row of ``kind`` with ``fields`` (HsmUnavailable if the HSM is
@@ -75,6 +99,71 @@ class RowSeals:
         self._memo[memo_key] = None
         if len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
+
+
+class TxSeals:
+    """The seals of one transaction: what it wrote (logged at commit), and the freshness
+    check of what it reads (the anchor is followed before its first sealed row)."""
+
+    def __init__(self, seals: RowSeals, state: StateIndex | None) -> None:
+        self._seals = seals
+        self._state = state
+        self.written: dict[tuple[str, str], str | None] = {}
+
+    def seal(self, kind: str, fields: Mapping[str, Any]) -> str:
+        seal = self._seals.seal(kind, fields)
+        self.written[(kind, row_ident(kind, fields))] = seal
+        return seal
+
+    def wrote(self, kind: str, ident: str, seal: str | None) -> None:
+        """Note a row this transaction wrote with ``seal`` (None: deleted) sealed by the
+        service layer (the escrow rows)."""
+        self.written[(kind, ident)] = seal
+
+    def check(self, kind: str, fields: Mapping[str, Any], seal: object) -> None:
+        """Return only if ``seal`` seals ``fields`` and is the row's current seal."""
+        self._seals.check(kind, fields, seal)
+        self.current(kind, row_ident(kind, fields), str(seal))
+
+    def current(self, kind: str, ident: str, seal: str) -> None:
+        """SealBroken unless ``seal`` is the current seal of row (kind, ident): this
+        transaction's own write, or the HSM-anchored state's."""
+        if (kind, ident) in self.written:
+            if self.written[(kind, ident)] == seal:
+                return
+        elif self._state is None or self._state.require(kind, ident, seal):
+            return
+        raise broken(
+            kind, f"the {kind} row {_named(kind, ident)} is an older sealed copy: rolled back"
+        )
+
+    def absent(self, kind: str, ident: str) -> None:
+        """SealBroken if row (kind, ident) was not found but the anchored state has it
+        (deleted in the database, where its absence means something more permissive)."""
+        if (kind, ident) in self.written or self._state is None:
+            return
+        if self._state.holds(kind, ident):
+            raise broken(
+                kind, f"the {kind} row {_named(kind, ident)} was deleted from the database"
+            )
+
+    def complete(self, kind: str, found: set[str]) -> None:
+        """SealBroken if a current row of ``kind`` is missing from ``found`` (a listing
+        from which a row was deleted in the database)."""
+        if self._state is None:
+            return
+        gone = {i for (k, i), s in self.written.items() if k == kind and s is None}
+        missing = self._state.idents(kind) - found - gone
+        if missing:
+            names = ", ".join(sorted(_named(kind, i) for i in missing))
+            raise broken(kind, f"the {kind} rows {names} were deleted from the database")
+
+
+def _named(kind: str, ident: str) -> str:
+    """A row's ident for a message: its key columns, never a token's hash."""
+    if kind == "token":
+        return "of this request"
+    return ",".join(str(v) for v in json.loads(ident))
 
 
 def broken(kind: str, reason: str) -> SealBroken:
@@ -107,6 +196,25 @@ def _sha256(data: bytes) -> str:
 
 
 # -- the sealed fields of each kind -----------------------------------------------------
+
+
+def row_ident(kind: str, fields: Mapping[str, Any]) -> str:
+    """The row's identity in the sealed state (kms/formats/state.py): its key columns."""
+    return state_fmt.ident(fields[k] for k in ROW_KEY[kind])
+
+
+# the key columns of each kind (kms/backends/storage/state_tx.py SEALED_TABLES)
+ROW_KEY = {
+    "principal": ("id",),
+    "token": ("token_sha256",),
+    "key": ("key_id",),
+    "key_version": ("key_id", "version"),
+    "grant": ("key_id", "principal_id"),
+    "sigv4_credential": ("access_key_id",),
+    "xks_policy": ("key_id",),
+    "custodian": ("name",),
+    "case": ("case_id",),
+}
 
 _IDENTITY = {
     "principal": ("id", "name"),

@@ -188,14 +188,14 @@ def test_crypto_shredding_leaves_no_path_to_the_data(fresh_data_dir: Path) -> No
         raw = b"".join(p.read_bytes() for p in fresh_data_dir.glob("kms.sqlite3*"))
         assert all(m not in raw for m in material)
         # HSM: KEKs were never token objects, so nothing per key remains there either.
-        labels = re.sub(
-            r"kms-audit-anchor-[0-9a-f]{32}", "kms-audit-anchor", _hsm_labels(fresh_data_dir)
-        )
+        anchors = r"kms-(audit|state)-anchor-[0-9a-f]{32}"
+        labels = re.sub(anchors, r"kms-\1-anchor", _hsm_labels(fresh_data_dir))
         expected = (
             "['kms-audit-anchor', 'kms-audit-signing', 'kms-audit-signing', 'kms-integrity', "
-            "'kms-root']"
+            "'kms-root', 'kms-state-anchor']"
         )
-        before = re.sub(r"kms-audit-anchor-[0-9a-f]{32}", "kms-audit-anchor", labels_before)
-        assert labels == before == expected  # the chain's anchor, audit key pair, integrity, root
+        before = re.sub(anchors, r"kms-\1-anchor", labels_before)
+        # the chain's and the sealed state's anchors, audit key pair, integrity, root
+        assert labels == before == expected
         records = admin.audit(operation="destroy_key")
         assert [r["detail"] for r in records] == ["versions erased: 2"]

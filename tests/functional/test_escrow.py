@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -16,6 +17,7 @@ from kms import config
 from kms.app import create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
+from kms.backends.storage import schema as t
 from kms.formats import escrow as escrowfmt
 from kms.services.principals import PrincipalService
 from tests.helpers import SECRET, Api, Receiver, unb64
@@ -735,3 +737,59 @@ def test_a_version_retired_during_an_escrow_unwrap_is_caught_at_commit(world: Wo
         crypto._open = real_open  # type: ignore[method-assign]
     assert r.status_code == 409 and r.json["error"]["code"] == "key_version_retired"
     assert "plaintext" not in r.json
+
+
+def _rows(storage: SqlStorage, table: Any, **where: Any) -> dict[str, Any]:
+    with storage._engine.begin() as c:
+        clause = [table.c[k] == v for k, v in where.items()]
+        return dict(c.execute(sa.select(table).where(*clause)).mappings().one())
+
+
+def _put_back(storage: SqlStorage, table: Any, row: dict[str, Any], key: str) -> None:
+    """Write ``row``, an earlier sealed copy, over the current one (the database writer)."""
+    with storage._engine.begin() as c:
+        c.execute(sa.update(table).where(table.c[key] == row[key]).values(row))
+
+
+def test_an_older_sealed_copy_of_a_case_cannot_refill_its_budget(
+    world: World, storage: SqlStorage
+) -> None:
+    """Issue 15, attack 4: the case row as it was before its unwraps, written back with
+    its own valid seal, is refused at the next unwrap (on PostgreSQL too:
+    tests/storage/test_pg_escrow.py runs this module again)."""
+    active = _active(world)
+    fresh = _rows(storage, t.escrow_cases, case_id=active)
+    assert world.unwrap(active).status_code == 200
+    assert world.unwrap(active).status_code == 200
+    world.refused(world.unwrap(active))  # the budget of 2 is used up
+    _put_back(storage, t.escrow_cases, fresh, "case_id")
+    world.refused(world.unwrap(active))
+    assert "older sealed copy" in world.api.audit()[-1]["detail"]
+
+
+def test_an_older_sealed_copy_of_a_revoked_custodian_does_not_count(
+    world: World, storage: SqlStorage
+) -> None:
+    """A revoked custodian's row written back active: its approval is not counted."""
+    before = _rows(storage, t.custodians, name="dpo")
+    assert world.api.call("DELETE", "/v1/custodians/dpo", world.api.admin).status_code == 200
+    _put_back(storage, t.custodians, before, "name")
+    cid = world.file()["case_id"]
+    world.decide(cid, "kh-officer")
+    world.refused(world.decide(cid, "dpo"))
+    assert world.case(cid)["state"] == "pending"
+
+
+def test_a_custodian_deleted_in_the_database_does_not_empty_its_group(
+    world: World, storage: SqlStorage
+) -> None:
+    """Deleting the data owner's only custodian row would let an admin enrol its own
+    custodian in that group without endorsement: the deletion is refused instead."""
+    with storage._engine.begin() as c:
+        c.execute(sa.delete(t.custodians).where(t.custodians.c.name == "dpo"))
+    world.api.principal("custodian", "mallory")
+    raw = base64.b64encode(_raw_public_key()).decode()
+    body = {"name": "mallory", "group": "data_owner", "public_key": raw}
+    r = world.api.call("POST", "/v1/custodians", world.api.admin, json=body)
+    assert r.status_code == 403, r.json
+    assert "custodian rows dpo were deleted" in world.api.audit()[-1]["detail"]

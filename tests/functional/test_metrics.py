@@ -186,7 +186,13 @@ def test_readyz_names_every_dependency_when_all_are_up(api: Api) -> None:
     assert r.status_code == 200
     assert r.json == {
         "status": "ok",
-        "checks": {"hsm": "ok", "database": "ok", "audit_signing_key": "ok", "audit_anchor": "ok"},
+        "checks": {
+            "hsm": "ok",
+            "database": "ok",
+            "audit_signing_key": "ok",
+            "audit_anchor": "ok",
+            "sealed_state": "ok",
+        },
     }
 
 
@@ -202,6 +208,7 @@ def test_readyz_is_503_and_names_the_hsm_when_it_is_down(
             "database": "ok",
             "audit_signing_key": "hsm_unavailable",
             "audit_anchor": "ok",
+            "sealed_state": "ok",
         },
     }
 
@@ -216,5 +223,6 @@ def test_readyz_is_503_when_only_the_audit_signing_key_fails(
         "database": "ok",
         "audit_signing_key": "hsm_unavailable",
         "audit_anchor": "ok",
+        "sealed_state": "ok",
     }
     assert "injected" not in str(body)  # codes only, never the detail

@@ -20,7 +20,9 @@ from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.backends.storage import schema as t
 from kms.bootstrap import secure_database
 from kms.errors import SealBroken
+from kms.services import state_index
 from kms.services.audit_anchor import AuditAnchor
+from kms.services.seals import RowSeals
 from tests.helpers import Api, b64
 
 
@@ -59,6 +61,11 @@ def test_rows_from_before_seals_are_sealed_once_then_never(tmp_path: Path, hsm: 
             (record,) = tx.audit_records(0, 10, query=None)
         assert record["operation"] == "seal_unsealed_rows"
         assert record["detail"] == "sealed rows as found: principal=1 token=1"
+        # the sealing was a logged change of the anchored state: a process starting now
+        # finds the tables matching the HSM state anchor
+        with SqlStorage(engine, RowSeals(hsm)).reader() as tx:
+            found = tx.principal_by_name("legacy-svc")
+        assert found is not None and found.name == "legacy-svc"
 
         # Later, the database writer mints a principal; a routine `kms migrate` or
         # `kms init` (secure_database again) must not seal it.
@@ -70,9 +77,9 @@ def test_rows_from_before_seals_are_sealed_once_then_never(tmp_path: Path, hsm: 
             services.principals.authenticate("kms_mallory")
         assert type(refused.value).__name__ == "Unauthenticated"
     finally:
-        label = AuditAnchor.label(str(chain_id))
-        for value in hsm.anchor_values(label):
-            hsm.drop_anchor(label, value)
+        for label in (AuditAnchor.label(str(chain_id)), state_index.label(str(chain_id))):
+            for value in hsm.anchor_values(label):
+                hsm.drop_anchor(label, value)
         engine.dispose()
 
 

@@ -93,6 +93,7 @@ class _Conn:
         self.keks: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self.audit_key: Any = None
         self.integrity_key: Any = None
+        self.anchors: dict[str, list[Any]] = {}  # label -> data objects last found
 
 
 class Pkcs11Hsm:
@@ -204,16 +205,26 @@ class Pkcs11Hsm:
 
         return self._call(op)
 
-    def anchor_values(self, label: str) -> list[bytes]:
-        """The values of the token's data objects labelled ``label`` (the audit anchor,
-        kms/services/audit_anchor.py), read fresh from the token on every call so that
-        another process's update is seen."""
+    def anchor_values(self, label: str, cached: bool = False) -> list[bytes]:
+        """The values of the token's data objects labelled ``label`` (the audit and state
+        anchors, kms/services/audit_anchor.py, state_index.py), searched for in the token
+        so that another process's update is seen. With ``cached``, the objects the last
+        search found are read again instead (about 40 us where a search costs a
+        millisecond): objects created since are not seen, but an object destroyed since
+        is, and triggers a search."""
 
         def op(c: _Conn) -> list[bytes]:
-            found = c.session.get_objects(
-                {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
+            objects = c.anchors.get(label) if cached else None
+            if objects:
+                try:
+                    return [bytes(o[Attribute.VALUE]) for o in objects]
+                except (p11e.ObjectHandleInvalid, p11e.NoSuchKey, KeyError):
+                    pass  # destroyed by another process since: search again
+            objects = list(
+                c.session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label})
             )
-            return [bytes(o[Attribute.VALUE]) for o in found]
+            c.anchors[label] = objects
+            return [bytes(o[Attribute.VALUE]) for o in objects]
 
         return self._call(op)
 
@@ -245,16 +256,16 @@ class Pkcs11Hsm:
 
         self._call(op)
 
-    def drop_anchor(self, label: str, value: bytes) -> None:
-        """Destroy the data objects ``label`` holding exactly ``value``; none is fine
-        (another process got there first)."""
+    def drop_anchor(self, label: str, value: bytes, *, all_but: bool = False) -> None:
+        """Destroy the data objects ``label`` holding exactly ``value`` (with ``all_but``:
+        every other one); none is fine (another process got there first)."""
 
         def op(c: _Conn) -> None:
             found = c.session.get_objects(
                 {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
             )
             for o in found:
-                if bytes(o[Attribute.VALUE]) == value:
+                if (bytes(o[Attribute.VALUE]) == value) != all_but:
                     with contextlib.suppress(p11e.ObjectHandleInvalid):
                         o.destroy()
 

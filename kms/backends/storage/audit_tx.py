@@ -90,6 +90,8 @@ class AuditTx:
         return [row._asdict() for row in rows]
 
     def insert_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store a checkpoint of format 1 or 2 (its version shows in whether it has the
+        state columns: NULL in format 1)."""
         self._c.execute(
             insert(t.audit_checkpoints).values(
                 {k: v for k, v in checkpoint.items() if k not in ("v", "type")}
@@ -107,7 +109,7 @@ class AuditTx:
         if until is not None:
             stmt = stmt.where(c.seq <= until)
         rows = self._c.execute(stmt.order_by(c.seq).limit(limit))
-        return [{"v": 1, **row._asdict()} for row in rows]
+        return [_checkpoint(row._asdict()) for row in rows]
 
     def archive_audit_through(self, seq: int) -> int:
         deleted = self._c.execute(
@@ -115,3 +117,14 @@ class AuditTx:
         ).rowcount
         self._c.execute(update(t.audit_head).where(t.audit_head.c.id == 1).values(archived_seq=seq))
         return int(deleted)
+
+
+_STATE_COLUMNS = ("state_seq", "state_sha256")
+
+
+def _checkpoint(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored checkpoint as signed (kms/formats/checkpoint.py): format 2 if it carries
+    the sealed state, format 1 (without the state keys) if not."""
+    if row["state_seq"] is None:
+        return {"v": 1, **{k: v for k, v in row.items() if k not in _STATE_COLUMNS}}
+    return {"v": 2, **row}

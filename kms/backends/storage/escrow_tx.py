@@ -12,13 +12,16 @@ from sqlalchemy.engine import Connection, Row
 
 from kms.backends.storage import schema as t
 from kms.errors import Conflict
+from kms.formats.state import ident
 from kms.services.model import CaseState, Custodian, Decision, EscrowCase, Notification
+from kms.services.ports import TxSeals
 
 
 class EscrowTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+    _seals: TxSeals
 
     def add_custodian(self, custodian: Custodian) -> None:
         try:
@@ -34,6 +37,7 @@ class EscrowTx:
             )
         except sa_exc.IntegrityError as e:
             raise Conflict(f"custodian {custodian.name!r} is already registered") from e
+        self._seals.wrote("custodian", ident([custodian.name]), custodian.mac)
 
     def custodian(self, name: str) -> Custodian | None:
         row = self._c.execute(select(t.custodians).where(t.custodians.c.name == name)).first()
@@ -46,9 +50,11 @@ class EscrowTx:
         self._c.execute(
             update(t.custodians).where(t.custodians.c.name == name).values(state=state, mac=mac)
         )
+        self._seals.wrote("custodian", ident([name]), mac)
 
     def add_case(self, case: EscrowCase) -> None:
         self._c.execute(insert(t.escrow_cases).values(**_case_row(case)))
+        self._seals.wrote("case", ident([case.case_id]), case.mac)
 
     def update_case(self, case: EscrowCase) -> None:
         self._c.execute(
@@ -56,6 +62,7 @@ class EscrowTx:
             .where(t.escrow_cases.c.case_id == case.case_id)
             .values(**_case_row(case))
         )
+        self._seals.wrote("case", ident([case.case_id]), case.mac)
 
     def case(self, case_id: str) -> EscrowCase | None:
         row = self._c.execute(

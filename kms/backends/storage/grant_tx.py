@@ -15,7 +15,7 @@ from kms.backends.storage import schema as t
 from kms.backends.storage.key_tx import key_row
 from kms.errors import SealBroken
 from kms.services.model import Grant, Key, KeyAccess
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import grant_fields, key_fields, parsed
 
 
@@ -23,7 +23,7 @@ class GrantTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def put_grant(self, key_id: str, principal_id: int, grant: Grant) -> None:
         values = {

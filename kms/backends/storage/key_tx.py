@@ -16,7 +16,7 @@ from kms.backends.storage.loading import checked_rows
 from kms.backends.storage.times import utc, utc_or_none
 from kms.errors import Conflict
 from kms.services.model import EscrowPolicy, Key, KeyState, KeyVersion
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import key_fields, parsed, version_fields
 
 
@@ -24,7 +24,7 @@ class KeyTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def add_key(self, key: Key) -> None:
         self._c.execute(

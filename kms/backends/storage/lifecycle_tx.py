@@ -13,7 +13,9 @@ from sqlalchemy.engine import Connection
 from kms.backends.storage import schema as t
 from kms.backends.storage.key_tx import key_select
 from kms.backends.storage.times import utc
+from kms.formats.state import ident
 from kms.services.model import Key, KeyState, UsageDay
+from kms.services.ports import TxSeals
 
 # Audit records that mean "a blob under this version was opened".
 _USE = ("decrypt", "rewrap", "xks_decrypt")
@@ -23,6 +25,7 @@ class LifecycleTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
+    _seals: TxSeals
     verified_keys: Callable[[Any], list[Key]]  # KeyTx's
 
     def keys_in_states(self, states: Sequence[KeyState]) -> list[Key]:
@@ -75,5 +78,8 @@ class LifecycleTx:
     def destroy_versions(self, key_id: str) -> int:
         """Delete every version row of the key (its wrapped KEK material); the count.
         On SQLite, ``secure_delete`` (set on every connection) zeroes the freed bytes."""
-        stmt = delete(t.key_versions).where(t.key_versions.c.key_id == key_id)
+        v = t.key_versions.c
+        for (version,) in self._c.execute(select(v.version).where(v.key_id == key_id)):
+            self._seals.wrote("key_version", ident([key_id, int(version)]), None)
+        stmt = delete(t.key_versions).where(v.key_id == key_id)
         return int(self._c.execute(stmt).rowcount)

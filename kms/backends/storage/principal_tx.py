@@ -17,7 +17,7 @@ from kms.backends.storage.loading import checked_rows
 from kms.backends.storage.times import utc
 from kms.errors import Conflict
 from kms.services.model import Principal, Role
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import parsed, principal_fields, token_fields
 
 
@@ -25,7 +25,7 @@ class PrincipalTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def add_principal(self, name: str, role: Role, token_hash: str, now: datetime) -> Principal:
         try:

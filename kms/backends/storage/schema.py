@@ -121,6 +121,21 @@ audit_checkpoints = Table(
     Column("time", String(24), nullable=False),
     Column("key_sha256", String(64), nullable=False),
     Column("signature", String(200), nullable=False),
+    # format 2: the sealed state when signed (kms/formats/state.py); NULL in format 1
+    Column("state_seq", _SEQ, nullable=True),
+    Column("state_sha256", String(64), nullable=True),
+)
+
+# The log of changes to sealed rows (kms/services/state_index.py): one ``n`` per
+# transaction that wrote any; ``seal`` NULL for a row deleted. The HSM's state anchor
+# names the newest ``n`` and the digest of the sealed rows after it.
+state_changes = Table(
+    "state_changes",
+    metadata,
+    Column("n", _SEQ, primary_key=True, autoincrement=False),
+    Column("kind", String(24), primary_key=True),
+    Column("ident", String(200), primary_key=True),
+    Column("seal", String(64), nullable=True),
 )
 
 # One row: the chain head. Updating it takes a row lock, which serialises appenders on

@@ -22,7 +22,7 @@ from kms.backends.storage.sigv4_tx import CREDENTIAL_SELECT, credential_row
 from kms.backends.storage.times import utc
 from kms.backends.storage.xks_tx import xks_policy_row
 from kms.services.model import Grant, KeyVersion
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import (
     grant_fields,
     key_fields,
@@ -38,7 +38,7 @@ class SealTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def seal_unsealed(self) -> dict[str, int]:
         """Seal every row whose seal is NULL; how many of each kind were sealed."""

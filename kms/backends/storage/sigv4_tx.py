@@ -15,7 +15,7 @@ from kms.backends.storage import schema as t
 from kms.backends.storage.loading import checked_rows
 from kms.backends.storage.times import utc
 from kms.services.model import Principal, Role, SigV4Credential
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import parsed, principal_fields, sigv4_fields
 
 
@@ -23,7 +23,7 @@ class SigV4Tx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def add_sigv4_credential(self, credential: SigV4Credential) -> None:
         self._c.execute(

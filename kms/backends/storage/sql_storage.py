@@ -36,9 +36,10 @@ from kms.backends.storage.postgres import lock_writers, vacuum_erased
 from kms.backends.storage.principal_tx import PrincipalTx
 from kms.backends.storage.seal_tx import SealTx
 from kms.backends.storage.sigv4_tx import SigV4Tx
+from kms.backends.storage.state_tx import StateTx
 from kms.backends.storage.xks_tx import XksTx
 from kms.errors import StorageUnavailable
-from kms.services.ports import Seals
+from kms.services.ports import Seals, TxSeals
 
 # make_engine and WAL_BACKSTOP_PAGES are defined in engine.py; re-exported for callers
 __all__ = ["WAL_BACKSTOP_PAGES", "WAL_FINISH_FRAMES", "SqlStorage", "SqlTx", "make_engine"]
@@ -49,14 +50,30 @@ WAL_FINISH_FRAMES = 4096  # 16 MiB: the log a background checkpoint finishes und
 
 
 class SqlTx(
-    PrincipalTx, KeyTx, AliasTx, GrantTx, LifecycleTx, AuditTx, EscrowTx, SigV4Tx, XksTx, SealTx
+    PrincipalTx,
+    KeyTx,
+    AliasTx,
+    GrantTx,
+    LifecycleTx,
+    AuditTx,
+    EscrowTx,
+    SigV4Tx,
+    XksTx,
+    SealTx,
+    StateTx,
 ):
     """The Tx port on one SQLAlchemy connection inside a transaction; every row that
     grants or describes access is sealed on write and checked on read with ``seals``."""
 
-    def __init__(self, conn: Connection, seals: Seals) -> None:
+    def __init__(self, conn: Connection, seals: TxSeals) -> None:
         self._c = conn
         self._seals = seals
+
+    def check_current(self, kind: str, ident: str, seal: str) -> None:
+        self._seals.current(kind, ident, seal)
+
+    def check_complete(self, kind: str, found: set[str]) -> None:
+        self._seals.complete(kind, found)
 
 
 class _Unsealed:
@@ -65,7 +82,19 @@ class _Unsealed:
     def _refuse(self, *_: Any) -> NoReturn:
         raise RuntimeError("storage used without row seals (SqlStorage.seal_with)")
 
-    seal = check = _refuse
+    seal = check = wrote = current = absent = complete = _refuse
+
+    def __init__(self) -> None:
+        self.written: dict[tuple[str, str], str | None] = {}
+
+    def follow(self, storage: Any) -> None:
+        pass
+
+    def begin(self) -> _Unsealed:
+        return self
+
+    def commit(self, tx: Any, seals: Any) -> None:
+        return None
 
 
 class SqlStorage:
@@ -77,7 +106,9 @@ class SqlStorage:
 
     def __init__(self, engine: Engine, seals: Seals | None = None) -> None:
         self._engine = engine
-        self._seals: Seals = seals or _Unsealed()
+        self._seals: Seals = _Unsealed()
+        if seals is not None:
+            self.seal_with(seals)
         self._postgres = engine.url.get_backend_name() == "postgresql"
         path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
         on_disk = bool(path) and path != ":memory:"
@@ -90,17 +121,31 @@ class SqlStorage:
 
     def seal_with(self, seals: Seals) -> None:
         """Seal and check rows with ``seals`` from now on (the service layer's RowSeals,
-        set when the services are built over this storage)."""
+        set when the services are built over this storage), fresh against the HSM state
+        anchor of this storage's rows."""
         self._seals = seals
+        seals.follow(self)
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTx]:
         with self._translate(), self._writer_lock(), self._engine.connect() as conn:
             conn = conn.execution_options(kms_write=True)
-            with conn.begin():
-                if self._postgres:
-                    lock_writers(conn)
-                yield SqlTx(conn, self._seals)
+            seals = self._seals.begin()
+            finish = None
+            try:
+                with conn.begin():
+                    if self._postgres:
+                        lock_writers(conn)
+                    tx = SqlTx(conn, seals)
+                    yield tx
+                    # the sealed rows it wrote move the HSM state anchor before it commits
+                    finish = self._seals.commit(tx, seals)
+            except BaseException:
+                if finish is not None:
+                    finish(False)
+                raise
+            if finish is not None:
+                finish(True)
 
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -112,7 +157,7 @@ class SqlStorage:
     @contextmanager
     def reader(self) -> Iterator[SqlTx]:
         with self._translate(), self._engine.connect() as conn, conn.begin():
-            yield SqlTx(conn, self._seals)
+            yield SqlTx(conn, self._seals.begin())
 
     def purge_erased(self) -> None:
         """On SQLite, checkpoint the WAL into the database and truncate it: deleted rows

@@ -11,8 +11,9 @@ from sqlalchemy.engine import Connection
 
 from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
+from kms.formats.state import ident
 from kms.formats.xks import USAGES, XksKeyPolicy
-from kms.services.ports import Seals
+from kms.services.ports import TxSeals
 from kms.services.seals import parsed, xks_policy_fields
 
 
@@ -20,12 +21,13 @@ class XksTx:
     """Mixed into SqlTx; ``_c`` is the transaction's connection."""
 
     _c: Connection
-    _seals: Seals
+    _seals: TxSeals
 
     def xks_policy(self, key_id: str) -> XksKeyPolicy | None:
         """On the DBAPI cursor: every XKS request decides on it twice."""
         rows = prepared.XKS_POLICY.rows(self._c, {"key_id": key_id})
-        if not rows:
+        if not rows:  # the default policy, unless the row was deleted in the database
+            self._seals.absent("xks_policy", ident([key_id]))
             return None
         usage, principals, operations, seal = rows[0]
         policy = parsed(

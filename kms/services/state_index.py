@@ -1,0 +1,321 @@
+"""Freshness of sealed rows: an older sealed copy of a row does not pass for the current one.
+
+A seal (kms/services/seals.py) says the server wrote a row, not that it is the newest:
+whoever writes the database could put back yesterday's copy of an escrow case (its
+budget refilled), of a revoked grant or credential, or of a key before it was disabled.
+The HSM anchors which seals are current:
+
+- **State anchor.** A private token data object ``kms-state-anchor-<chain id>`` holds
+  ``(n, digest)`` (kms/formats/state.py): ``n`` counts the transactions that changed a
+  sealed row, ``digest`` is a salted digest of every sealed row's (kind, ident, seal).
+  The salt is an HMAC made by the HSM, so nobody without it can find a different set of
+  rows with the same digest.
+- **The writers.** Every transaction that writes or deletes a sealed row logs the new
+  seals under ``n + 1`` in ``state_changes`` and creates the anchor ``(n + 1, digest')``
+  before it commits; after the commit the older anchor is destroyed (if the commit fails,
+  the new one is). Writers are serialised by the storage's writer lock.
+- **Each process** keeps the index (kind, ident) -> seal of every sealed row. It is built
+  from the tables at the first use and must match an anchor's digest, or nothing sealed
+  is used (StateRefused: a row was rolled back, inserted or deleted while no process
+  watched). Before its first sealed row, each transaction reads the anchor (a cached
+  handle, about 40 us on SoftHSM); if ``n`` moved the process applies the logged changes
+  and they must reach an anchor's digest, or it rebuilds from the tables (same check).
+- **At use** a row's seal must be the index's: a row put back from an older copy is
+  refused like a broken seal (SealBroken, the generic refusal, the precise reason in the
+  audit trail and an alarm). A row that should exist and does not (a deleted XKS policy
+  or custodian, whose absence would be more permissive) is refused too.
+- **At each checkpoint** the signer rebuilds the digest from the tables (checkpoint_state)
+  so a rollback of a row nobody used is caught there, and the checkpoint carries the
+  public digest for the offline verifier.
+
+What it cannot see: a row rolled back and used in the instant between another
+transaction's commit and the destruction of the older anchor (milliseconds), or, after a
+crash in that instant, until any process next re-reads the token (at most
+REFIND_SECONDS). A request that reads a row while it is being changed can be refused
+like a rollback; retrying succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from kms.errors import KmsError, StateRefused
+from kms.formats import state as fmt
+from kms.formats.state import Entry, StateAnchor
+from kms.metrics import STATE_REFUSED
+from kms.services.ports import Hsm, SealRows, Store, Tx
+
+log = logging.getLogger("kms.state")
+
+LABEL_PREFIX = "kms-state-anchor-"
+REFIND_SECONDS = 1.0  # how often a process looks for anchors it has no handle of
+RECHECK_SECONDS = 2.0  # how often a refusing process tries again
+
+Changes = Mapping[tuple[str, str], str | None]
+
+
+def label(chain_id: str) -> str:
+    return LABEL_PREFIX + chain_id
+
+
+class StateIndex:
+    """One per process (thread-safe): the index of current seals, kept fresh against the
+    HSM state anchor."""
+
+    def __init__(self, hsm: Hsm, storage: Store[Tx]) -> None:
+        self._hsm = hsm
+        self._storage = storage
+        self._lock = threading.RLock()
+        self._chain_id: str | None = None
+        self._salt = b""
+        self._index: dict[str, dict[str, str]] = {}  # kind -> ident -> seal
+        self._at: StateAnchor | None = None  # the anchor the index matches
+        self._found_at = 0.0  # monotonic time of the last search of the token
+        self._refusal: tuple[float, StateRefused] | None = None
+
+    # -- reading ------------------------------------------------------------------------
+
+    def require(self, kind: str, ident: str, seal: str) -> bool:
+        """True if ``seal`` is the current seal of row (kind, ident), after following
+        the anchor; False if not (the caller refuses it). StateRefused if the state
+        cannot be trusted at all; True on a database that is not anchored yet (only
+        ``kms init`` writes one: the audit trail refuses every operation there)."""
+        with self._lock:
+            if not self.sync():
+                return True
+            if self._seal_of(kind, ident) == seal:
+                return True
+            self.sync(refind=True)  # a change committed since this transaction began
+            return self._seal_of(kind, ident) == seal
+
+    def holds(self, kind: str, ident: str) -> bool:
+        """Whether the current state has row (kind, ident) (a row that exists must
+        be found: its absence may be more permissive)."""
+        with self._lock:
+            if not self.sync():
+                return False
+            if self._seal_of(kind, ident) is not None:
+                self.sync(refind=True)  # deleted since this transaction began?
+            return self._seal_of(kind, ident) is not None
+
+    def idents(self, kind: str) -> set[str]:
+        """The idents of every current row of ``kind`` (empty if not anchored)."""
+        with self._lock:
+            if not self.sync(refind=True):
+                return set()
+            return set(self._index.get(kind, ()))
+
+    def _seal_of(self, kind: str, ident: str) -> str | None:
+        return self._index.get(kind, {}).get(ident)
+
+    def warm(self) -> None:
+        """Build the index now (each worker at start), so that a row rolled back later
+        is refused row by row, not as a database that matches no anchor. Never raises:
+        a failure is logged and the next use tries again."""
+        try:
+            self.sync()
+        except KmsError as e:
+            log.warning("sealed state not indexed at start", extra={"code": e.code})
+
+    def sync(self, refind: bool = False) -> bool:
+        """Bring the index to the newest anchor; False if the database is not anchored.
+        StateRefused if the database's sealed rows match no anchor."""
+        with self._lock:
+            now = time.monotonic()
+            if self._refusal is not None and now - self._refusal[0] < RECHECK_SECONDS:
+                raise self._refusal[1]
+            try:
+                return self._sync(now, refind)
+            except StateRefused as e:
+                self._refusal, self._at = (now, e), None
+                STATE_REFUSED.inc()
+                log.error("sealed state refused; no sealed row is used", extra={"detail": e.detail})
+                raise
+            finally:
+                if self._at is not None:
+                    self._refusal = None
+
+    def _sync(self, now: float, refind: bool) -> bool:
+        if self._chain_id is None:
+            with self._storage.reader() as tx:
+                self._chain_id = tx.audit_chain_id()
+            if self._chain_id is None:
+                return False
+            self._salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{self._chain_id}".encode())
+        refind = refind or self._at is None or now - self._found_at >= REFIND_SECONDS
+        anchors = self._anchors(refind)
+        if refind:
+            self._found_at = now
+        if self._at in anchors and self._at == max(anchors):
+            return True
+        if self._at is not None and self._catch_up(anchors):
+            return True
+        self._rebuild()
+        return True
+
+    def _anchors(self, refind: bool) -> list[StateAnchor]:
+        assert self._chain_id is not None
+        values = self._hsm.anchor_values(label(self._chain_id), cached=not refind)
+        if not values:
+            raise StateRefused(detail=f"the HSM holds no state anchor for chain {self._chain_id}")
+        try:
+            return [fmt.decode(v) for v in values]
+        except fmt.StateFormatError as e:
+            raise StateRefused(detail=f"the HSM state anchor is unreadable: {e}") from e
+
+    def _catch_up(self, anchors: list[StateAnchor]) -> bool:
+        """Apply the changes logged since the index's anchor; True if they end on an
+        anchor (the index is then that anchor's)."""
+        assert self._at is not None
+        with self._storage.reader() as tx:
+            logged = tx.state_changes(self._at.n)
+        changes = {(kind, ident): seal for _, kind, ident, seal in logged}
+        n = logged[-1][0] if logged else self._at.n
+        at = StateAnchor(n, self._digest_after(self._at.digest, changes))
+        if at not in anchors:
+            log.warning("the state log does not reach the HSM state anchor; rebuilding")
+            return False
+        self._apply(changes)
+        self._at = at
+        return True
+
+    def _rebuild(self) -> None:
+        """Index the tables as they are now; StateRefused unless they match an anchor
+        (tried three times: a writer may commit between the scan and the search)."""
+        for _ in range(3):
+            with self._storage.reader() as tx:
+                n = tx.state_seq()
+                entries = list(tx.sealed_rows())
+            at = StateAnchor(n, fmt.anchored_digest(self._salt, entries))
+            anchors = self._anchors(refind=True)
+            if at in anchors:
+                self._index = {}  # unsealed rows ("-") too: sealing one replaces it
+                self._apply({(k, i): s for k, i, s in entries})
+                self._at = at
+                self._drop_older(anchors, at)
+                return
+            if max(anchors).n == n:
+                break  # no writer in between: the rows themselves differ
+        raise StateRefused(
+            detail=f"the sealed rows (change {n}) do not match the HSM state anchor "
+            f"(change {max(anchors).n}): a row was rolled back, inserted or deleted in the "
+            "database"
+        )
+
+    def _digest_after(self, digest: int, changes: Changes) -> int:
+        """The index's digest ``digest`` once ``changes`` (the last seal of each row) are
+        applied; the index itself is not touched."""
+        for (kind, ident), seal in changes.items():
+            old = self._seal_of(kind, ident)
+            if old is not None:
+                digest ^= fmt.element(self._salt, kind, ident, old)
+            if seal is not None:
+                digest ^= fmt.element(self._salt, kind, ident, seal)
+        return digest
+
+    def _apply(self, changes: Changes) -> None:
+        for (kind, ident), seal in changes.items():
+            if seal is None:
+                self._index.get(kind, {}).pop(ident, None)
+            else:
+                self._index.setdefault(kind, {})[ident] = seal
+
+    def _drop_older(self, anchors: list[StateAnchor], current: StateAnchor) -> None:
+        assert self._chain_id is not None
+        for a in anchors:
+            if a.n < current.n:
+                self._hsm.drop_anchor(label(self._chain_id), a.encode())
+
+    # -- writing ------------------------------------------------------------------------
+
+    def record(self, tx: SealRows, changes: Changes) -> Callable[[bool], None] | None:
+        """Inside a writer's transaction, before it commits: log ``changes`` and create
+        the next anchor. Returns what to call once the commit succeeded (True) or failed
+        (False); None on a database that is not anchored yet. Raises (and the caller
+        rolls back) if the HSM cannot take the anchor."""
+        with self._lock:
+            # under the writer lock no other writer's change is pending: a commit since
+            # the last read destroyed the anchor behind the cached handle
+            if not self.sync():
+                return None
+            assert self._at is not None and self._chain_id is not None
+            changes = dict(changes)
+            new = StateAnchor(self._at.n + 1, self._digest_after(self._at.digest, changes))
+            tx.add_state_changes(new.n, changes)
+            name = label(self._chain_id)
+            self._hsm.add_anchor(name, new.encode())
+            previous = self._at
+
+        def finish(committed: bool) -> None:
+            with self._lock:
+                try:
+                    if committed:
+                        if self._at == previous:  # else a sync already applied it
+                            self._apply(changes)
+                            self._at = new
+                        # the previous anchor, and any a crashed writer left behind (the
+                        # writer lock is still held: no other writer's anchor is pending)
+                        self._hsm.drop_anchor(name, new.encode(), all_but=True)
+                    else:
+                        self._hsm.drop_anchor(name, new.encode())
+                except Exception:
+                    log.exception("could not drop a state anchor")
+
+        return finish
+
+    # -- operator steps and checkpoints ------------------------------------------------
+
+    def anchor(self, chain_id: str) -> StateAnchor:
+        """``kms init`` / ``kms migrate`` / ``kms audit accept-state``: make the sealed
+        rows as they are found now the state anchor of ``chain_id``, replacing any
+        anchor it had (under the writer lock: no change slips in between). The caller
+        records that in the audit trail."""
+        with self._lock, self._storage.transaction() as tx:
+            salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{chain_id}".encode())
+            new = StateAnchor(tx.state_seq(), fmt.anchored_digest(salt, tx.sealed_rows()))
+            name = label(chain_id)
+            old = self._hsm.anchor_values(name)
+            self._hsm.add_anchor(name, new.encode())
+            for value in old:
+                if value != new.encode():
+                    self._hsm.drop_anchor(name, value)
+            self._chain_id, self._at, self._refusal = None, None, None  # rebuilt at next use
+            return new
+
+    def anchored(self, chain_id: str) -> bool:
+        """Whether the token holds a state anchor for ``chain_id``."""
+        return bool(self._hsm.anchor_values(label(chain_id)))
+
+    def verified_state(self) -> tuple[int, list[Entry]]:
+        """The sealed rows as (kind, ident, seal) and the change ``n`` they are at, read
+        from the tables and checked against the HSM anchor (StateRefused if they do not
+        match it: a rollback of a row nobody used yet is caught here, at each checkpoint
+        and state export)."""
+        for _ in range(3):
+            with self._storage.reader() as tx:
+                n = tx.state_seq()
+                entries = list(tx.sealed_rows())
+            with self._lock:
+                if not self.sync(refind=True):
+                    raise StateRefused(detail="this database's sealed state is not anchored")
+                assert self._at is not None
+                if self._at.n != n:
+                    continue  # a writer committed in between: read again
+                if fmt.anchored_digest(self._salt, entries) != self._at.digest:
+                    STATE_REFUSED.inc()
+                    reason = (
+                        f"the sealed rows at change {n} do not match the state the HSM "
+                        "anchored: a row was rolled back, inserted or deleted in the database"
+                    )
+                    log.error("sealed state refused", extra={"detail": reason})
+                    raise StateRefused(detail=reason)
+                return n, entries
+        raise StateRefused(detail="the sealed state kept changing; try again")
+
+    def checkpoint_state(self) -> tuple[int, str]:
+        """``(n, public digest)`` of the verified sealed state, for a checkpoint."""
+        n, entries = self.verified_state()
+        return n, fmt.public_digest(entries)
