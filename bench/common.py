@@ -346,7 +346,13 @@ def _seed(data_dir: Path, total: int, used: int, out: Any) -> None:
                 for k in ids
             ],
         )
-    with storage.transaction() as tx:  # the HSM seals the rows written in bulk above
+    with storage.reader() as tx:
+        chain_id = tx.audit_chain_id()
+    assert chain_id is not None
+    # the rows written in bulk above are taken as found, as `kms migrate` takes a
+    # database's, then sealed by the HSM (a logged change of the anchored state)
+    services.state.anchor(chain_id)
+    with storage.transaction() as tx:
         tx.seal_unsealed()
     caller = Caller("seed", principal)
     blobs = []

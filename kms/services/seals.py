@@ -109,6 +109,7 @@ class TxSeals:
         self._seals = seals
         self._state = state
         self.written: dict[tuple[str, str], str | None] = {}
+        self._followed = False  # the HSM state anchor was read in this transaction
 
     def seal(self, kind: str, fields: Mapping[str, Any]) -> str:
         seal = self._seals.seal(kind, fields)
@@ -131,7 +132,7 @@ class TxSeals:
         if (kind, ident) in self.written:
             if self.written[(kind, ident)] == seal:
                 return
-        elif self._state is None or self._state.require(kind, ident, seal):
+        elif self._state is None or self._state.require(kind, ident, seal, self._follow()):
             return
         raise broken(
             kind, f"the {kind} row {_named(kind, ident)} is an older sealed copy: rolled back"
@@ -142,10 +143,15 @@ class TxSeals:
         (deleted in the database, where its absence means something more permissive)."""
         if (kind, ident) in self.written or self._state is None:
             return
-        if self._state.holds(kind, ident):
+        if self._state.holds(kind, ident, self._follow()):
             raise broken(
                 kind, f"the {kind} row {_named(kind, ident)} was deleted from the database"
             )
+
+    def _follow(self) -> bool:
+        """True the first time a transaction asks (it reads the HSM anchor then)."""
+        first, self._followed = not self._followed, True
+        return first
 
     def complete(self, kind: str, found: set[str]) -> None:
         """SealBroken if a current row of ``kind`` is missing from ``found`` (a listing

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from kms.backends.storage import schema as t
 from kms.client import KmsClient
 from tests.helpers import SECRET, Receiver, gunicorn_server, run_kms
 
@@ -140,6 +142,10 @@ def test_public_authority_access_with_webhook(
         assert refused.returncode == 1 and "forbidden" in refused.stderr
 
         time.sleep(4.5)
+        db = sa.create_engine(f"sqlite:///{fresh_data_dir / 'kms.sqlite3'}")
+        cases = t.escrow_cases
+        with db.begin() as c:  # the database writer keeps the row from before the unwrap
+            before = dict(c.execute(sa.select(cases)).mappings().one())
         plaintext = kms(police, *unwrap).strip()
         assert plaintext == base64.b64encode(dk.plaintext).decode()
         view = admin.get_case(cid)
@@ -159,3 +165,16 @@ def test_public_authority_access_with_webhook(
             r["operation"] == "decrypt" and r["case_id"] == cid and r["outcome"] == "ok"
             for r in records
         )
+
+        # Issue 15, attack 4: that row written back with its own valid seal would refill
+        # the budget of 1; the next unwrap is refused instead, the reason in the trail.
+        env = {"KMS_URL": server.url, "KMS_TOKEN_FILE": str(police)}
+        assert run_kms(*unwrap, env=env).returncode == 1  # the budget is used up
+        with db.begin() as c:
+            c.execute(sa.update(cases).where(cases.c.case_id == cid).values(before))
+        again = run_kms(*unwrap, env=env)
+        assert again.returncode == 1 and "forbidden" in again.stderr
+        last = admin.audit(operation="decrypt")[-1]
+        assert last["case_id"] == cid and last["outcome"] == "forbidden"
+        assert "the case row " + cid + " is an older sealed copy" in last["detail"]
+        db.dispose()
