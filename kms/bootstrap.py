@@ -104,11 +104,14 @@ def secure_database(
 def anchor_sealed_state(storage: SqlStorage, services: Services, new_chain: bool) -> None:
     """Anchor the sealed rows' state in the HSM (kms/services/state_index.py) where the
     chain has no state anchor yet: with a new chain (before its rows are sealed: sealing
-    them is then a logged change), or a chain anchored before freshness existed, whose
-    rows are trusted as found, which the audit trail records."""
+    them is then a logged change), or a chain anchored before freshness existed (its
+    state log is empty), whose rows are trusted as found, which the audit trail records.
+    A chain whose state was anchored once and whose anchor is gone is left alone: the
+    server refuses it until an operator runs ``kms audit accept-state``."""
     with storage.reader() as tx:
         chain_id = tx.audit_chain_id()
-    if chain_id is None or services.state.anchored(chain_id):
+        logged = tx.state_seq()
+    if chain_id is None or services.state.anchored(chain_id) or (logged and not new_chain):
         return
     if not new_chain:
         services.audit.record([local_event("anchor_sealed_state", "rows trusted as found")])

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,23 @@ import requests
 import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def post_decrypt(url: str, token: str, blob: bytes) -> requests.Response:
+    """POST /v1/decrypt of ``blob`` (context patient=p-1) to the server at ``url``."""
+    return requests.post(
+        url + "/v1/decrypt",
+        json={"ciphertext": b64(blob), "context": {"patient": "p-1"}},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+
+
+def seal_failures(url: str, kind: str) -> float:
+    """The server's kms_seal_failures_total for ``kind`` (0 before the first)."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    found = re.search(rf'kms_seal_failures_total{{kind="{kind}"}} ([0-9.e+]+)', text)
+    return float(found.group(1)) if found else 0.0
 
 
 def b64(data: bytes) -> str:

@@ -123,7 +123,7 @@ class StateIndex:
         def build() -> None:
             try:
                 self.sync()
-            except Exception as e:  # noqa: BLE001 - logged; the next use tries again
+            except Exception as e:  # logged; the next use tries again
                 code = e.code if isinstance(e, KmsError) else type(e).__name__
                 log.warning("sealed state not indexed at start", extra={"code": code})
 

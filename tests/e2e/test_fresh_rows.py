@@ -24,25 +24,16 @@ from botocore.exceptions import ClientError
 
 from kms.backends.storage import schema as t
 from kms.client import KmsClient
-from tests.helpers import Server, b64, gunicorn_server, init_data_dir
+from tests.helpers import (
+    Server,
+    gunicorn_server,
+    init_data_dir,
+    post_decrypt,
+    seal_failures,
+)
 from tests.storage.test_pg_nodes import init as init_pg
 
 pytestmark = pytest.mark.e2e
-
-
-def _decrypt(srv: Server, token: str, blob: bytes) -> requests.Response:
-    return requests.post(
-        srv.url + "/v1/decrypt",
-        json={"ciphertext": b64(blob), "context": {"patient": "p-1"}},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-    )
-
-
-def _seal_failures(srv: Server, kind: str) -> float:
-    text = requests.get(srv.url + "/metrics", timeout=10).text
-    found = re.search(rf'kms_seal_failures_total{{kind="{kind}"}} ([0-9.e+]+)', text)
-    return float(found.group(1)) if found else 0.0
 
 
 def _last(srv: Server, **filters: str) -> dict[str, Any]:
@@ -81,24 +72,24 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
         k = admin.create_key("k")["key_id"]
         admin.grant("k", "app", ["encrypt", "decrypt"])
         blob = KmsClient(srv.url, app_token).encrypt("k", b"record of p-1", {"patient": "p-1"})
-        assert _decrypt(srv, app_token, blob).status_code == 200
+        assert post_decrypt(srv.url, app_token, blob).status_code == 200
         app_id = _row(engine, t.principals, name="app")["id"]
 
         # 1. A revoked grant written back: the same answer as no grant.
         granted = _row(engine, t.grants, key_id=k, principal_id=app_id)
         admin.grant("k", "app", [])
-        revoked = _decrypt(srv, app_token, blob)
+        revoked = post_decrypt(srv.url, app_token, blob)
         assert revoked.status_code == 403
-        before = _seal_failures(srv, "grant")
+        before = seal_failures(srv.url, "grant")
         _put_back(engine, t.grants, granted, "key_id", "principal_id")
         for _ in range(3):  # whichever worker answers
-            r = _decrypt(srv, app_token, blob)
+            r = post_decrypt(srv.url, app_token, blob)
             assert r.status_code == 403
             assert r.json()["error"]["message"] == revoked.json()["error"]["message"]
         record = _last(srv, principal="app", operation="decrypt")
         assert record["outcome"] == "forbidden"
         assert "grant row" in record["detail"] and "older sealed copy" in record["detail"]
-        assert _seal_failures(srv, "grant") >= before + 1
+        assert seal_failures(srv.url, "grant") >= before + 1
 
         # 2. A disabled key written back enabled, with the seal it had then. (The key
         # stays refused: its true row is gone until an operator restores it.)
@@ -109,11 +100,11 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
         enabled = _row(engine, t.keys, key_id=k2)
         admin.key_action("k2", "disable")
         _put_back(engine, t.keys, enabled, "key_id")
-        r = _decrypt(srv, app_token, blob2)
+        r = post_decrypt(srv.url, app_token, blob2)
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         assert "older sealed copy" in _last(srv, operation="decrypt")["detail"]
-        assert _seal_failures(srv, "key") >= 1
-        assert _decrypt(srv, app_token, blob).status_code == 200  # other keys serve on
+        assert seal_failures(srv.url, "key") >= 1
+        assert post_decrypt(srv.url, app_token, blob).status_code == 200  # other keys serve on
 
         # 3. A revoked SigV4 credential written back active.
         auth = {"Authorization": f"Bearer {srv.admin_token}"}
@@ -161,7 +152,7 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
     # 6. ... and a server started on that database refuses every sealed row until an
     # operator looks (kms audit accept-state).
     with gunicorn_server(data_dir, workers=1, env=env, ready=False) as srv:
-        r = _decrypt(srv, app_token, blob)
+        r = post_decrypt(srv.url, app_token, blob)
         assert r.status_code == 503 and r.json()["error"]["code"] == "state_refused"
         ready = requests.get(srv.url + "/readyz", timeout=10)
         assert ready.status_code == 503

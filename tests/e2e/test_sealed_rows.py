@@ -7,7 +7,6 @@ refusal, and the audit trail, the metrics and the log get the precise reason."""
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,25 +18,16 @@ import sqlalchemy as sa
 
 from kms.backends.storage import schema as t
 from kms.client import KmsClient
-from tests.helpers import Server, b64, gunicorn_server, init_data_dir
+from tests.helpers import (
+    Server,
+    gunicorn_server,
+    init_data_dir,
+    post_decrypt,
+    seal_failures,
+)
 from tests.storage.test_pg_nodes import init as init_pg
 
 pytestmark = pytest.mark.e2e
-
-
-def _decrypt(srv: Server, token: str, blob: bytes) -> requests.Response:
-    return requests.post(
-        srv.url + "/v1/decrypt",
-        json={"ciphertext": b64(blob), "context": {"patient": "p-1"}},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-    )
-
-
-def _seal_failures(srv: Server, kind: str) -> float:
-    text = requests.get(srv.url + "/metrics", timeout=10).text
-    found = re.search(rf'kms_seal_failures_total{{kind="{kind}"}} ([0-9.e+]+)', text)
-    return float(found.group(1)) if found else 0.0
 
 
 def _records(srv: Server, **filters: str) -> list[dict[str, Any]]:
@@ -57,8 +47,8 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
         other_token = admin.create_principal("other2", "service")["token"]
         admin.grant("k2", "other2", ["encrypt", "decrypt"])
         blob2 = KmsClient(srv.url, other_token).encrypt("k2", b"x", {"patient": "p-1"})
-        assert _decrypt(srv, app_token, blob).status_code == 200
-        unknown = _decrypt(srv, "kms_" + secrets.token_urlsafe(32), blob)
+        assert post_decrypt(srv.url, app_token, blob).status_code == 200
+        unknown = post_decrypt(srv.url, "kms_" + secrets.token_urlsafe(32), blob)
         assert unknown.status_code == 401
 
         # 1. Mint a principal, its token and a grant, copying seals from real rows too.
@@ -88,12 +78,12 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
                     seal=real_grant_seal,
                 )
             )
-        before = _seal_failures(srv, "principal")
-        r = _decrypt(srv, minted, blob)
+        before = seal_failures(srv.url, "principal")
+        r = post_decrypt(srv.url, minted, blob)
         assert r.status_code == 401 and r.json()["error"] == unknown.json()["error"] | {
             "request_id": r.json()["error"]["request_id"]
         }
-        assert _seal_failures(srv, "principal") == before + 1
+        assert seal_failures(srv.url, "principal") == before + 1
         (alarm,) = _records(srv, operation="authenticate")
         assert alarm["outcome"] == "forbidden" and alarm["principal"] is None
         assert alarm["detail"] == f"the principal row {pid},mallory is unsealed"
@@ -119,7 +109,7 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
 
         # 3. Grant a service a key it has no grant on: the same answer as no grant at all.
         other3 = admin.create_principal("other3", "service")["token"]
-        no_grant = _decrypt(srv, other3, blob2)
+        no_grant = post_decrypt(srv.url, other3, blob2)
         with engine.begin() as c:
             oid = c.execute(
                 sa.select(t.principals.c.id).where(t.principals.c.name == "other3")
@@ -132,7 +122,7 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
                     justifications="service_processing",
                 )
             )
-        forged = _decrypt(srv, other3, blob2)
+        forged = post_decrypt(srv.url, other3, blob2)
         seen = [
             (r.status_code, r.json()["error"]["code"], r.json()["error"]["message"])
             for r in (forged, no_grant)
@@ -146,10 +136,10 @@ def _attacks(data_dir: Path, engine: sa.Engine) -> None:
         admin.key_action("k2", "disable")
         with engine.begin() as c:
             c.execute(sa.update(t.keys).where(t.keys.c.key_id == k2).values(state="enabled"))
-        r = _decrypt(srv, other_token, blob2)
+        r = post_decrypt(srv.url, other_token, blob2)
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         assert "the seal of the key row" in _records(srv, operation="decrypt")[-1]["detail"]
-        assert _seal_failures(srv, "key") >= 1
+        assert seal_failures(srv.url, "key") >= 1
         assert "database row fails its HSM seal" in srv.log_text()
 
 

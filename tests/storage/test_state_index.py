@@ -183,3 +183,37 @@ def test_concurrent_writers_share_one_anchor(any_storage: SqlStorage, hsm: Pkcs1
     assert fresh.checkpoint_state()[0] == end.n  # the tables match the anchor
     with any_storage.reader() as tx:
         assert len(tx.state_changes(start.n)) == 20
+
+
+def test_a_missing_state_anchor_is_recreated_only_for_a_database_from_before_it(
+    any_storage: SqlStorage, hsm: Pkcs11Hsm
+) -> None:
+    """``kms migrate`` anchors the sealed state of a chain anchored before freshness
+    existed (its state log is empty), as found and recorded; a state anchor that existed
+    and is gone is never recreated by it: reads are refused until accept-state."""
+    from kms.app import build_services
+    from kms.bootstrap import anchor_sealed_state
+
+    services = build_services(any_storage, hsm)
+    with any_storage.reader() as tx:
+        label = state_index.label(str(tx.audit_chain_id()))
+
+    def drop() -> None:
+        for value in hsm.anchor_values(label):
+            hsm.drop_anchor(label, value)
+
+    drop()  # a database from before freshness: no anchor, nothing logged
+    anchor_sealed_state(any_storage, services, new_chain=False)
+    assert len(hsm.anchor_values(label)) == 1
+    with any_storage.reader() as tx:
+        assert tx.audit_records(0, 10, query=None)[-1]["operation"] == "anchor_sealed_state"
+    key = _key(any_storage)  # logged as change 1
+    drop()
+    anchor_sealed_state(any_storage, services, new_chain=False)
+    assert hsm.anchor_values(label) == []
+    with pytest.raises(StateRefused) as refused:
+        _read(_worker(any_storage, hsm))
+    assert "holds no state anchor" in str(refused.value.detail)
+    problem, _ = services.audit.accept_state("INC-7: state anchor lost")
+    assert problem is not None and "no state anchor" in problem
+    assert _read(_worker(any_storage, hsm)) == key
