@@ -6,11 +6,11 @@ of key k-1), ``seal`` the row's 64-hex seal, or ``"-"`` for a row stored without
 
 Two digests of a set of entries:
 
-- the **anchored digest** (kms/services/state_index.py): the XOR of
-  HMAC-SHA256(salt, ``kind \\n ident \\n seal``) over the entries, with a salt that only
-  the HSM can give (so whoever reads the database cannot find another set with the same
-  digest). It moves in O(1) per changed row and is kept in the HSM token, as a private
-  data object whose value is::
+- the **anchored digest** (kms/services/state_index.py): the sum modulo 2^256 of
+  HMAC-SHA256(salt, ``kind \\n ident \\n seal``) over the entries (a row present twice
+  counts twice), with a salt that only the HSM can give (so whoever reads the database
+  cannot find another set with the same digest). It moves in O(1) per changed row and
+  is kept in the HSM token, as a private data object whose value is::
 
       b"KMS-STATE-1\\n" || canonical JSON {"digest": "<64 hex>", "n": <int >= 0>}
 
@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 PREFIX = b"KMS-STATE-1\n"
+MODULUS = 1 << 256
 NO_SEAL = "-"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -54,10 +55,7 @@ def element(salt: bytes, kind: str, row: str, seal: str) -> int:
 
 
 def anchored_digest(salt: bytes, entries: Iterable[Entry]) -> int:
-    digest = 0
-    for kind, row, seal in entries:
-        digest ^= element(salt, kind, row, seal)
-    return digest
+    return sum(element(salt, kind, row, seal) for kind, row, seal in entries) % MODULUS
 
 
 def public_digest(entries: Iterable[Entry]) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 from kms.formats import audit_record, bundle
 from kms.formats import checkpoint as cpfmt
 from kms.formats.state_export import StateExport
-from kms.services.state_verify import check_state
+from kms.services.state_verify import check_state, state_history_errors
 
 # The longest unsigned tail accepted by default: the server signs a checkpoint at least
 # every KMS_AUDIT_CHECKPOINT_RECORDS records (default 1000) and every
@@ -181,6 +181,7 @@ def verify_bundle(
         else:
             report.held_seq = max(report.held_seq or 0, seq)
     _check_witnessed(witnesses, hashes, in_bundle, since_checkpoint, expected_seq - 1, report)
+    report.errors.extend(state_history_errors(in_bundle.values()))
     if state is not None:
         held = [cp for cp in (since_checkpoint, through_checkpoint) if cp is not None]
         matched, message = check_state(state, [*in_bundle.values(), *held])

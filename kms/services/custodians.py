@@ -12,7 +12,7 @@ import re
 from dataclasses import replace
 from typing import Any, Protocol
 
-from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound, SealBroken
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, format_time
@@ -126,9 +126,12 @@ class CustodianService:
             require_configured(self._notifier, self._settings)
             op.note(detail=f"custodian={name}")
             with self._storage.transaction() as tx:
-                custodian = tx.custodian(name)
-                if custodian is None:
+                if tx.custodian(name) is None:
                     raise NotFound("no such custodian")
+                # its current sealed row only: a row edited in the database is not re-sealed
+                custodian = self._rows.custodians(tx).get(name)
+                if custodian is None:
+                    raise SealBroken(detail=f"the custodian row {name} fails its seal")
                 revoked = self._rows.sealed(replace(custodian, state="revoked"))
                 tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))

@@ -10,14 +10,13 @@ would let anyone grow the audit trail (kms/api/errors.py does the same).
 
 from __future__ import annotations
 
-import hmac
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from kms.errors import ClientError
+from kms.errors import ClientError, Forbidden
 from kms.services.audit import MAX_PAGE, AuditTrail
 from kms.services.audit_events import Caller, format_time
 from kms.services.audit_export import AuditExports
@@ -29,6 +28,7 @@ from kms.services.model import (
     OPEN_CASE_STATES,
     AuditHead,
     AuditQuery,
+    EscrowCase,
     Key,
     KeyUsage,
     Principal,
@@ -41,6 +41,7 @@ from kms.services.ports import (
     Hsm,
     KeyRows,
     PrincipalRows,
+    SealRows,
     Store,
 )
 from kms.services.principals import PrincipalService
@@ -117,7 +118,7 @@ class Verification:
     summary: str
 
 
-class DashboardTx(PrincipalRows, KeyRows, CaseRows, AuditRows, Protocol):
+class DashboardTx(PrincipalRows, KeyRows, CaseRows, AuditRows, SealRows, Protocol):
     """The rows DashboardService reads."""
 
 
@@ -187,6 +188,7 @@ class DashboardService:
                 head = tx.audit_head()
                 status = _audit_status(tx, head)
                 cases = tx.list_cases(sorted(OPEN_CASE_STATES))
+                sealed = {c.case_id: self._sealed_case(tx, c) for c in cases}
             stamp = format_time(now)
             return Overview(
                 now,
@@ -200,11 +202,18 @@ class DashboardService:
                         c.created_at,
                         c.expires_at,
                         expired=stamp >= c.expires_at,
-                        sealed=hmac.compare_digest(c.mac, self._rows.case_mac(c)),
+                        sealed=sealed[c.case_id],
                     )
                     for c in cases
                 ],
             )
+
+    def _sealed_case(self, tx: DashboardTx, case: EscrowCase) -> bool:
+        """Whether the case row carries its current HSM seal (not an older copy)."""
+        try:
+            return self._rows.case(tx, case.case_id) is not None
+        except Forbidden:
+            return False
 
     def key_detail(self, caller: Caller, ref: str, days: int = 30) -> KeyDetail:
         """One key: rotation status, versions with their use, use per day and version."""

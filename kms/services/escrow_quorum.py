@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from kms.formats import escrow as escrowfmt
+from kms.formats.state import ident
 from kms.services.audit_events import format_time
 from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx
 from kms.services.key_use import CASE_ALTERED
@@ -33,7 +34,9 @@ class Quorum:
         policy = self._settings.policy
         for key_id in case.scope["keys"]:
             key = tx.key_by_id(key_id)
-            if key is not None and key.escrow_policy is not None:
+            if key is None:  # gone from the database, with its stricter policy?
+                tx.check_absent("key", ident([key_id]))
+            elif key.escrow_policy is not None:
                 policy = policy.merge(key.escrow_policy)
         return policy
 

@@ -81,9 +81,8 @@ class Hsm(Protocol):
     def add_anchor(self, label: str, value: bytes) -> None:
         """Store a new token data object ``label`` = ``value`` (others of the label stay)."""
 
-    def drop_anchor(self, label: str, value: bytes, *, all_but: bool = False) -> None:
-        """Destroy the token data objects ``label`` whose value is ``value`` (with
-        ``all_but``: whose value is not)."""
+    def drop_anchor(self, label: str, value: bytes) -> None:
+        """Destroy the token data objects ``label`` whose value is ``value``."""
 
 
 class TxSeals(Protocol):
@@ -291,6 +290,11 @@ class SealRows(Protocol):
     def check_current(self, kind: str, ident: str, seal: str) -> None:
         """SealBroken unless ``seal`` is the current seal of a row the service layer
         sealed (the escrow rows; the storage checks its own)."""
+        ...
+
+    def check_absent(self, kind: str, ident: str) -> None:
+        """SealBroken if row (kind, ident), not found, is in the current sealed state
+        (deleted in the database)."""
         ...
 
     def check_complete(self, kind: str, found: set[str]) -> None:

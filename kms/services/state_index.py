@@ -12,14 +12,19 @@ The HSM anchors which seals are current:
   rows with the same digest.
 - **The writers.** Every transaction that writes or deletes a sealed row logs the new
   seals under ``n + 1`` in ``state_changes`` and creates the anchor ``(n + 1, digest')``
-  before it commits; after the commit the older anchor is destroyed (if the commit fails,
-  the new one is). Writers are serialised by the storage's writer lock.
+  before it commits; after the commit the older anchors are destroyed (if the commit
+  fails, the new one is). Writers are serialised by the storage's writer lock.
+- **The newest anchor is the truth.** Only the state of the anchor with the highest
+  ``n`` is accepted. A database behind it is a writer between its new anchor and its
+  commit (waited for, up to PENDING_SECONDS), or a writer that died there, or lost
+  changes: both refused (StateRefused) until an operator accepts the state.
 - **Each process** keeps the index (kind, ident) -> seal of every sealed row. It is built
-  from the tables at the first use and must match an anchor's digest, or nothing sealed
-  is used (StateRefused: a row was rolled back, inserted or deleted while no process
-  watched). Before its first sealed row, each transaction reads the anchor (a cached
-  handle, about 40 us on SoftHSM); if ``n`` moved the process applies the logged changes
-  and they must reach an anchor's digest, or it rebuilds from the tables (same check).
+  from the tables at the first use and must match the newest anchor's digest, or nothing
+  sealed is used (StateRefused: a row was rolled back, inserted, duplicated or deleted
+  while no process watched). Before its first sealed row, each transaction reads the
+  anchor (a cached handle, about 40 us on SoftHSM); if ``n`` moved the process applies
+  the logged changes, which must reach the anchor's digest exactly, or it rebuilds from
+  the tables (same check).
 - **At use** a row's seal must be the index's: a row put back from an older copy is
   refused like a broken seal (SealBroken, the generic refusal, the precise reason in the
   audit trail and an alarm). A row that should exist and does not (a deleted XKS policy
@@ -28,11 +33,13 @@ The HSM anchors which seals are current:
   so a rollback of a row nobody used is caught there, and the checkpoint carries the
   public digest for the offline verifier.
 
-What it cannot see: a row rolled back and used in the instant between another
-transaction's commit and the destruction of the older anchor (milliseconds), or, after a
-crash in that instant, until any process next re-reads the token (at most
-REFIND_SECONDS). A request that reads a row while it is being changed can be refused
-like a rollback; retrying succeeds.
+What it cannot see: a row rolled back and used by a process whose cached handle still
+reads the older anchor, in the instant between another transaction's commit and the
+destruction of that anchor (milliseconds; a search of the token happens at least every
+REFIND_SECONDS, and a writer always searches). A writer killed between creating its
+anchor and committing leaves the database behind the newest anchor: refused until
+``kms audit accept-state``. A request that reads a row while it is being changed can be
+refused like a rollback; retrying succeeds.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from kms.errors import KmsError, StateRefused
 from kms.formats import state as fmt
@@ -53,9 +60,11 @@ log = logging.getLogger("kms.state")
 
 LABEL_PREFIX = "kms-state-anchor-"
 REFIND_SECONDS = 1.0  # how often a process looks for anchors it has no handle of
+PENDING_SECONDS = 2.0  # how long a newer anchor may wait for its writer's commit
 RECHECK_SECONDS = 2.0  # how often a refusing process tries again
 
 Changes = Mapping[tuple[str, str], str | None]
+ANCHORED = ("anchored", "[]")  # the log entry of an operator's anchoring (no row)
 
 
 def label(chain_id: str) -> str:
@@ -83,11 +92,11 @@ class StateIndex:
         """True if ``seal`` is the current seal of row (kind, ident), after following
         the anchor (``follow``: read it now; otherwise the caller did, earlier in the same
         transaction); False if not (the caller refuses it). StateRefused if the state
-        cannot be trusted at all; True on a database that is not anchored yet (only
-        ``kms init`` writes one: the audit trail refuses every operation there)."""
+        cannot be trusted at all, or the database is not anchored (only ``kms init`` and
+        ``kms migrate`` write one before anchoring it, and read nothing sealed)."""
         with self._lock:
-            if (follow or self._at is None) and not self.sync():
-                return True
+            if follow or self._at is None:
+                self._require_anchored()
             if self._seal_of(kind, ident) == seal:
                 return True
             self.sync(refind=True)  # a change committed since this transaction began
@@ -97,18 +106,21 @@ class StateIndex:
         """Whether the current state has row (kind, ident) (a row that exists must
         be found: its absence may be more permissive)."""
         with self._lock:
-            if (follow or self._at is None) and not self.sync():
-                return False
+            if follow or self._at is None:
+                self._require_anchored()
             if self._seal_of(kind, ident) is not None:
                 self.sync(refind=True)  # deleted since this transaction began?
             return self._seal_of(kind, ident) is not None
 
     def idents(self, kind: str) -> set[str]:
-        """The idents of every current row of ``kind`` (empty if not anchored)."""
+        """The idents of every current row of ``kind``."""
         with self._lock:
-            if not self.sync(refind=True):
-                return set()
+            self._require_anchored(refind=True)
             return set(self._index.get(kind, ()))
+
+    def _require_anchored(self, refind: bool = False) -> None:
+        if not self.sync(refind):
+            raise StateRefused(detail="this database's sealed state is not anchored (kms init)")
 
     def _seal_of(self, kind: str, ident: str) -> str | None:
         return self._index.get(kind, {}).get(ident)
@@ -157,15 +169,32 @@ class StateIndex:
                 return False
             self._salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{self._chain_id}".encode())
         refind = refind or self._at is None or now - self._found_at >= REFIND_SECONDS
-        anchors = self._anchors(refind)
-        if refind:
-            self._found_at = now
-        if self._at in anchors and self._at == max(anchors):
-            return True
-        if self._at is not None and self._catch_up(anchors):
-            return True
-        self._rebuild()
-        return True
+        deadline = now + PENDING_SECONDS
+        while True:
+            anchors = self._anchors(refind)
+            if refind:
+                self._found_at = time.monotonic()
+            newest = max(anchors)
+            if [a.n for a in anchors].count(newest.n) > 1:
+                raise StateRefused(detail=f"the HSM holds two state anchors at change {newest.n}")
+            if self._at == newest:
+                return True
+            with self._storage.reader() as tx:
+                logged = tx.state_seq()
+            if logged >= newest.n:
+                if self._at is None or not self._catch_up(newest):
+                    self._rebuild(newest)  # StateRefused if the rows are not newest's
+                if self._at == newest:
+                    self._drop_older(anchors, newest)
+                    return True
+            elif time.monotonic() >= deadline:
+                raise StateRefused(
+                    detail=f"the database's sealed state (change {logged}) is behind the HSM "
+                    f"state anchor (change {newest.n}): a writer died before its commit, or "
+                    "the database lost changes (a rollback, an older backup)"
+                )
+            time.sleep(0.005)  # a writer between its new anchor and its commit
+            refind = True
 
     def _anchors(self, refind: bool) -> list[StateAnchor]:
         assert self._chain_id is not None
@@ -177,44 +206,38 @@ class StateIndex:
         except fmt.StateFormatError as e:
             raise StateRefused(detail=f"the HSM state anchor is unreadable: {e}") from e
 
-    def _catch_up(self, anchors: list[StateAnchor]) -> bool:
-        """Apply the changes logged since the index's anchor; True if they end on an
-        anchor (the index is then that anchor's)."""
+    def _catch_up(self, newest: StateAnchor) -> bool:
+        """Apply the changes logged since the index's anchor up to ``newest``; True if
+        they reach exactly its digest (the index is then ``newest``'s)."""
         assert self._at is not None
         with self._storage.reader() as tx:
             logged = tx.state_changes(self._at.n)
-        changes = {(kind, ident): seal for _, kind, ident, seal in logged}
-        n = logged[-1][0] if logged else self._at.n
-        at = StateAnchor(n, self._digest_after(self._at.digest, changes))
-        if at not in anchors:
+        changes = {(k, i): seal for n, k, i, seal in logged if n <= newest.n}
+        if self._digest_after(self._at.digest, changes) != newest.digest:
             log.warning("the state log does not reach the HSM state anchor; rebuilding")
             return False
         self._apply(changes)
-        self._at = at
+        self._at = newest
         return True
 
-    def _rebuild(self) -> None:
-        """Index the tables as they are now; StateRefused unless they match an anchor
-        (tried three times: a writer may commit between the scan and the search)."""
-        for _ in range(3):
-            with self._storage.reader() as tx:
-                n = tx.state_seq()
-                entries = list(tx.sealed_rows())
-            at = StateAnchor(n, fmt.anchored_digest(self._salt, entries))
-            anchors = self._anchors(refind=True)
-            if at in anchors:
-                self._index = {}  # unsealed rows ("-") too: sealing one replaces it
-                self._apply({(k, i): s for k, i, s in entries})
-                self._at = at
-                self._drop_older(anchors, at)
-                return
-            if max(anchors).n == n:
-                break  # no writer in between: the rows themselves differ
-        raise StateRefused(
-            detail=f"the sealed rows (change {n}) do not match the HSM state anchor "
-            f"(change {max(anchors).n}): a row was rolled back, inserted or deleted in the "
-            "database"
-        )
+    def _rebuild(self, newest: StateAnchor) -> None:
+        """Index the tables as they are now if they are the state ``newest`` anchors (or
+        a later one a writer committed meanwhile: the caller looks again); StateRefused
+        if they are not."""
+        with self._storage.reader() as tx:
+            n = tx.state_seq()
+            entries = unique(tx.sealed_rows())
+        if n > newest.n:
+            return  # a writer committed since the token was read
+        if n != newest.n or fmt.anchored_digest(self._salt, entries) != newest.digest:
+            raise StateRefused(
+                detail=f"the sealed rows (change {n}) do not match the HSM state anchor "
+                f"(change {newest.n}): a row was rolled back, inserted or deleted in the "
+                "database"
+            )
+        self._index = {}  # unsealed rows ("-") too: sealing one replaces it
+        self._apply({(k, i): seal for k, i, seal in entries})
+        self._at = newest
 
     def _digest_after(self, digest: int, changes: Changes) -> int:
         """The index's digest ``digest`` once ``changes`` (the last seal of each row) are
@@ -222,10 +245,10 @@ class StateIndex:
         for (kind, ident), seal in changes.items():
             old = self._seal_of(kind, ident)
             if old is not None:
-                digest ^= fmt.element(self._salt, kind, ident, old)
+                digest -= fmt.element(self._salt, kind, ident, old)
             if seal is not None:
-                digest ^= fmt.element(self._salt, kind, ident, seal)
-        return digest
+                digest += fmt.element(self._salt, kind, ident, seal)
+        return digest % fmt.MODULUS
 
     def _apply(self, changes: Changes) -> None:
         for (kind, ident), seal in changes.items():
@@ -248,9 +271,9 @@ class StateIndex:
         (False); None on a database that is not anchored yet. Raises (and the caller
         rolls back) if the HSM cannot take the anchor."""
         with self._lock:
-            # under the writer lock no other writer's change is pending: a commit since
-            # the last read destroyed the anchor behind the cached handle
-            if not self.sync():
+            # the token searched, not read through a cached handle: another node's writer
+            # may have committed (and not yet destroyed its older anchor) just before
+            if not self.sync(refind=True):
                 return None
             assert self._at is not None and self._chain_id is not None
             changes = dict(changes)
@@ -267,9 +290,9 @@ class StateIndex:
                         if self._at == previous:  # else a sync already applied it
                             self._apply(changes)
                             self._at = new
-                        # the previous anchor, and any a crashed writer left behind (the
-                        # writer lock is still held: no other writer's anchor is pending)
-                        self._hsm.drop_anchor(name, new.encode(), all_but=True)
+                        # the older ones only: on PostgreSQL the writers' lock is gone
+                        # with the commit, and another node's newer anchor may exist
+                        self._drop_older(self._anchors(refind=True), new)
                     else:
                         self._hsm.drop_anchor(name, new.encode())
                 except Exception:
@@ -283,10 +306,13 @@ class StateIndex:
         """``kms init`` / ``kms migrate`` / ``kms audit accept-state``: make the sealed
         rows as they are found now the state anchor of ``chain_id``, replacing any
         anchor it had (under the writer lock: no change slips in between). The caller
-        records that in the audit trail."""
+        records that in the audit trail. The state moves to a new change ``n`` (logged
+        with no row), so that no two anchored states ever share one ``n``."""
         with self._lock, self._storage.transaction() as tx:
             salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{chain_id}".encode())
-            new = StateAnchor(tx.state_seq(), fmt.anchored_digest(salt, tx.sealed_rows()))
+            digest = fmt.anchored_digest(salt, unique(tx.sealed_rows()))
+            new = StateAnchor(tx.state_seq() + 1, digest)
+            tx.add_state_changes(new.n, {ANCHORED: None})
             name = label(chain_id)
             old = self._hsm.anchor_values(name)
             self._hsm.add_anchor(name, new.encode())
@@ -308,7 +334,7 @@ class StateIndex:
         for _ in range(3):
             with self._storage.reader() as tx:
                 n = tx.state_seq()
-                entries = list(tx.sealed_rows())
+                entries = unique(tx.sealed_rows())
             with self._lock:
                 if not self.sync(refind=True):
                     raise StateRefused(detail="this database's sealed state is not anchored")
@@ -336,3 +362,13 @@ class StateIndex:
 def _decode(value: bytes) -> StateAnchor:
     """fmt.decode, remembered: the same few values are read before every transaction."""
     return fmt.decode(value)
+
+
+def unique(entries: Iterable[Entry]) -> list[Entry]:
+    """``entries`` as a list; StateRefused if a row appears twice (its table's key was
+    dropped in the database to hold two copies)."""
+    out = list(entries)
+    seen = {(kind, ident) for kind, ident, _ in out}
+    if len(seen) != len(out):
+        raise StateRefused(detail="a sealed row appears twice: a table's key was removed")
+    return out

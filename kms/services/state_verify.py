@@ -4,10 +4,36 @@ export shows must be those the HSM-signed checkpoint at their change ``n`` commi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kms.formats.state_export import StateExport
+
+
+def state_history_errors(signed: Iterable[Mapping[str, Any]]) -> list[str]:
+    """What is wrong with the sealed state the format 2 checkpoints of a bundle carry, in
+    chain order: it never goes back (a later checkpoint at an older state change), and
+    one state change has one digest (two digests at the same change: a state was
+    laundered and re-anchored)."""
+    errors: list[str] = []
+    seen: dict[int, str] = {}
+    newest = -1
+    for cp in sorted(signed, key=lambda cp: cp["seq"]):
+        if "state_seq" not in cp:
+            continue
+        n, digest = cp["state_seq"], cp["state_sha256"]
+        if n < newest:
+            errors.append(
+                f"checkpoint at seq {cp['seq']} carries state change {n}, older than the "
+                f"{newest} an earlier checkpoint carries: the sealed state went back"
+            )
+        if seen.setdefault(n, digest) != digest:
+            errors.append(
+                f"checkpoint at seq {cp['seq']} carries a different digest for state change "
+                f"{n} than an earlier checkpoint: the sealed state was replaced"
+            )
+        newest = max(newest, n)
+    return errors
 
 
 def check_state(export: StateExport, signed: Sequence[Mapping[str, Any]]) -> tuple[bool, str]:

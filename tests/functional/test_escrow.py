@@ -793,3 +793,19 @@ def test_a_custodian_deleted_in_the_database_does_not_empty_its_group(
     r = world.api.call("POST", "/v1/custodians", world.api.admin, json=body)
     assert r.status_code == 403, r.json
     assert "custodian rows dpo were deleted" in world.api.audit()[-1]["detail"]
+
+
+def test_revoking_a_custodian_never_reseals_a_row_edited_in_the_database(
+    world: World, storage: SqlStorage
+) -> None:
+    """Revocation re-seals the custodian's row: it must not seal a public key the
+    database writer swapped in (a revoked custodian's rejections still count)."""
+    forged = _raw_public_key()
+    with storage._engine.begin() as c:
+        c.execute(
+            sa.update(t.custodians).where(t.custodians.c.name == "dpo").values(public_key=forged)
+        )
+    r = world.api.call("DELETE", "/v1/custodians/dpo", world.api.admin)
+    assert r.status_code == 403, r.json
+    row = _rows(storage, t.custodians, name="dpo")
+    assert row["state"] == "active" and row["public_key"] == forged  # left as it was: broken

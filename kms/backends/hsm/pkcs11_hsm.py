@@ -256,16 +256,16 @@ class Pkcs11Hsm:
 
         self._call(op)
 
-    def drop_anchor(self, label: str, value: bytes, *, all_but: bool = False) -> None:
-        """Destroy the data objects ``label`` holding exactly ``value`` (with ``all_but``:
-        every other one); none is fine (another process got there first)."""
+    def drop_anchor(self, label: str, value: bytes) -> None:
+        """Destroy the data objects ``label`` holding exactly ``value``; none is fine
+        (another process got there first)."""
 
         def op(c: _Conn) -> None:
             found = c.session.get_objects(
                 {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
             )
             for o in found:
-                if (bytes(o[Attribute.VALUE]) == value) != all_but:
+                if bytes(o[Attribute.VALUE]) == value:
                     with contextlib.suppress(p11e.ObjectHandleInvalid):
                         o.destroy()
 

@@ -72,6 +72,9 @@ class SqlTx(
     def check_current(self, kind: str, ident: str, seal: str) -> None:
         self._seals.current(kind, ident, seal)
 
+    def check_absent(self, kind: str, ident: str) -> None:
+        self._seals.absent(kind, ident)
+
     def check_complete(self, kind: str, found: set[str]) -> None:
         self._seals.complete(kind, found)
 

@@ -10,6 +10,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
+from kms.errors import StateRefused
 from kms.formats.state import NO_SEAL, Entry, ident
 
 # kind -> (table, key columns, seal column): the identity of kms/services/seals.py ROW_KEY
@@ -33,24 +34,35 @@ class StateTx:
     _c: Connection
 
     def sealed_rows(self) -> Iterator[Entry]:
-        """Every row of every sealed table as (kind, ident, seal or "-"), one snapshot."""
+        """Every row of every sealed table as (kind, ident, seal or "-"), one snapshot;
+        StateRefused for a key column no server writes (SQLite keeps any value)."""
         for kind, (table, keys, seal_column) in SEALED_TABLES.items():
             columns = [table.c[k] for k in keys]
             query = select(*columns, table.c[seal_column]).order_by(*columns)
             for row in self._c.execute(query).yield_per(_PAGE):
                 *values, seal = row
+                if not all(isinstance(v, str | int) for v in values):
+                    raise StateRefused(detail=f"a {kind} row has a key no server writes")
                 yield kind, ident(values), seal if isinstance(seal, str) else NO_SEAL
 
     def state_seq(self) -> int:
         """The newest ``n`` in the log (0 if it is empty)."""
         c = t.state_changes.c
-        return int(self._c.execute(select(func.coalesce(func.max(c.n), 0))).scalar_one())
+        n = self._c.execute(select(func.coalesce(func.max(c.n), 0))).scalar_one()
+        if type(n) is not int:
+            raise StateRefused(detail="the state log holds a change no server writes")
+        return n
 
     def state_changes(self, after: int) -> list[tuple[int, str, str, str | None]]:
         """The logged changes with ``n > after`` as (n, kind, ident, seal or None), in order."""
         c = t.state_changes.c
         query = select(c.n, c.kind, c.ident, c.seal).where(c.n > after).order_by(c.n)
-        return [(int(n), kind, row, seal) for n, kind, row, seal in self._c.execute(query)]
+        out = []
+        for n, kind, row, seal in self._c.execute(query):
+            if not (type(n) is int and isinstance(kind, str) and isinstance(row, str)):
+                raise StateRefused(detail="the state log holds a change no server writes")
+            out.append((n, kind, row, seal if isinstance(seal, str) else None))
+        return out
 
     def add_state_changes(self, n: int, changes: Mapping[tuple[str, str], str | None]) -> None:
         rows = [{"n": n, "kind": k, "ident": i, "seal": s} for (k, i), s in changes.items()]
