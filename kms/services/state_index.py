@@ -187,11 +187,13 @@ class StateIndex:
                 if self._at == newest:
                     self._drop_older(anchors, newest)
                     return True
-            elif time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 raise StateRefused(
                     detail=f"the database's sealed state (change {logged}) is behind the HSM "
                     f"state anchor (change {newest.n}): a writer died before its commit, or "
                     "the database lost changes (a rollback, an older backup)"
+                    if logged < newest.n
+                    else "the sealed rows kept changing while they were read"
                 )
             time.sleep(0.005)  # a writer between its new anchor and its commit
             refind = True
@@ -224,11 +226,10 @@ class StateIndex:
         """Index the tables as they are now if they are the state ``newest`` anchors (or
         a later one a writer committed meanwhile: the caller looks again); StateRefused
         if they are not."""
-        with self._storage.reader() as tx:
-            n = tx.state_seq()
-            entries = unique(tx.sealed_rows())
-        if n > newest.n:
-            return  # a writer committed since the token was read
+        snapshot = self._snapshot()
+        if snapshot is None or snapshot[0] > newest.n:
+            return  # a writer committed meanwhile: the caller looks again
+        n, entries = snapshot
         if n != newest.n or fmt.anchored_digest(self._salt, entries) != newest.digest:
             raise StateRefused(
                 detail=f"the sealed rows (change {n}) do not match the HSM state anchor "
@@ -238,6 +239,17 @@ class StateIndex:
         self._index = {}  # unsealed rows ("-") too: sealing one replaces it
         self._apply({(k, i): seal for k, i, seal in entries})
         self._at = newest
+
+    def _snapshot(self) -> tuple[int, list[Entry]] | None:
+        """The sealed rows and the change they are at, or None if a writer committed
+        while they were read (PostgreSQL reads each table at its own moment at READ
+        COMMITTED: the change read before and after the rows then differs)."""
+        with self._storage.reader() as tx:
+            n = tx.state_seq()
+            entries = unique(tx.sealed_rows())
+            if tx.state_seq() != n:
+                return None
+        return n, entries
 
     def _digest_after(self, digest: int, changes: Changes) -> int:
         """The index's digest ``digest`` once ``changes`` (the last seal of each row) are
@@ -332,9 +344,10 @@ class StateIndex:
         match it: a rollback of a row nobody used yet is caught here, at each checkpoint
         and state export)."""
         for _ in range(3):
-            with self._storage.reader() as tx:
-                n = tx.state_seq()
-                entries = unique(tx.sealed_rows())
+            snapshot = self._snapshot()
+            if snapshot is None:
+                continue
+            n, entries = snapshot
             with self._lock:
                 if not self.sync(refind=True):
                     raise StateRefused(detail="this database's sealed state is not anchored")

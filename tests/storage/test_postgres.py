@@ -16,7 +16,7 @@ from kms.backends.storage.migrate import check_current_if_reachable
 from kms.errors import StorageUnavailable
 from kms.services.model import Key, KeyState, KeyVersion
 from kms.services.seals import RowSeals
-from tests.helpers import free_port
+from tests.helpers import anchored, free_port
 from tests.pg import PgCluster, PgDatabase, fresh_name
 
 NOW = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -95,16 +95,17 @@ def test_every_connection_runs_in_utc_with_bounded_waits(
 ) -> None:
     pg_database.execute(f"ALTER DATABASE {pg_database.name} SET timezone = 'Asia/Kolkata'")
     storage = SqlStorage(make_engine(pg_database.url), RowSeals(hsm))
-    with storage.transaction() as tx:
-        tx.add_key(_key())
-        tx.add_version(KeyVersion("k1", 1, NOW, b"w" * 40))
-        conn = tx._c
-        settings = {
-            name: conn.exec_driver_sql(f"SHOW {name}").scalar()
-            for name in ("timezone", "lock_timeout", "statement_timeout", "application_name")
-        }
-    with storage.reader() as tx:
-        key = tx.key_by_id("k1")
+    with anchored(storage, hsm):  # as kms init: sealed rows are read only then
+        with storage.transaction() as tx:
+            tx.add_key(_key())
+            tx.add_version(KeyVersion("k1", 1, NOW, b"w" * 40))
+            conn = tx._c
+            settings = {
+                name: conn.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("timezone", "lock_timeout", "statement_timeout", "application_name")
+            }
+        with storage.reader() as tx:
+            key = tx.key_by_id("k1")
     storage._engine.dispose()
     assert settings == {
         "timezone": "UTC",
