@@ -62,6 +62,7 @@ LABEL_PREFIX = "kms-state-anchor-"
 REFIND_SECONDS = 1.0  # how often a process looks for anchors it has no handle of
 PENDING_SECONDS = 2.0  # how long a newer anchor may wait for its writer's commit
 RECHECK_SECONDS = 2.0  # how often a refusing process tries again
+WARM_TRIES = 30  # a worker's attempts at indexing at start, RECHECK_SECONDS apart
 
 Changes = Mapping[tuple[str, str], str | None]
 ANCHORED = ("anchored", "[]")  # the log entry of an operator's anchoring (no row)
@@ -133,11 +134,16 @@ class StateIndex:
         for it. A failure is logged, and the next use tries again."""
 
         def build() -> None:
-            try:
-                self.sync()
-            except Exception as e:  # logged; the next use tries again
-                code = e.code if isinstance(e, KmsError) else type(e).__name__
-                log.warning("sealed state not indexed at start", extra={"code": code})
+            for _ in range(WARM_TRIES):
+                try:
+                    self.sync()
+                    return
+                except StateRefused:  # logged by sync; perhaps a writer slow to commit
+                    time.sleep(RECHECK_SECONDS)
+                except Exception as e:  # the HSM or database is down: the next use tries
+                    code = e.code if isinstance(e, KmsError) else type(e).__name__
+                    log.warning("sealed state not indexed at start", extra={"code": code})
+                    return
 
         thread = threading.Thread(target=build, name="kms-state-index", daemon=True)
         thread.start()
@@ -151,15 +157,16 @@ class StateIndex:
             if self._refusal is not None and now - self._refusal[0] < RECHECK_SECONDS:
                 raise self._refusal[1]
             try:
-                return self._sync(now, refind)
+                anchored = self._sync(now, refind)
             except StateRefused as e:
-                self._refusal, self._at = (now, e), None
+                # the index is kept: it holds a state an anchor once vouched for, from
+                # which a later catch-up can go on (a writer slow to commit)
+                self._refusal = (now, e)
                 STATE_REFUSED.inc()
                 log.error("sealed state refused; no sealed row is used", extra={"detail": e.detail})
                 raise
-            finally:
-                if self._at is not None:
-                    self._refusal = None
+            self._refusal = None
+            return anchored
 
     def _sync(self, now: float, refind: bool) -> bool:
         if self._chain_id is None:

@@ -37,7 +37,14 @@ pytestmark = pytest.mark.e2e
 
 
 def _last(srv: Server, **filters: str) -> dict[str, Any]:
-    return KmsClient(srv.url, srv.admin_token).audit(after=0, limit=1000, **filters)[-1]
+    """The newest audit record matching ``filters``; if the query itself is refused, the
+    server's log lines about the sealed state are printed first, to say why."""
+    try:
+        return KmsClient(srv.url, srv.admin_token).audit(after=0, limit=1000, **filters)[-1]
+    except Exception:
+        lines = srv.log_text().splitlines()
+        print("\n".join(x for x in lines if "sealed" in x or "state anchor" in x))
+        raise
 
 
 def _row(engine: sa.Engine, table: sa.Table, **where: Any) -> dict[str, Any]:
