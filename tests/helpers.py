@@ -205,6 +205,10 @@ def gunicorn_server(
     try:
         wait_ready(server, path="/readyz" if ready else "/healthz", **(tls or {}))
         yield server
+    except BaseException:  # the server's own account of the failure, in pytest's output
+        noted = [x for x in server.log_text().splitlines() if '"level": "ERROR"' in x]
+        print("server errors (last 20):", *noted[-20:], sep="\n")
+        raise
     finally:
         stop(proc)
 

@@ -185,15 +185,17 @@ class StateIndex:
             if [a.n for a in anchors].count(newest.n) > 1:
                 raise StateRefused(detail=f"the HSM holds two state anchors at change {newest.n}")
             if self._at == newest:
+                if len(anchors) > 1:
+                    self._drop_older(anchors, newest)
                 return True
             with self._storage.reader() as tx:
                 logged = tx.state_seq()
             if logged >= newest.n:
                 if self._at is None or not self._catch_up(newest):
-                    self._rebuild(newest)  # StateRefused if the rows are not newest's
-                if self._at == newest:
-                    self._drop_older(anchors, newest)
-                    return True
+                    self._rebuild()  # StateRefused if the rows are not an anchor's
+                if self._at is not None and self._at.n >= newest.n:
+                    refind = True
+                    continue  # the anchor just indexed, found again
             if time.monotonic() >= deadline:
                 raise StateRefused(
                     detail=f"the database's sealed state (change {logged}) is behind the HSM "
@@ -229,23 +231,33 @@ class StateIndex:
         self._at = newest
         return True
 
-    def _rebuild(self, newest: StateAnchor) -> None:
-        """Index the tables as they are now if they are the state ``newest`` anchors (or
-        a later one a writer committed meanwhile: the caller looks again); StateRefused
-        if they are not."""
+    def _rebuild(self) -> None:
+        """Index the tables as they are now, brought by the log to the newest anchor the
+        token holds after they were read (so that writers committing meanwhile are
+        followed, not chased); StateRefused if that does not reach its digest exactly.
+        Returns with the index unchanged if the newest anchor's commit is not in the log
+        yet (the caller waits) or the rows changed while they were read."""
         snapshot = self._snapshot()
-        if snapshot is None or snapshot[0] > newest.n:
-            return  # a writer committed meanwhile: the caller looks again
+        if snapshot is None:
+            return
         n, entries = snapshot
-        if n != newest.n or fmt.anchored_digest(self._salt, entries) != newest.digest:
+        newest = max(self._anchors(refind=True))  # at or past the rows' change
+        with self._storage.reader() as tx:
+            logged = [c for c in tx.state_changes(n) if c[0] <= newest.n]
+        if n < newest.n and (not logged or logged[-1][0] < newest.n):
+            return  # a writer between its anchor and its commit
+        index: dict[str, dict[str, str]] = {}  # unsealed rows ("-") too
+        _apply(index, {(k, i): seal for k, i, seal in entries})
+        changes = {(k, i): seal for _, k, i, seal in logged}
+        digest = fmt.anchored_digest(self._salt, entries)
+        if n > newest.n or self._digest_after(digest, changes, index) != newest.digest:
             raise StateRefused(
                 detail=f"the sealed rows (change {n}) do not match the HSM state anchor "
                 f"(change {newest.n}): a row was rolled back, inserted or deleted in the "
                 "database"
             )
-        self._index = {}  # unsealed rows ("-") too: sealing one replaces it
-        self._apply({(k, i): seal for k, i, seal in entries})
-        self._at = newest
+        _apply(index, changes)
+        self._index, self._at = index, newest
 
     def _snapshot(self) -> tuple[int, list[Entry]] | None:
         """The sealed rows and the change they are at, or None if a writer committed
@@ -258,11 +270,14 @@ class StateIndex:
                 return None
         return n, entries
 
-    def _digest_after(self, digest: int, changes: Changes) -> int:
-        """The index's digest ``digest`` once ``changes`` (the last seal of each row) are
-        applied; the index itself is not touched."""
+    def _digest_after(
+        self, digest: int, changes: Changes, index: dict[str, dict[str, str]] | None = None
+    ) -> int:
+        """The digest ``digest`` of ``index`` (this process's) once ``changes`` (the last
+        seal of each row) are applied; the index itself is not touched."""
+        index = self._index if index is None else index
         for (kind, ident), seal in changes.items():
-            old = self._seal_of(kind, ident)
+            old = index.get(kind, {}).get(ident)
             if old is not None:
                 digest -= fmt.element(self._salt, kind, ident, old)
             if seal is not None:
@@ -270,11 +285,7 @@ class StateIndex:
         return digest % fmt.MODULUS
 
     def _apply(self, changes: Changes) -> None:
-        for (kind, ident), seal in changes.items():
-            if seal is None:
-                self._index.get(kind, {}).pop(ident, None)
-            else:
-                self._index.setdefault(kind, {})[ident] = seal
+        _apply(self._index, changes)
 
     def _drop_older(self, anchors: list[StateAnchor], current: StateAnchor) -> None:
         assert self._chain_id is not None
@@ -392,3 +403,11 @@ def unique(entries: Iterable[Entry]) -> list[Entry]:
     if len(seen) != len(out):
         raise StateRefused(detail="a sealed row appears twice: a table's key was removed")
     return out
+
+
+def _apply(index: dict[str, dict[str, str]], changes: Changes) -> None:
+    for (kind, ident), seal in changes.items():
+        if seal is None:
+            index.get(kind, {}).pop(ident, None)
+        else:
+            index.setdefault(kind, {})[ident] = seal
