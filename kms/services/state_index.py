@@ -171,10 +171,13 @@ class StateIndex:
     def _sync(self, now: float, refind: bool) -> bool:
         if self._chain_id is None:
             with self._storage.reader() as tx:
-                self._chain_id = tx.audit_chain_id()
-            if self._chain_id is None:
+                chain_id = tx.audit_chain_id()
+            if chain_id is None:
                 return False
-            self._salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{self._chain_id}".encode())
+            # the salt first: a chain id remembered without it would make every digest
+            # wrong (an HSM call that failed here once refused the worker for good)
+            self._salt = self._hsm.mac(f"KMS-STATE-SALT-1\n{chain_id}".encode())
+            self._chain_id = chain_id
         refind = refind or self._at is None or now - self._found_at >= REFIND_SECONDS
         deadline = now + PENDING_SECONDS
         while True:
