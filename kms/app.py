@@ -189,7 +189,9 @@ def build_services(
 def start_background(services: Services, settings: config_mod.Settings) -> None:
     """Per-worker loops (started after fork, by kms.wsgi): timed audit checkpoints, the
     scheduler, the database's log upkeep and webhook delivery. PKCS#11 calls go through
-    the backend's process-wide lock."""
+    the backend's process-wide lock. First, the worker's index of current seals starts
+    to build (kms/services/state_index.py), in the background too."""
+    services.state.warm()
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
     _every(0.5, services.health.storage_upkeep, "wal-checkpoint")
     _every(5, services.sigv4.prune_nonces, "nonce-prune")
@@ -275,7 +277,6 @@ def create_app(
         clock,
         options_from_settings(settings),
     )
-    app.extensions["kms"].state.warm()  # this worker's index of the current seals
     xks_bp = xks.blueprint(settings.xks_uri_prefix)  # its URLs depend on the prefix
     for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
         app.register_blueprint(bp)

@@ -62,7 +62,6 @@ LABEL_PREFIX = "kms-state-anchor-"
 REFIND_SECONDS = 1.0  # how often a process looks for anchors it has no handle of
 PENDING_SECONDS = 2.0  # how long a newer anchor may wait for its writer's commit
 RECHECK_SECONDS = 2.0  # how often a refusing process tries again
-WARM_TRIES = 30  # a worker's attempts at indexing at start, RECHECK_SECONDS apart
 
 Changes = Mapping[tuple[str, str], str | None]
 ANCHORED = ("anchored", "[]")  # the log entry of an operator's anchoring (no row)
@@ -134,16 +133,11 @@ class StateIndex:
         for it. A failure is logged, and the next use tries again."""
 
         def build() -> None:
-            for _ in range(WARM_TRIES):
-                try:
-                    self.sync()
-                    return
-                except StateRefused:  # logged by sync; perhaps a writer slow to commit
-                    time.sleep(RECHECK_SECONDS)
-                except Exception as e:  # the HSM or database is down: the next use tries
-                    code = e.code if isinstance(e, KmsError) else type(e).__name__
-                    log.warning("sealed state not indexed at start", extra={"code": code})
-                    return
+            try:
+                self.sync()
+            except Exception as e:  # logged; the next use tries again
+                code = e.code if isinstance(e, KmsError) else type(e).__name__
+                log.warning("sealed state not indexed at start", extra={"code": code})
 
         thread = threading.Thread(target=build, name="kms-state-index", daemon=True)
         thread.start()
