@@ -206,8 +206,9 @@ def gunicorn_server(
         wait_ready(server, path="/readyz" if ready else "/healthz", **(tls or {}))
         yield server
     except BaseException:  # the server's own account of the failure, in pytest's output
-        noted = [x for x in server.log_text().splitlines() if '"level": "ERROR"' in x]
-        print("server errors (last 20):", *noted[-20:], sep="\n")
+        levels = ('"level": "ERROR"', '"level": "WARNING"')
+        noted = [x for x in server.log_text().splitlines() if any(v in x for v in levels)]
+        print("server errors and warnings (last 30):", *noted[-30:], sep="\n")
         raise
     finally:
         stop(proc)

@@ -125,19 +125,28 @@ class StateIndex:
     def _seal_of(self, kind: str, ident: str) -> str | None:
         return self._index.get(kind, {}).get(ident)
 
-    def warm(self) -> threading.Thread:
+    def warm(self, retry_seconds: float = 0.5) -> threading.Thread:
         """Start building the index in the background (each worker at start), so that a
         row rolled back later is refused row by row, not as a database that matches no
         anchor. It reads every sealed row (about 2.6 s per 100,000 keys here), so it
         does not hold up the worker's start; a request that needs the index first waits
-        for it. A failure is logged, and the next use tries again."""
+        for it. A failure (the rows kept changing while read, an HSM or database error)
+        is logged once and tried again until the index is built: a worker whose index
+        is still empty when a row is rolled back refuses every sealed row."""
 
         def build() -> None:
-            try:
-                self.sync()
-            except Exception as e:  # logged; the next use tries again
-                code = e.code if isinstance(e, KmsError) else type(e).__name__
-                log.warning("sealed state not indexed at start", extra={"code": code})
+            wait, logged = retry_seconds, False
+            while True:
+                try:
+                    self.sync()  # False: nothing anchored to index (yet)
+                    return
+                except Exception as e:
+                    if not logged:
+                        code = e.code if isinstance(e, KmsError) else type(e).__name__
+                        log.warning("sealed state not indexed at start", extra={"code": code})
+                        logged = True
+                time.sleep(wait)
+                wait = min(wait * 2, 30.0)
 
         thread = threading.Thread(target=build, name="kms-state-index", daemon=True)
         thread.start()

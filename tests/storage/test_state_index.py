@@ -411,3 +411,42 @@ def test_hostile_values_in_the_state_tables_are_refusals_not_500s(
     _raw(storage, "UPDATE tokens SET token_sha256 = X'00ff'")
     with pytest.raises(StateRefused):
         state_index.StateIndex(hsm, storage).checkpoint_state()
+
+
+class _FailingAnchorReads:
+    """The real HSM, whose first ``failures`` anchor reads fail (an HSM fault at start)."""
+
+    def __init__(self, hsm: Pkcs11Hsm, failures: int) -> None:
+        self._hsm = hsm
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hsm, name)
+
+    def anchor_values(self, label: str, cached: bool = False) -> list[bytes]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise HsmUnavailable(detail="injected: the HSM did not answer")
+        return self._hsm.anchor_values(label, cached=cached)
+
+
+def test_indexing_at_start_tries_again_until_it_succeeds(
+    storage: SqlStorage, hsm: Pkcs11Hsm
+) -> None:
+    """A worker whose first indexing failed still indexes before anyone asks it, so a
+    later rollback is refused row by row rather than as a database matching no anchor."""
+    _key(storage)
+    faulty = _FailingAnchorReads(hsm, failures=2)
+    worker = SqlStorage(storage._engine, RowSeals(faulty))  # type: ignore[arg-type]
+    assert worker._seals is not None and worker._seals.state is not None
+    worker._seals.state.warm(retry_seconds=0.01).join(timeout=30)
+    assert faulty.failures == 0
+    old = _raw(storage, "SELECT state, seal FROM keys WHERE key_id = 'k1'").one()
+    key = _read(storage)
+    assert key is not None
+    with storage.transaction() as tx:
+        tx.update_key(replace(key, state=KeyState.DISABLED))
+    _raw(storage, "UPDATE keys SET state = :s, seal = :x", s=old.state, x=old.seal)
+    with pytest.raises(SealBroken) as refused:  # the index was built: one row refused
+        _read(worker)
+    assert "the key row k1 is an older sealed copy" in str(refused.value.detail)
