@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +18,20 @@ from flask import Flask, Response, g, request
 
 from kms import config as config_mod
 from kms import logs
-from kms.api import admin, audit, aws_kms, crypto, errors, escrow, sigv4, throttle, xks
+from kms.api import (
+    admin,
+    audit,
+    aws_kms,
+    crypto,
+    errors,
+    escrow,
+    sigv4,
+    throttle,
+    xks,
+)
 from kms.api import metrics as metrics_api
 from kms.api import openapi as openapi_api
+from kms.api import principals as principals_api
 from kms.api.context import request_id
 from kms.backends.hsm import HsmConfig, Pkcs11Hsm
 from kms.backends.redis_store import shared_backends
@@ -50,7 +61,7 @@ from kms.services.health import HealthService
 from kms.services.key_work import KeyUseRunner
 from kms.services.keys import KeyService
 from kms.services.lookup_cache import LookupCache
-from kms.services.model import EscrowPolicy
+from kms.services.model import EscrowPolicy, Role
 from kms.services.notify import Notifier, WebhookSettings
 from kms.services.ports import Clock, Hsm, Storage
 from kms.services.principals import PrincipalService
@@ -96,6 +107,7 @@ class Options:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     audit_alert_per_minute: int = DEFAULT_ALERT_RECORDS_PER_MINUTE
+    token_max_lifetimes: Mapping[Role, int] = field(default_factory=dict)  # seconds
 
 
 def options_from_settings(settings: config_mod.Settings) -> Options:
@@ -122,6 +134,7 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
             settings.audit_budget,
         ),
         settings.audit_alert_records_per_minute,
+        {Role(r): seconds for r, seconds in settings.token_max_lifetimes.items()},
     )
 
 
@@ -143,7 +156,14 @@ def build_services(
     rows = EscrowRows(seals)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
-    principals = PrincipalService(storage, trail, clock, options.auth_cache_seconds)
+    principals = PrincipalService(
+        storage,
+        trail,
+        clock,
+        options.auth_cache_seconds,
+        seals.state.version,
+        options.token_max_lifetimes,
+    )
     keys = KeyService(storage, hsm, trail, clock)
     exports = AuditExports(storage, trail)
     contexts = ContextHasher(hsm)  # keyed context hashes, one memo per worker
@@ -175,7 +195,14 @@ def build_services(
             storage, hsm, trail.verify_anchor, lambda: seals.state and seals.state.sync()
         ),
         sigv4=SigV4Service(
-            storage, hsm, trail, clock, options.auth_cache_seconds, shared.nonces, invalidations
+            storage,
+            hsm,
+            trail,
+            clock,
+            options.auth_cache_seconds,
+            shared.nonces,
+            invalidations,
+            seals.state.version,
         ),
         cluster=cluster,
         dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock, rows),
@@ -278,7 +305,7 @@ def create_app(
         options_from_settings(settings),
     )
     xks_bp = xks.blueprint(settings.xks_uri_prefix)  # its URLs depend on the prefix
-    for bp in (admin.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
+    for bp in (admin.bp, principals_api.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
         app.register_blueprint(bp)
     app.register_blueprint(web_dashboard.bp, settings=settings)
     app.register_blueprint(aws_kms.bp, settings=settings)  # POST / (X-Amz-Target)

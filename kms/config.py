@@ -84,6 +84,9 @@ class Settings:
     # error and raise kms_audit_growth_alert past this many records a minute (0: never)
     audit_budget: RatePolicy = field(default_factory=lambda: parse_audit_budget(""))
     audit_alert_records_per_minute: int = 60000
+    # KMS_TOKEN_MAX_LIFETIME: "admin=8h,service=90d" (units s, m, h, d): the longest a
+    # bearer token issued to that role lives (kms/services/principals.py); unset: no cap
+    token_max_lifetimes: dict[str, int] = field(default_factory=dict)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -188,6 +191,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         **_tls(env),
         **_webhook(env),
         **_redis(env),
+        token_max_lifetimes=_lifetimes(env.get("KMS_TOKEN_MAX_LIFETIME", "")),
     )
 
 
@@ -248,6 +252,29 @@ def _redis(env: Mapping[str, str]) -> dict[str, Any]:
         "redis_timeout_ms": _int(env, "KMS_REDIS_TIMEOUT_MS", 250, 10, 10_000),
         "rate_limits": limits,
     }
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ROLES = ("admin", "service", "auditor", "custodian", "requester")
+
+
+def _lifetimes(raw: str) -> dict[str, int]:
+    """KMS_TOKEN_MAX_LIFETIME's ``role=<n><unit>`` items, in seconds."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        role, _, value = item.partition("=")
+        role, value = role.strip(), value.strip()
+        unit = _UNITS.get(value[-1:])
+        if role not in ROLES or unit is None or not value[:-1].isdigit():
+            raise ConfigError(
+                f"KMS_TOKEN_MAX_LIFETIME: {item!r} is not <role>=<n><s|m|h|d> "
+                f"(roles: {', '.join(ROLES)})"
+            )
+        seconds = int(value[:-1]) * unit
+        if not 60 <= seconds <= 10 * 365 * 86400:
+            raise ConfigError(f"KMS_TOKEN_MAX_LIFETIME: {item!r} must be 1 minute to 10 years")
+        out[role] = seconds
+    return out
 
 
 def _groups(env: Mapping[str, str], name: str) -> frozenset[str]:

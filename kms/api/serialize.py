@@ -9,7 +9,7 @@ from kms.api.errors import error_body
 from kms.api.parsing import encode
 from kms.errors import ClientError
 from kms.services.crypto import Opened, Sealed
-from kms.services.model import EscrowPolicy, Key, KeyUsage, Principal
+from kms.services.model import EscrowPolicy, Key, KeyUsage, Principal, Token
 from kms.services.rotation import next_rotation
 
 
@@ -62,7 +62,25 @@ def policy(x: EscrowPolicy) -> dict[str, Any]:
 
 
 def principal(p: Principal) -> dict[str, Any]:
-    return {"id": p.id, "name": p.name, "role": p.role.value, "created_at": iso(p.created_at)}
+    return {
+        "id": p.id,
+        "name": p.name,
+        "role": p.role.value,
+        "created_at": iso(p.created_at),
+        "state": "disabled" if p.disabled else "enabled",
+        "disabled_at": None if p.disabled_at is None else iso(p.disabled_at),
+        "sessions_since": None if p.sessions_since is None else iso(p.sessions_since),
+    }
+
+
+def token(t: Token) -> dict[str, Any]:
+    """A token as listed: never the token, only its id (16 hex digits of its SHA-256)."""
+    return {
+        "token_id": t.token_id,
+        "created_at": iso(t.created_at),
+        "expires_at": None if t.expires_at is None else iso(t.expires_at),
+        "last_used_at": None if t.last_used_at is None else iso(t.last_used_at),
+    }
 
 
 def sealed(s: Sealed) -> dict[str, Any]:

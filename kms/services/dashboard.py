@@ -153,24 +153,34 @@ class DashboardService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def login(self, request_id: str, token: str) -> Principal:
-        """The principal holding ``token`` if it is an admin or auditor (recorded);
-        Unauthenticated for an unknown token, Forbidden (recorded) for another role."""
-        principal = self._principals.authenticate(token or None)
+    def login(self, request_id: str, token: str) -> tuple[Principal, str]:
+        """The principal holding ``token`` if it is an admin or auditor (recorded), with
+        the token's id (the session lives only as long as the token); Unauthenticated for
+        an unknown, expired or disabled token, Forbidden (recorded) for another role."""
+        principal, found = self._principals.authenticate_token(token or None)
         caller = Caller(request_id, principal)
         with self._trail.operation(caller, "dashboard_login") as op:
             caller.require(*DASHBOARD_ROLES)
-            self._trail.record([op.ok(detail=f"role={principal.role.value}")])
-        return principal
+            detail = f"role={principal.role.value} token={found.token_id}"
+            self._trail.record([op.ok(detail=detail)])
+        return principal, found.token_id
 
-    def resume(self, name: str, role: str) -> Principal | None:
-        """The principal a session names, if it still exists with that dashboard role;
-        None otherwise (the session is then worthless)."""
+    def resume(self, name: str, role: str, token_id: str, login_at: float) -> Principal | None:
+        """The principal a session names, if it still exists, enabled, with that
+        dashboard role, the token it logged in with is neither revoked nor expired, and
+        its sessions were not ended after ``login_at`` (unix seconds); None otherwise
+        (the session is then worthless). Read on every request: server-side revocation
+        takes effect at the next click."""
+        now = self._clock.now()
         with self._storage.reader() as tx:
             principal = tx.principal_by_name(name)
-        if principal is None or principal.role.value != role:
+            if principal is None or principal.disabled or principal.role.value != role:
+                return None
+            tokens = [tok for _, tok in tx.tokens_of(principal.id) if tok.token_id == token_id]
+        if not tokens or tokens[0].expired(now) or principal.role not in DASHBOARD_ROLES:
             return None
-        return principal if principal.role in DASHBOARD_ROLES else None
+        ended = principal.sessions_since
+        return None if ended is not None and login_at <= ended.timestamp() else principal
 
     def logout(self, caller: Caller) -> None:
         with self._trail.operation(caller, "dashboard_logout") as op:

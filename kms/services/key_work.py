@@ -37,6 +37,7 @@ from kms.errors import (
     KeyStateError,
     KmsError,
     NotFound,
+    Unauthenticated,
 )
 from kms.formats.xks import XksKeyPolicy
 from kms.services.audit import AuditTrail
@@ -55,7 +56,7 @@ from kms.services.model import (
     Principal,
     Role,
 )
-from kms.services.ports import GrantRows, NonceRows, Store, XksRows
+from kms.services.ports import GrantRows, NonceRows, PrincipalRows, Store, XksRows
 
 MAX_BATCH = 1000
 R = TypeVar("R")
@@ -66,9 +67,10 @@ I = TypeVar("I")  # noqa: E741
 _PROVISIONAL = frozenset({Permission.DECRYPT, Permission.XKS_DECRYPT})
 
 
-class KeyUseTx(EscrowTx, GrantRows, XksRows, NonceRows, Protocol):
+class KeyUseTx(EscrowTx, GrantRows, XksRows, NonceRows, PrincipalRows, Protocol):
     """The rows a request that uses keys reads and writes: keys and grants, XKS policies,
-    escrow cases (and what deciding on them reads), a deferred SigV4 nonce, the audit."""
+    escrow cases (and what deciding on them reads), a deferred SigV4 nonce, the caller's
+    principal (still enabled?), the audit."""
 
 
 class Admission(Protocol):
@@ -204,7 +206,12 @@ class KeyWork:
 
     def commit(self, tx: KeyUseTx) -> None:
         """Inside the audit write transaction: decide every kept use again on rows read
-        there (one read per key), then spend the escrow budgets. Raises the refusal."""
+        there (one read per key), after the caller's principal row (a principal disabled
+        since it authenticated is refused here, on every face), then spend the escrow
+        budgets. Raises the refusal."""
+        current = tx.principal_by_name(self.principal.name)
+        if current is None or current.id != self.principal.id or current.disabled:
+            raise Unauthenticated(detail=f"principal {self.principal.name} is disabled or gone")
         fresh: dict[tuple[str, bool], Rows | None] = {}
         cases: dict[str, CaseStanding] = {}
         decided: set[tuple[str, Use]] = set()

@@ -46,10 +46,36 @@ ESCROW_ONLY_JUSTIFICATIONS = frozenset({"legal_request", "break_glass"})
 
 @dataclass(frozen=True)
 class Principal:
+    """A principal. ``disabled_at``: set while it is disabled (every token, SigV4
+    credential, certificate and dashboard session of it is refused); ``sessions_since``:
+    dashboard sessions that logged in before it are ended."""
+
     id: int
     name: str
     role: Role
     created_at: datetime
+    disabled_at: datetime | None = None
+    sessions_since: datetime | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+
+@dataclass(frozen=True)
+class Token:
+    """A bearer token as listed: ``token_id`` is the first 16 hex digits of its SHA-256
+    (the token itself is never stored); ``expires_at`` None: it does not expire;
+    ``last_used_at`` is kept to the minute (TOKEN_USE_RESOLUTION), and not sealed."""
+
+    token_id: str
+    principal_id: int
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True)

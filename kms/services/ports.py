@@ -29,6 +29,7 @@ from kms.services.model import (
     Principal,
     Role,
     SigV4Credential,
+    Token,
     UsageDay,
     WrappedKek,
 )
@@ -116,10 +117,33 @@ class Seals(Protocol):
 class PrincipalRows(Protocol):
     """Principals and the SHA-256 hashes of their bearer tokens."""
 
-    def add_principal(self, name: str, role: Role, token_hash: str, now: datetime) -> Principal:
+    def add_principal(
+        self,
+        name: str,
+        role: Role,
+        token_hash: str,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> Principal:
         """Conflict if the name is taken."""
 
-    def principal_by_token_hash(self, token_hash: str) -> Principal | None: ...
+    def update_principal(self, principal: Principal) -> None:
+        """Write its lifecycle fields (disabled_at, sessions_since)."""
+
+    def add_token(
+        self, principal_id: int, token_hash: str, now: datetime, expires_at: datetime | None
+    ) -> None: ...
+    def token_holder(self, token_hash: str) -> tuple[Principal, Token] | None: ...
+    def tokens_of(self, principal_id: int) -> list[tuple[str, Token]]:
+        """(full hash, token) of every token of the principal, oldest first."""
+
+    def set_token_expiry(
+        self, token_hash: str, principal_id: int, expires_at: datetime
+    ) -> None: ...
+    def delete_token(self, token_hash: str, principal_id: int) -> None: ...
+    def touch_token(self, token_hash: str, now: datetime) -> None:
+        """Note the token's last use (not sealed)."""
+
     def principal_by_name(self, name: str) -> Principal | None: ...
     def list_principals(self) -> list[Principal]:
         """Every principal whose row verifies its seal."""

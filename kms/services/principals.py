@@ -1,8 +1,19 @@
-"""Principals and their bearer tokens.
+"""Principals, their bearer tokens and their lifecycle.
 
 A token is 32 random bytes (base64url) behind a ``kms_`` prefix. Only its SHA-256 is
 stored; a token is found by the hash of what the caller presents, so the secret itself is
-never compared, stored or logged. A token is shown once, when the principal is created.
+never compared, stored or logged. A token is shown once, when it is issued. A principal
+may hold several tokens (a rotation keeps the old one for a grace period); each may
+expire (``KMS_TOKEN_MAX_LIFETIME`` caps it per role), and is listed by its id, the
+first 16 hex digits of its SHA-256.
+
+A disabled principal is refused on every face: its tokens here, its certificate
+(``by_certificate_name``), its SigV4 credentials (kms/services/sigv4.py), its dashboard
+sessions (kms/services/dashboard.py) and, inside the transaction that records each key
+use, the key-use pipeline (kms/services/key_work.py). Workers remember a successful
+look-up for ``cache_seconds`` only while the HSM state anchor has not moved
+(kms/services/state_index.py): every lifecycle change moves it, so it takes effect at
+once on every worker and node.
 """
 
 from __future__ import annotations
@@ -13,19 +24,26 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from kms.errors import InvalidRequest, SealBroken, Unauthenticated
+from kms.errors import Conflict, InvalidRequest, NotFound, SealBroken, Unauthenticated
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder
-from kms.services.model import Principal, Role
+from kms.services.model import Principal, Role, Token
 from kms.services.ports import AuditRows, Clock, PrincipalRows, Store
+from kms.services.state_index import HSM_DOWN, cache_version, still_valid
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
 TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
 MAX_TOKEN_CHARS = 128
 AUTH_CACHE_SIZE = 10_000
+TOKEN_USE_RESOLUTION = 60.0  # seconds between two notes of a token's last use
+MAX_GRACE_SECONDS = 30 * 86400  # the longest an old token lives on after a rotation
+MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
 def new_token() -> str:
@@ -40,6 +58,9 @@ class PrincipalServiceTx(PrincipalRows, AuditRows, Protocol):
     """The rows PrincipalService reads and writes."""
 
 
+Holder = tuple[Principal, Token | None]  # a token's principal and token; a name's: no token
+
+
 class PrincipalService:
     def __init__(
         self,
@@ -47,78 +68,114 @@ class PrincipalService:
         audit: AuditTrail,
         clock: Clock,
         cache_seconds: float = 0.0,
+        state_version: Callable[[], int | None] = lambda: None,
+        max_lifetimes: Mapping[Role, int] | None = None,
     ) -> None:
         self._storage = storage
         self._audit = audit
         self._clock = clock
-        # token hash -> (principal, monotonic expiry); only successful look-ups are cached
-        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        # look-up key -> (holder, monotonic expiry, state anchor it was read at)
+        self._cache: OrderedDict[str, tuple[Holder, float, int]] = OrderedDict()
         self._cache_seconds = cache_seconds
+        self._state_version = state_version
+        self._max_lifetimes = dict(max_lifetimes or {})
+        self._used: dict[str, float] = {}  # token hash -> monotonic time of its last note
         self._lock = threading.Lock()
 
-    def authenticate(self, token: str | None) -> Principal:
-        """The principal holding ``token``; Unauthenticated for anything else.
+    # -- authentication -----------------------------------------------------------------
 
-        A successful look-up is remembered for ``cache_seconds`` (per worker, at most
-        AUTH_CACHE_SIZE tokens), so a change to a principal reaches every worker within
-        that time; unknown tokens are never cached."""
+    def authenticate(self, token: str | None) -> Principal:
+        """The enabled principal holding ``token``, unexpired; Unauthenticated for
+        anything else (the audit record's detail says which)."""
+        return self.authenticate_token(token)[0]
+
+    def authenticate_token(self, token: str | None) -> tuple[Principal, Token]:
+        """authenticate(), with the token as listed (its id binds dashboard sessions)."""
         if not token or len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
             raise Unauthenticated()
         digest = token_hash(token)
-        principal = self._remembered(
-            "token:" + digest, lambda tx: tx.principal_by_token_hash(digest)
-        )
-        if principal is None:
+        holder = self._remembered("token:" + digest, lambda tx: tx.token_holder(digest))
+        found = None if holder is None else holder[1]
+        if holder is None or found is None:
             raise Unauthenticated()
-        return principal
+        principal = holder[0]
+        now = self._clock.now()
+        if found.expired(now):
+            raise Unauthenticated(detail=f"token {found.token_id} expired")
+        _enabled(principal)
+        self._note_use(digest, now)
+        return principal, found
 
     def by_certificate_name(self, name: str) -> Principal:
-        """The principal called ``name``, for a caller whose identity a verified client
-        certificate already proves (its subject CN, kms/api/peer.py); Unauthenticated if
-        no principal has exactly that name. Remembered like a token."""
+        """The enabled principal called ``name``, for a caller whose identity a verified
+        client certificate already proves (its subject CN, kms/api/peer.py);
+        Unauthenticated otherwise. Remembered like a token."""
         if not NAME_RE.fullmatch(name):
             raise Unauthenticated(detail="client certificate CN is not a principal name")
-        principal = self._remembered("cn:" + name, lambda tx: tx.principal_by_name(name))
-        if principal is None:
+        holder = self._remembered("cn:" + name, lambda tx: _named(tx.principal_by_name(name)))
+        if holder is None:
             raise Unauthenticated(detail="client certificate CN names no principal")
-        return principal
+        return _enabled(holder[0])
 
     def _remembered(
-        self, key: str, load: Callable[[PrincipalRows], Principal | None]
-    ) -> Principal | None:
-        """``load``'s principal for ``key``; a hit is remembered for ``cache_seconds`` (per
-        worker, at most AUTH_CACHE_SIZE entries), a miss never."""
+        self, key: str, load: Callable[[PrincipalRows], Holder | None]
+    ) -> Holder | None:
+        """``load``'s result for ``key``; a hit is remembered for ``cache_seconds`` (per
+        worker, at most AUTH_CACHE_SIZE entries) while the HSM state anchor stays where
+        it was read, a miss never."""
         now = time.monotonic()
+        version = cache_version(self._state_version)  # StateRefused: none used
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[1] > now:
+            if hit is not None and hit[1] > now and still_valid(hit[2], version):
                 self._cache.move_to_end(key)
                 return hit[0]
         try:
             with self._storage.reader() as tx:
-                principal = load(tx)
+                found = load(tx)
         except SealBroken as e:  # a row written outside the server: the generic refusal
             self._audit.record_alarm("authenticate", e)
             raise Unauthenticated(detail=e.detail) from e
-        if principal is not None and self._cache_seconds > 0:
+        if found is not None and self._cache_seconds > 0 and version not in (None, HSM_DOWN):
             with self._lock:
-                self._cache[key] = (principal, now + self._cache_seconds)
+                self._cache[key] = (found, now + self._cache_seconds, version)
                 while len(self._cache) > AUTH_CACHE_SIZE:
                     self._cache.popitem(last=False)
-        return principal
+        return found
 
-    def create(self, caller: Caller, name: str, role: str) -> tuple[Principal, str]:
+    def _note_use(self, digest: str, now: datetime) -> None:
+        """Record the token's last use, at most once a minute per worker; informational
+        (not sealed), so a failure to write it refuses nothing."""
+        mono = time.monotonic()
+        with self._lock:
+            if mono - self._used.get(digest, -TOKEN_USE_RESOLUTION) < TOKEN_USE_RESOLUTION:
+                return
+            self._used[digest] = mono
+            if len(self._used) > AUTH_CACHE_SIZE:
+                self._used.clear()
+        try:
+            with self._storage.transaction() as tx:
+                tx.touch_token(digest, now)
+        except Exception:  # the note is informational
+            with self._lock:
+                self._used.pop(digest, None)
+
+    # -- administration -----------------------------------------------------------------
+
+    def create(
+        self, caller: Caller, name: str, role: str, ttl_seconds: int | None = None
+    ) -> tuple[Principal, str]:
         """Create a principal; returns it with its token (the only time it is visible)."""
         with self._audit.operation(caller, "create_principal") as op:
             caller.require(Role.ADMIN)
             parsed_role = _role(role)
             _check_name(name)
-            op.note(detail=f"name={name} role={parsed_role.value}")
+            now = self._clock.now()
+            expires = self._expiry(parsed_role, now, ttl_seconds)
+            op.note(detail=f"name={name} role={parsed_role.value}" + _expiry_note(expires))
             token = new_token()
             with self._storage.transaction() as tx:
-                principal = tx.add_principal(
-                    name, parsed_role, token_hash(token), self._clock.now()
-                )
+                principal = tx.add_principal(name, parsed_role, token_hash(token), now, expires)
                 self._audit.append(tx, [op.ok()])
             return principal, token
 
@@ -128,9 +185,118 @@ class PrincipalService:
             with self._storage.reader() as tx:
                 return tx.list_principals()
 
+    def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Principal:
+        """Enable or disable the principal ``name`` (an admin; never oneself, nor the
+        last enabled admin). Idempotent; recorded either way."""
+        with self._audit.operation(
+            caller, "enable_principal" if enabled else "disable_principal"
+        ) as op:
+            admin = caller.require(Role.ADMIN)
+            _check_name(name)
+            op.note(detail=f"name={name}")
+            with self._storage.transaction() as tx:
+                principal = _existing(tx, name)
+                if not enabled and principal.id == admin.id:
+                    raise Conflict("an admin cannot disable itself")
+                if not enabled and principal.role is Role.ADMIN and not principal.disabled:
+                    others = [
+                        p
+                        for p in tx.list_principals()
+                        if p.role is Role.ADMIN and not p.disabled and p.id != principal.id
+                    ]
+                    if not others:
+                        raise Conflict("the last enabled admin cannot be disabled")
+                if principal.disabled == enabled:
+                    principal = replace(
+                        principal, disabled_at=None if enabled else self._clock.now()
+                    )
+                    tx.update_principal(principal)
+                self._audit.append(tx, [op.ok()])
+            self._forget()
+            return principal
+
+    def end_sessions(self, caller: Caller, name: str) -> Principal:
+        """End every dashboard session of ``name`` opened until now (an admin, or the
+        principal itself)."""
+        with self._audit.operation(caller, "end_sessions") as op:
+            _check_name(name)
+            _self_or_admin(caller, name)
+            op.note(detail=f"name={name}")
+            with self._storage.transaction() as tx:
+                principal = replace(_existing(tx, name), sessions_since=self._clock.now())
+                tx.update_principal(principal)
+                self._audit.append(tx, [op.ok()])
+            return principal
+
+    def tokens(self, caller: Caller, name: str) -> list[Token]:
+        """The tokens of ``name``, oldest first (an admin, or the principal itself)."""
+        with self._audit.operation(caller, "list_tokens") as op:
+            _check_name(name)
+            _self_or_admin(caller, name)
+            op.note(detail=f"name={name}")
+            with self._storage.reader() as tx:
+                return [tok for _, tok in tx.tokens_of(_existing(tx, name).id)]
+
+    def issue_token(
+        self,
+        caller: Caller,
+        name: str,
+        ttl_seconds: int | None = None,
+        rotate: str | None = None,
+        grace_seconds: int = 0,
+    ) -> tuple[str, Token]:
+        """Issue a new token to ``name`` (an admin; a principal may rotate its own);
+        with ``rotate`` (a token id), that token then expires ``grace_seconds`` from now
+        (or earlier, if it already would). Returns the new token (shown only here)."""
+        with self._audit.operation(caller, "rotate_token" if rotate else "issue_token") as op:
+            _check_name(name)
+            if rotate is None:
+                caller.require(Role.ADMIN)
+            else:
+                _self_or_admin(caller, name)
+                _check_token_id(rotate)
+            if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+                raise InvalidRequest(f"grace_seconds must be 0 to {MAX_GRACE_SECONDS}")
+            now = self._clock.now()
+            token = new_token()
+            digest = token_hash(token)
+            with self._storage.transaction() as tx:
+                principal = _existing(tx, name)
+                expires = self._expiry(principal.role, now, ttl_seconds)
+                note = f"name={name} token={digest[:16]}" + _expiry_note(expires)
+                if rotate is not None:
+                    old_hash, old = _token(tx, principal, rotate)
+                    if old.expired(now):
+                        raise Conflict(f"token {rotate} has expired; issue a new one")
+                    until = now + timedelta(seconds=grace_seconds)
+                    if old.expires_at is None or until < old.expires_at:
+                        tx.set_token_expiry(old_hash, principal.id, until)
+                    else:
+                        until = old.expires_at
+                    note += f" replaces={rotate} until={until.isoformat()}"
+                op.note(detail=note)
+                tx.add_token(principal.id, digest, now, expires)
+                self._audit.append(tx, [op.ok()])
+            self._forget()
+            return token, Token(digest[:16], principal.id, now, expires, None)
+
+    def revoke_token(self, caller: Caller, name: str, token_id: str) -> None:
+        """Revoke one token of ``name`` at once (an admin, or the principal itself)."""
+        with self._audit.operation(caller, "revoke_token") as op:
+            _check_name(name)
+            _self_or_admin(caller, name)
+            _check_token_id(token_id)
+            op.note(detail=f"name={name} token={token_id}")
+            with self._storage.transaction() as tx:
+                principal = _existing(tx, name)
+                digest, _ = _token(tx, principal, token_id)
+                tx.delete_token(digest, principal.id)
+                self._audit.append(tx, [op.ok()])
+            self._forget()
+
     def bootstrap_admin(self, name: str) -> str | None:
-        """Create the first admin if the database has no principal yet; return its token.
-        Idempotent: returns None when principals already exist."""
+        """Create the first admin if the database has no principal yet; return its token
+        (which does not expire: rotate it). Idempotent: None when principals exist."""
         _check_name(name)
         op = EventBuilder(Caller(request_id="kms-init", principal=None), "bootstrap_admin")
         with self._storage.transaction() as tx:
@@ -140,6 +306,57 @@ class PrincipalService:
             tx.add_principal(name, Role.ADMIN, token_hash(token), self._clock.now())
             self._audit.append(tx, [op.ok(detail=f"name={name}")])
         return token
+
+    def _expiry(self, role: Role, now: datetime, ttl_seconds: int | None) -> datetime | None:
+        """When a token issued now to ``role`` expires: the requested lifetime, capped by
+        the role's maximum (KMS_TOKEN_MAX_LIFETIME); None: never."""
+        if ttl_seconds is not None and not 60 <= ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidRequest(f"ttl_seconds must be 60 to {MAX_TTL_SECONDS}")
+        limits = [x for x in (ttl_seconds, self._max_lifetimes.get(role)) if x is not None]
+        return now + timedelta(seconds=min(limits)) if limits else None
+
+    def _forget(self) -> None:
+        """Drop this worker's remembered look-ups (the others see the anchor move)."""
+        with self._lock:
+            self._cache.clear()
+
+
+def _named(principal: Principal | None) -> Holder | None:
+    return None if principal is None else (principal, None)
+
+
+def _enabled(principal: Principal) -> Principal:
+    if principal.disabled:
+        raise Unauthenticated(detail=f"principal {principal.name} is disabled")
+    return principal
+
+
+def _existing(tx: PrincipalRows, name: str) -> Principal:
+    principal = tx.principal_by_name(name)
+    if principal is None:
+        raise NotFound(f"no principal named {name!r}")
+    return principal
+
+
+def _token(tx: PrincipalRows, principal: Principal, token_id: str) -> tuple[str, Token]:
+    for digest, found in tx.tokens_of(principal.id):
+        if found.token_id == token_id:
+            return digest, found
+    raise NotFound(f"principal {principal.name!r} has no token {token_id}")
+
+
+def _self_or_admin(caller: Caller, name: str) -> None:
+    if caller.principal is None or caller.principal.name != name:
+        caller.require(Role.ADMIN)
+
+
+def _check_token_id(token_id: str) -> None:
+    if not TOKEN_ID_RE.fullmatch(token_id):
+        raise InvalidRequest("a token id is 16 lowercase hex digits")
+
+
+def _expiry_note(expires: datetime | None) -> str:
+    return "" if expires is None else f" expires={expires.isoformat()}"
 
 
 def _role(value: str) -> Role:

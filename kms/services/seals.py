@@ -236,11 +236,24 @@ _IDENTITY = {
 
 
 def principal_fields(p: Principal) -> dict[str, Any]:
-    return {"id": p.id, "name": p.name, "role": p.role.value}
+    """Identity and role; the lifecycle fields only once set, so that rows sealed before
+    they existed keep their seals (and an edit that clears one breaks the seal)."""
+    fields: dict[str, Any] = {"id": p.id, "name": p.name, "role": p.role.value}
+    if p.disabled_at is not None:
+        fields["disabled_at"] = _time(p.disabled_at)
+    if p.sessions_since is not None:
+        fields["sessions_since"] = _time(p.sessions_since)
+    return fields
 
 
-def token_fields(token_sha256: str, principal_id: int) -> dict[str, Any]:
-    return {"token_sha256": token_sha256, "principal_id": principal_id}
+def token_fields(
+    token_sha256: str, principal_id: int, expires_at: datetime | None = None
+) -> dict[str, Any]:
+    """The token's hash, its principal and, once set, its expiry (see principal_fields)."""
+    fields: dict[str, Any] = {"token_sha256": token_sha256, "principal_id": principal_id}
+    if expires_at is not None:
+        fields["expires_at"] = _time(expires_at)
+    return fields
 
 
 def grant_fields(key_id: str, principal_id: int, grant: Grant) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -59,6 +59,7 @@ from kms.services.ports import (
     SigV4Rows,
     Store,
 )
+from kms.services.state_index import HSM_DOWN, cache_version, still_valid
 
 log = logging.getLogger("kms.sigv4")
 
@@ -150,8 +151,10 @@ class SigV4Service:
         cache_seconds: float = 0.0,
         nonces: NonceStore | None = None,
         invalidations: Invalidations | None = None,
+        state_version: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._storage = storage
+        self._state_version = state_version
         self._hsm = hsm
         self._audit = audit
         self._clock = clock
@@ -160,8 +163,9 @@ class SigV4Service:
         if nonces is None:
             nonces = self._database_nonces = DatabaseNonces(storage)
         self._nonces = nonces
-        # access key id -> (credential, secret, monotonic expiry); active credentials only
-        self._cache: OrderedDict[str, tuple[SigV4Credential, str, float]] = OrderedDict()
+        # access key id -> (credential, secret, monotonic expiry, state anchor it was read
+        # at); active credentials of enabled principals only
+        self._cache: OrderedDict[str, tuple[SigV4Credential, str, float, int]] = OrderedDict()
         # (access key id, date, region, service) -> signing key; dropped with the credential
         self._keys: dict[tuple[str, str, str, str], bytes] = {}
         self._lock = threading.Lock()
@@ -310,12 +314,15 @@ class SigV4Service:
 
     def _active(self, access_key_id: str) -> tuple[SigV4Credential, str]:
         """The active credential and its secret (unsealed in the HSM), cached for
-        ``cache_seconds``; SigV4Refused("unknown_key") otherwise."""
+        ``cache_seconds`` while the HSM state anchor stays where it was read (a revoked
+        credential or a disabled principal is refused at once on every node);
+        SigV4Refused("unknown_key") otherwise."""
         self._invalidations.refresh()
         now = time.monotonic()
+        version = cache_version(self._state_version)  # StateRefused: none used
         with self._lock:
             hit = self._cache.get(access_key_id)
-            if hit is not None and hit[2] > now:
+            if hit is not None and hit[2] > now and still_valid(hit[3], version):
                 return hit[0], hit[1]
         try:
             with self._storage.reader() as tx:
@@ -325,6 +332,8 @@ class SigV4Service:
             raise SigV4Refused("unknown_key", e.detail) from e
         if credential is None or credential.state != "active":
             raise SigV4Refused("unknown_key", "unknown or revoked access key")
+        if credential.principal.disabled:
+            raise SigV4Refused("unknown_key", f"principal {credential.principal.name} is disabled")
         sealed = credential.sealed_secret
         kek = KekRef(_kek_id(access_key_id), 1, credential.wrapped_kek, credential.root_label)
         try:
@@ -333,9 +342,10 @@ class SigV4Service:
             ).decode("ascii")
         except IntegrityFailure as e:
             raise SigV4Refused("unknown_key", "credential record does not unseal") from e
-        if self._cache_seconds > 0:
+        if self._cache_seconds > 0 and version not in (None, HSM_DOWN):
             with self._lock:
-                self._cache[access_key_id] = (credential, secret, now + self._cache_seconds)
+                expiry = now + self._cache_seconds
+                self._cache[access_key_id] = (credential, secret, expiry, version)
                 while len(self._cache) > 10_000:
                     self._cache.popitem(last=False)
         return credential, secret

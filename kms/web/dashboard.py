@@ -134,7 +134,10 @@ def signed_in(view: F) -> F:
         if not isinstance(login_at, int | float) or now - login_at > _lifetime():
             log.info("dashboard session expired", extra={"principal": name})
             return _to_login("Your session expired. Log in again; nothing was changed.")
-        principal = dashboard().resume(name, role)
+        token_id = session.get("token_id")
+        principal = None
+        if isinstance(token_id, str):
+            principal = dashboard().resume(name, role, token_id, login_at)
         if principal is None:
             return _to_login("Your session is no longer valid. Log in again.")
         g.caller = Caller(request_id(), principal)
@@ -232,7 +235,7 @@ def login_post() -> Any:
     check_csrf("dashboard_login")
     token = request.form.get("token", "").strip()
     try:
-        principal = dashboard().login(request_id(), token)
+        principal, token_id = dashboard().login(request_id(), token)
     except Unauthenticated:
         log.warning("dashboard login refused", extra={"request_id": request_id()})
         return _login_error("That token is not valid.", 401)
@@ -242,7 +245,8 @@ def login_post() -> Any:
     session.update(
         name=principal.name,
         role=principal.role.value,
-        login_at=int(dashboard().now().timestamp()),
+        token_id=token_id,
+        login_at=dashboard().now().timestamp(),
     )
     sess.csrf_token()  # the cleared session gets a new one
     g.caller = Caller(request_id(), principal)

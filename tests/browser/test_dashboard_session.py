@@ -14,6 +14,7 @@ from itsdangerous import URLSafeTimedSerializer
 from playwright.sync_api import Page, expect
 
 from kms.backends.hsm import Pkcs11Hsm
+from kms.services.principals import token_hash
 from tests.browser.support import SERVER_ENV, Admin, login
 from tests.helpers import Api, Server, gunicorn_server, init_data_dir
 
@@ -73,7 +74,13 @@ def test_session_key_comes_from_the_hsm_and_other_keys_are_refused(
     """Any process logged in to the token derives the same key (so every worker and node
     accepts the session); a cookie signed with anything else is no session at all."""
     hsm_key = hsm.mac(b"kms-dashboard-session-v1")
-    session = {"name": "admin", "role": "admin", "login_at": int(time.time()), "csrf": "t"}
+    session = {
+        "name": "admin",
+        "role": "admin",
+        "token_id": token_hash(api.admin["Authorization"].removeprefix("Bearer "))[:16],
+        "login_at": time.time(),
+        "csrf": "t",
+    }
     for key, status in ((hsm_key, 200), (b"k" * 32, 303)):
         client = app.test_client()
         client.set_cookie("kms_dashboard", _signed(key, session), path="/dashboard")

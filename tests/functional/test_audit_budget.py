@@ -22,7 +22,8 @@ from tests.redis_server import RedisServer
 
 
 class CountingHsm:
-    """The real HSM, counting every call made through it."""
+    """The real HSM, counting every call made through it but the state anchor reads
+    (authentication follows the anchor: kms/services/principals.py)."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -34,7 +35,7 @@ class CountingHsm:
             return attr
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
+            self.calls += name != "anchor_values"
             return attr(*args, **kwargs)
 
         return counted

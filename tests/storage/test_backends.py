@@ -254,8 +254,9 @@ def test_constraint_violations_are_conflicts_and_roll_back(any_storage: SqlStora
         tx.add_key(Key("k2", "shared", "", KeyState.ENABLED, 1, now))
     with any_storage.reader() as tx:
         assert [p.name for p in tx.list_principals()] == ["alice"]
-        assert tx.principal_by_token_hash("a" * 64) == alice
-        assert tx.principal_by_token_hash("b" * 64) is None
+        holder = tx.token_holder("a" * 64)
+        assert holder is not None and holder[0] == alice and holder[1].token_id == "a" * 16
+        assert tx.token_holder("b" * 64) is None
         assert [k.key_id for k in tx.list_keys()] == ["k1"]  # k2 rolled back with its alias
 
 

@@ -28,6 +28,8 @@ principals = Table(
     Column("role", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
+    Column("disabled_at", DateTime(timezone=True), nullable=True),  # sealed
+    Column("sessions_since", DateTime(timezone=True), nullable=True),  # sealed
 )
 
 # Bearer tokens: only the SHA-256 of the token is stored.
@@ -38,6 +40,8 @@ tokens = Table(
     Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
+    Column("expires_at", DateTime(timezone=True), nullable=True),  # sealed; NULL: never
+    Column("last_used_at", DateTime(timezone=True), nullable=True),  # not sealed
 )
 
 keys = Table(

@@ -19,7 +19,7 @@ from kms.backends.storage.grant_tx import split_list
 from kms.backends.storage.key_tx import key_row, key_select
 from kms.backends.storage.principal_tx import principal_row
 from kms.backends.storage.sigv4_tx import CREDENTIAL_SELECT, credential_row
-from kms.backends.storage.times import utc
+from kms.backends.storage.times import utc, utc_or_none
 from kms.backends.storage.xks_tx import xks_policy_row
 from kms.services.model import Grant, KeyVersion
 from kms.services.ports import TxSeals
@@ -56,7 +56,8 @@ class SealTx:
             put("principal", t.principals, p.id == row.id, principal_fields(principal_row(row)))
         tok = t.tokens.c
         for row in self._c.execute(select(t.tokens).where(tok.seal.is_(None))).all():
-            fields = token_fields(row.token_sha256, int(row.principal_id))
+            expires = utc_or_none(row.expires_at)
+            fields = token_fields(row.token_sha256, int(row.principal_id), expires)
             put("token", t.tokens, tok.token_sha256 == row.token_sha256, fields)
         for row in self._c.execute(key_select().where(k.seal.is_(None))).all():
             put("key", t.keys, k.key_id == row.key_id, key_fields(key_row(row)))

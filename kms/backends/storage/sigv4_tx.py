@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Row
 from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
 from kms.backends.storage.loading import checked_rows
-from kms.backends.storage.times import utc
+from kms.backends.storage.times import utc, utc_or_none
 from kms.services.model import Principal, Role, SigV4Credential
 from kms.services.ports import TxSeals
 from kms.services.seals import parsed, principal_fields, sigv4_fields
@@ -94,6 +94,8 @@ CREDENTIAL_SELECT = select(
     t.principals.c.role,
     t.principals.c.created_at.label("principal_created_at"),
     t.principals.c.seal.label("principal_seal"),
+    t.principals.c.disabled_at,
+    t.principals.c.sessions_since,
 ).join(t.principals, t.principals.c.id == t.sigv4_credentials.c.principal_id)
 
 
@@ -102,7 +104,14 @@ def credential_row(row: Row[Any]) -> SigV4Credential:
     created = utc(row.principal_created_at)
     return SigV4Credential(
         access_key_id=row.access_key_id,
-        principal=Principal(int(row.principal_id), row.name, Role(row.role), created),
+        principal=Principal(
+            int(row.principal_id),
+            row.name,
+            Role(row.role),
+            created,
+            utc_or_none(row.disabled_at),
+            utc_or_none(row.sessions_since),
+        ),
         sealed_secret=bytes(row.sealed_secret),
         wrapped_kek=bytes(row.wrapped_kek),
         root_label=row.root_label,
