@@ -23,6 +23,7 @@ from kms.services.ports import (
     AuditRows,
     Clock,
     CustodianRows,
+    KeyRows,
     NotificationRows,
     PrincipalRows,
     SealRows,
@@ -33,7 +34,7 @@ GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class CustodianServiceTx(
-    PrincipalRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol
+    PrincipalRows, KeyRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol
 ):
     """The rows CustodianService reads and writes."""
 
@@ -120,7 +121,10 @@ class CustodianService:
 
     def revoke_custodian(self, caller: Caller, name: str) -> None:
         """From now on the custodian's approvals no longer count, past ones included (its
-        rejections stand). The data owner is notified."""
+        rejections stand). The data owner is notified. Refused (409) for the last active
+        member of a group an escrow policy requires or lets veto (the deployment's or
+        any key's): an emptied group would take its next custodian without endorsement,
+        and the data owner's veto would be gone."""
         with self._audit.operation(caller, "revoke_custodian") as op:
             caller.require(Role.ADMIN)
             require_configured(self._notifier, self._settings)
@@ -132,10 +136,33 @@ class CustodianService:
                 custodian = self._rows.custodians(tx).get(name)
                 if custodian is None:
                     raise SealBroken(detail=f"the custodian row {name} fails its seal")
+                if custodian.state == "active" and custodian.group in self._needed_groups(tx):
+                    members = self._rows.custodians(tx).values()
+                    if not any(
+                        c.group == custodian.group and c.state == "active" and c.name != name
+                        for c in members
+                    ):
+                        raise Conflict(
+                            f"{name!r} is the last active custodian of group "
+                            f"{custodian.group!r}, which escrow policy needs: register "
+                            "another member (endorsed by this one) first",
+                            detail=f"last active member of {custodian.group}",
+                        )
                 revoked = self._rows.sealed(replace(custodian, state="revoked"))
                 tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
                 self._audit.append(tx, [op.ok()])
+
+    def _needed_groups(self, tx: CustodianServiceTx) -> set[str]:
+        """The groups some escrow policy requires or lets veto: the deployment's and every
+        key's. A key row that fails its seal is left out (and alarmed): that key is
+        refused at every use, under any case."""
+        policy = self._settings.policy
+        needed = set(policy.required_groups | policy.veto_groups)
+        for key in tx.list_keys():
+            if key.escrow_policy is not None:
+                needed |= key.escrow_policy.required_groups | key.escrow_policy.veto_groups
+        return needed
 
     # -- cases ------------------------------------------------------------------------------
 

@@ -33,11 +33,11 @@ from typing import Protocol, TypeVar
 from kms.errors import (
     ClientError,
     DecryptionFailed,
+    Forbidden,
     InvalidRequest,
     KeyStateError,
     KmsError,
     NotFound,
-    Unauthenticated,
 )
 from kms.formats.xks import XksKeyPolicy
 from kms.services.audit import AuditTrail
@@ -211,7 +211,11 @@ class KeyWork:
         budgets. Raises the refusal."""
         current = tx.principal_by_name(self.principal.name)
         if current is None or current.id != self.principal.id or current.disabled:
-            raise Unauthenticated(detail=f"principal {self.principal.name} is disabled or gone")
+            # authenticated, then disabled: a refusal on the record (a 401 is not recorded)
+            raise Forbidden(
+                "this principal is disabled",
+                detail=f"principal {self.principal.name} is disabled or gone",
+            )
         fresh: dict[tuple[str, bool], Rows | None] = {}
         cases: dict[str, CaseStanding] = {}
         decided: set[tuple[str, Use]] = set()

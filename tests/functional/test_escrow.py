@@ -93,6 +93,29 @@ class World:
         }
         return self.api.call("POST", "/v1/decrypt", self.police, json=body)
 
+    def enrol(self, name: str, group: str, endorser: str) -> None:
+        """Register custodian ``name`` in ``group``, endorsed by member ``endorser``."""
+        headers = self.api.principal("custodian", name)
+        key = Ed25519PrivateKey.generate()
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        signature = self.custodians[endorser][1].sign(
+            escrowfmt.enrolment_message(name, group, raw)
+        )
+        body = {
+            "name": name,
+            "group": group,
+            "public_key": base64.b64encode(raw).decode(),
+            "endorsement": {
+                "custodian": endorser,
+                "signature": base64.b64encode(signature).decode(),
+            },
+        }
+        r = self.api.call("POST", "/v1/custodians", self.api.admin, json=body)
+        assert r.status_code == 201, r.json
+        self.custodians[name] = (headers, key)
+
     def refused(self, response: Any, status: int = 403) -> None:
         assert response.status_code == status, response.json
         assert "plaintext" not in response.json
@@ -238,6 +261,7 @@ def test_unregistered_wrong_and_revoked_keys(world: World) -> None:
     world.refused(world.decide(cid, "stranger"))  # never registered
     world.refused(world.decide(cid, "dpo", key=Ed25519PrivateKey.generate()))  # not dpo's key
     world.decide(cid, "kh-officer")
+    world.enrol("kh-officer-2", "keyholder", endorser="kh-officer")  # the group stays staffed
     assert world.api.call("DELETE", "/v1/custodians/kh-officer", world.api.admin).status_code == 200
     assert world.case(cid)["approvals"] == []  # the revoked custodian's approval lapsed
     world.refused(world.decide(cid, "kh-officer"))
@@ -519,7 +543,9 @@ def test_an_undelivered_approval_never_activates(world: World) -> None:
 def test_revoking_a_custodian_after_the_quorum_stops_the_case(world: World) -> None:
     cid = _active(world)
     assert world.unwrap(cid).status_code == 200
-    world.api.call("DELETE", "/v1/custodians/kh-officer", world.api.admin)
+    world.enrol("kh-officer-2", "keyholder", endorser="kh-officer")
+    r = world.api.call("DELETE", "/v1/custodians/kh-officer", world.api.admin)
+    assert r.status_code == 200, r.json
     world.refused(world.unwrap(cid))
     assert "quorum no longer holds" in world.api.audit()[-1]["detail"]
 
@@ -772,12 +798,43 @@ def test_an_older_sealed_copy_of_a_revoked_custodian_does_not_count(
 ) -> None:
     """A revoked custodian's row written back active: its approval is not counted."""
     before = _rows(storage, t.custodians, name="dpo")
+    world.enrol("dpo-2", "data_owner", endorser="dpo")
     assert world.api.call("DELETE", "/v1/custodians/dpo", world.api.admin).status_code == 200
     _put_back(storage, t.custodians, before, "name")
     cid = world.file()["case_id"]
     world.decide(cid, "kh-officer")
     world.refused(world.decide(cid, "dpo"))
     assert world.case(cid)["state"] == "pending"
+
+
+def test_the_last_member_of_a_required_or_veto_group_cannot_be_revoked(world: World) -> None:
+    """Issue 16's attack: the admin revoked the data owner's only custodian, registered
+    one of its own in the emptied group without endorsement, and opened data with the
+    keyholder's officer. The revocation is now refused; the group keeps its veto."""
+    api = world.api
+    for name, group in (("dpo", "data_owner"), ("kh-officer", "keyholder")):
+        r = api.call("DELETE", f"/v1/custodians/{name}", api.admin)
+        assert r.status_code == 409 and "last active custodian" in r.json["error"]["message"]
+        assert api.audit()[-1]["outcome"] == "conflict"
+    api.principal("custodian", "mallory")
+    raw = base64.b64encode(_raw_public_key()).decode()
+    body = {"name": "mallory", "group": "data_owner", "public_key": raw}
+    assert api.call("POST", "/v1/custodians", api.admin, json=body).status_code == 403
+    # a group only a key's own policy requires is protected too; one nobody needs is not
+    r = api.call(
+        "POST",
+        "/v1/keys/records/escrow-policy",
+        api.admin,
+        json={"quorum": 2, "required_groups": ["legal"], "veto_groups": []},
+    )
+    assert r.status_code == 200, r.json
+    assert api.call("DELETE", "/v1/custodians/legal", api.admin).status_code == 409
+    world.enrol("legal-2", "legal", endorser="legal")
+    assert api.call("DELETE", "/v1/custodians/legal", api.admin).status_code == 200
+    # with a second member, the first can go (the data owner is told of each change)
+    world.enrol("dpo-2", "data_owner", endorser="dpo")
+    assert api.call("DELETE", "/v1/custodians/dpo", api.admin).status_code == 200
+    assert api.call("DELETE", "/v1/custodians/dpo-2", api.admin).status_code == 409
 
 
 def test_a_custodian_deleted_in_the_database_does_not_empty_its_group(
