@@ -152,6 +152,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     certs = {
         "admin": ca.issue(tls, "admin"),
         "svc": ca.issue(tls, "svc-mtls"),
+        "off": ca.issue(tls, "svc-off"),
         "expired": ca.issue(tls, "svc-mtls", expired=True),
         "rogue": rogue.issue(tls, "svc-mtls", file_name="rogue-svc-mtls"),
         "stranger": ca.issue(tls, "nobody-by-this-name"),
@@ -170,12 +171,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         data, env=env, tls={"verify": str(ca.path), "cert": certs["admin"]}
     ) as server:
         s = Setup(server, ca.path, certs, {})
-        for name in ("svc-mtls", "other-svc"):  # the admin authenticated by its certificate
+        for name in ("svc-mtls", "other-svc", "svc-off"):  # the admin, by its certificate
             r = s.call("POST", "/v1/principals", "admin", json={"name": name, "role": "service"})
             assert r.status_code == 201, r.text
             s.tokens[name] = r.json()["token"]
         assert s.call("POST", "/v1/keys", "admin", json={"alias": "k"}).status_code == 201
-        for name in ("svc-mtls", "other-svc"):
+        for name in ("svc-mtls", "other-svc", "svc-off"):
             grant = {"principal": name, "operations": ["datakey", "decrypt"]}
             assert s.call("POST", "/v1/keys/k/grants", "admin", json=grant).status_code == 200
         yield s
@@ -206,6 +207,18 @@ def test_role_and_grants_apply_to_a_certificate_principal(setup: Setup) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     record = _record(setup, r.headers["X-Request-Id"])  # audited like a token caller
     assert record["principal"] == "svc-mtls" and record["outcome"] == "forbidden"
+
+
+def test_a_disabled_principal_is_refused_by_its_certificate_until_enabled(
+    setup: Setup,
+) -> None:
+    assert setup.call("POST", "/v1/keys/k/datakey", "off", json={}).status_code == 200
+    off = setup.call("POST", "/v1/principals/svc-off/disable", "admin", json={})
+    assert off.status_code == 200 and off.json()["state"] == "disabled"
+    refused = setup.call("POST", "/v1/keys/k/datakey", "off", json={})
+    assert refused.status_code == 401  # the certificate is still valid; the principal is not
+    assert setup.call("POST", "/v1/principals/svc-off/enable", "admin", json={}).status_code == 200
+    assert setup.call("POST", "/v1/keys/k/datakey", "off", json={}).status_code == 200
 
 
 def test_token_and_certificate_must_name_the_same_principal(setup: Setup) -> None:
