@@ -187,7 +187,8 @@ class PrincipalService:
 
     def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Principal:
         """Enable or disable the principal ``name`` (an admin; never oneself, nor the
-        last enabled admin). Idempotent; recorded either way."""
+        last enabled admin). Disabling also ends its dashboard sessions, so enabling it
+        again does not bring them back. Idempotent; recorded either way."""
         with self._audit.operation(
             caller, "enable_principal" if enabled else "disable_principal"
         ) as op:
@@ -207,8 +208,11 @@ class PrincipalService:
                     if not others:
                         raise Conflict("the last enabled admin cannot be disabled")
                 if principal.disabled == enabled:
-                    principal = replace(
-                        principal, disabled_at=None if enabled else self._clock.now()
+                    now = self._clock.now()
+                    principal = (
+                        replace(principal, disabled_at=None)
+                        if enabled  # its dashboard sessions stay ended
+                        else replace(principal, disabled_at=now, sessions_since=now)
                     )
                     tx.update_principal(principal)
                 self._audit.append(tx, [op.ok()])

@@ -113,13 +113,15 @@ def test_lifecycle_changes_reach_every_face_of_the_other_node_at_once(
         # disabled on node one: refused on node two at the next request, every face
         admin_one = KmsClient(one.url, one.admin_token)
         assert admin_one.call("POST", "/v1/principals/svc/disable", {})["state"] == "disabled"
+        stale = requests.Session()  # a copy of the session cookie, kept for later
+        stale.cookies.update(web.cookies)
         assert admin_one.call("POST", "/v1/principals/carol/disable", {})
         for _ in range(4):
             assert _datakey(two, svc) == 401
+            assert not _signed_in(two, web)
             with pytest.raises(ClientError) as refused:
                 _gdk(aws, key_id)
             assert refused.value.response["Error"]["Code"] == "UnrecognizedClientException"
-            assert not _signed_in(two, web)
         assert _login(two, auditor)[1] == 401  # nor can it log in again
 
         # enabled on node two: back on node one at once
@@ -128,6 +130,8 @@ def test_lifecycle_changes_reach_every_face_of_the_other_node_at_once(
         admin_two.call("POST", "/v1/principals/carol/enable", {})
         assert _datakey(one, svc) == 200
         assert _gdk(_aws(one, cred), key_id)
+
+        assert not _signed_in(two, stale)  # enabling does not bring old sessions back
 
         # a session ended on node one is over on node two; a new login works
         web = _dashboard(two, auditor)

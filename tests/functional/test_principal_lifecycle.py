@@ -242,10 +242,14 @@ def test_database_edits_cannot_undo_a_disable_a_revocation_or_an_expiry(
     svc = api.principal("service", "svc")
     api.key("k", grant=svc)
     assert _datakey(api, svc) == 200
-    row = _sql(db_path, "SELECT disabled_at, seal FROM principals WHERE name = 'svc'")[0]
+    cols = "disabled_at, sessions_since, seal"
+    row = _sql(db_path, f"SELECT {cols} FROM principals WHERE name = 'svc'")[0]  # noqa: S608
     assert api.call("POST", "/v1/principals/svc/disable", api.admin, json={}).status_code == 200
     # 1. the enabled row written back, with the seal it had then: an older sealed copy
-    _sql(db_path, "UPDATE principals SET disabled_at = ?, seal = ? WHERE name = 'svc'", *row)
+    put_back = (
+        "UPDATE principals SET disabled_at = ?, sessions_since = ?, seal = ? WHERE name = 'svc'"
+    )
+    _sql(db_path, put_back, *row)
     assert _datakey(api, svc) == 401
     assert "older sealed copy" in api.audit()[-1]["detail"]
     # 2. the disabled row with its date cleared: the seal no longer verifies
