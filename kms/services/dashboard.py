@@ -1,5 +1,6 @@
 """What the ops dashboard reads and records: one audited operation per page, login and
-logout records, CSRF refusals, and "verify now" of the live audit chain.
+logout records, CSRF refusals, and "verify now" of the live audit chain. (The actions on
+keys and principals are the services' own methods, with their own records.)
 
 Like every read in this service, a page read that is refused (wrong role, unknown key)
 leaves an audit record; a successful read does not. Logins of admins and auditors, logins
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from kms.errors import ClientError, Forbidden
+from kms.errors import ClientError, Forbidden, NotFound
 from kms.services.audit import MAX_PAGE, AuditTrail
 from kms.services.audit_events import Caller, format_time
 from kms.services.audit_export import AuditExports
@@ -33,6 +34,7 @@ from kms.services.model import (
     KeyUsage,
     Principal,
     Role,
+    Token,
 )
 from kms.services.ports import (
     AuditRows,
@@ -44,7 +46,7 @@ from kms.services.ports import (
     SealRows,
     Store,
 )
-from kms.services.principals import PrincipalService
+from kms.services.principals import NAME_RE, PrincipalService
 from kms.services.rotation import is_overdue, next_rotation
 
 DASHBOARD_ROLES = (Role.ADMIN, Role.AUDITOR)
@@ -110,6 +112,12 @@ class AuditPage:
     records: list[dict[str, Any]]  # newest first
     aliases: dict[str, str]  # key_id -> alias
     key_id: str | None  # the key filter, resolved
+
+
+@dataclass(frozen=True)
+class PrincipalDetail:
+    principal: Principal
+    tokens: list[Token]  # oldest first, expired ones too; never a token itself, only its id
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,26 @@ class DashboardService:
                 )
                 aliases = {k.key_id: k.alias for k in tx.list_keys() if k.alias}
             return AuditPage(records, aliases, key_id)
+
+    def principals(self, caller: Caller) -> list[Principal]:
+        """Every principal (enabled or not) whose row verifies its seal; for auditors too,
+        who may not use PrincipalService's admin listing."""
+        with self._trail.operation(caller, "dashboard_principals"):
+            caller.require(*DASHBOARD_ROLES)
+            with self._storage.reader() as tx:
+                return tx.list_principals()
+
+    def principal_detail(self, caller: Caller, name: str) -> PrincipalDetail:
+        """One principal with the ids and times of its tokens; NotFound if there is none
+        of that name."""
+        with self._trail.operation(caller, "dashboard_principal"):
+            caller.require(*DASHBOARD_ROLES)
+            with self._storage.reader() as tx:
+                principal = tx.principal_by_name(name) if NAME_RE.fullmatch(name) else None
+                if principal is None:
+                    raise NotFound(f"no principal named {name!r}")
+                tokens = [tok for _, tok in tx.tokens_of(principal.id)]
+            return PrincipalDetail(principal, tokens)
 
     # -- actions ----------------------------------------------------------------------------
 

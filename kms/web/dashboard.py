@@ -1,10 +1,12 @@
-"""The ``dashboard`` blueprint: login, overview, key detail, audit view, actions.
+"""The ``dashboard`` blueprint: login, overview, key detail, audit view, principals,
+actions.
 
-Every page needs a session of an admin or an auditor; actions (rotate, retire) need an
-admin, "verify now" either. Every POST carries the session's CSRF token, checked before
-anything else happens; a missing or forged one is refused (400, audited). An expired
-session sends the browser to the login page with a message and does nothing. Errors are
-HTML pages with the request id; nothing here touches a backend directly.
+Every page needs a session of an admin or an auditor; actions (rotate, retire; disable,
+enable, revoke a token, end sessions) need an admin, "verify now" either. Every POST
+carries the session's CSRF token, checked before anything else happens; a missing or
+forged one is refused (400, audited). An expired session sends the browser to the login
+page with a message and does nothing. Errors are HTML pages with the request id; nothing
+here touches a backend directly.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from kms.errors import (
     HsmUnavailable,
     InvalidRequest,
     KmsError,
+    NotFound,
     Unauthenticated,
 )
 from kms.services.audit_events import Caller
@@ -179,6 +182,12 @@ _OPERATIONS = {
     "dashboard.retire": "configure_key",
     "dashboard.verify": "verify_audit",
     "dashboard.logout": "dashboard_logout",
+    "dashboard.principals": "dashboard_principals",
+    "dashboard.principal": "dashboard_principal",
+    "dashboard.disable_principal": "disable_principal",
+    "dashboard.enable_principal": "enable_principal",
+    "dashboard.revoke_token": "revoke_token",
+    "dashboard.end_sessions": "end_sessions",
 }
 
 
@@ -306,6 +315,22 @@ def audit() -> str:
     )
 
 
+@bp.get("/principals")
+@signed_in
+def principals() -> str:
+    found = dashboard().principals(caller())
+    return render_template("dashboard/principals.html", principals=found, **_common())
+
+
+@bp.get("/principals/<name>")
+@signed_in
+def principal(name: str) -> str:
+    detail = dashboard().principal_detail(caller(), name)
+    return render_template(
+        "dashboard/principal.html", d=detail, my_token=session.get("token_id"), **_common()
+    )
+
+
 # -- actions ------------------------------------------------------------------------------
 
 
@@ -355,6 +380,90 @@ def verify() -> Response:
         "info" if result.ok else "error",
     )
     return redirect(url_for(".overview"), 303)
+
+
+# The principal lifecycle: the same PrincipalService methods (and audit records) as
+# /v1/principals/<name>/...; admins only here (the service would let a principal revoke
+# its own token or end its own sessions; auditors stay read-only in the dashboard). No
+# token is ever issued here: it would be shown in a browser page.
+
+
+@bp.post("/principals/<name>/disable")
+@signed_in
+def disable_principal(name: str) -> Any:
+    """Two steps, like retire: only the confirmation page's re-submission with the box
+    ticked disables the principal."""
+    check_csrf("disable_principal")
+    require_admin("disable_principal")
+    if not _confirmed():
+        return _confirm_principal("disable", name, None)
+    services().principals.set_enabled(caller(), name, False)
+    flash(
+        f"Disabled {name}: its tokens, certificate, SigV4 credentials and dashboard "
+        "sessions are refused.",
+        "info",
+    )
+    return redirect(url_for(".principal", name=name), 303)
+
+
+@bp.post("/principals/<name>/enable")
+@signed_in
+def enable_principal(name: str) -> Response:
+    check_csrf("enable_principal")
+    require_admin("enable_principal")
+    services().principals.set_enabled(caller(), name, True)
+    flash(f"Enabled {name}: its unexpired tokens are accepted again.", "info")
+    return redirect(url_for(".principal", name=name), 303)
+
+
+@bp.post("/principals/<name>/tokens/<token_id>/revoke")
+@signed_in
+def revoke_token(name: str, token_id: str) -> Any:
+    """Two steps, like disable."""
+    check_csrf("revoke_token")
+    require_admin("revoke_token")
+    if not _confirmed():
+        return _confirm_principal("revoke", name, token_id)
+    services().principals.revoke_token(caller(), name, token_id)
+    flash(f"Revoked token {token_id} of {name}: it is refused from now on.", "info")
+    return redirect(url_for(".principal", name=name), 303)
+
+
+@bp.post("/principals/<name>/sessions/end")
+@signed_in
+def end_sessions(name: str) -> Response:
+    check_csrf("end_sessions")
+    require_admin("end_sessions")
+    services().principals.end_sessions(caller(), name)
+    flash(f"Ended the dashboard sessions of {name}: it must log in again.", "info")
+    return redirect(url_for(".principal", name=name), 303)
+
+
+def _confirmed() -> bool:
+    return request.form.get("confirm") == "yes"
+
+
+def _confirm_principal(action: str, name: str, token_id: str | None) -> str:
+    """The confirmation page of ``action`` ("disable" or "revoke"), with an error when the
+    page itself was submitted without its box ticked."""
+    detail = dashboard().principal_detail(caller(), name)
+    token = next((t for t in detail.tokens if t.token_id == token_id), None)
+    if token_id is not None and token is None:
+        raise NotFound(f"principal {name!r} has no token {token_id}")
+    error = (
+        "Tick the box to confirm; nothing was changed."
+        if request.form.get("step") == "confirm"
+        else None
+    )
+    return render_template(
+        "dashboard/confirm_principal.html",
+        action=action,
+        d=detail,
+        token=token,
+        my_token=session.get("token_id"),
+        error=error,
+        **_common(),
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------
