@@ -9,9 +9,9 @@ creates the first admin, whose token goes to DATA_DIR/admin.token (mode 0600).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsm_config import softhsm
@@ -32,6 +32,8 @@ class InitReport:
     admin_created: bool
     anchored_chain: str | None  # the audit chain anchored in the HSM now (None: already)
     sealed_rows: dict[str, int]  # rows made before row seals existed, sealed now
+    # custodians pinned now: (name, group, file holding the token of its new principal)
+    pinned: list[tuple[str, str, Path | None]] = field(default_factory=list)
 
 
 def init_data_dir(
@@ -41,7 +43,12 @@ def init_data_dir(
     token_label: str | None = None,
     pin_file: Path | None = None,
     database_url: str | None = None,
+    custodians: Sequence[tuple[str, str, bytes]] = (),
 ) -> InitReport:
+    """Create or complete a data directory (idempotent); ``custodians`` (name, group,
+    raw Ed25519 public key) are pinned as the first members of their groups
+    (CustodianService.pin_custodian), each new principal's token written beside the
+    admin's (custodian-<name>.token, mode 0600) for handing over."""
     data_dir = data_dir.resolve()
     os.umask(0o077)  # everything in the data directory is private to its owner
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -72,7 +79,7 @@ def init_data_dir(
     hsm = Pkcs11Hsm(hsm_config(settings))
     try:
         storage = SqlStorage(engine)
-        services = build_services(storage, hsm)
+        services = build_services(storage, hsm, options=options_from_settings(settings))
         chain_id, sealed = secure_database(storage, services)
         token_file = data_dir / "admin.token"
         token = services.principals.bootstrap_admin("admin")
@@ -80,10 +87,18 @@ def init_data_dir(
             if token_file.exists():
                 token_file.unlink()
             softhsm.write_secret(token_file, token)
+        pinned = []
+        for name, group, public_key in custodians:
+            custodian_token = services.custodians.pin_custodian(name, group, public_key)
+            path = data_dir / f"custodian-{name}.token" if custodian_token else None
+            if path is not None and custodian_token is not None:
+                path.unlink(missing_ok=True)
+                softhsm.write_secret(path, custodian_token)
+            pinned.append((name, group, path))
     finally:
         hsm.close()
         engine.dispose()
-    return InitReport(data_dir, created, token_file, token is not None, chain_id, sealed)
+    return InitReport(data_dir, created, token_file, token is not None, chain_id, sealed, pinned)
 
 
 def secure_database(

@@ -4,6 +4,7 @@ to a server (``backup``/``restore`` are in backup.py, ``audit archive`` in audit
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sys
@@ -24,16 +25,26 @@ GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.
 @click.option("--token-label", help="Token label on that module (default kms).")
 @click.option("--pin-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--database-url", help="SQLAlchemy URL (default: SQLite in the data directory).")
+@click.option(
+    "--custodian",
+    "custodians",
+    multiple=True,
+    metavar="NAME:GROUP:PUBLIC_KEY",
+    help="Pin the first custodian of GROUP (public key: base64 from `kms escrow keygen`); "
+    "repeatable. The API never adds a group's first member.",
+)
 def init(
     data_dir: Path,
     pkcs11_module: str | None,
     token_label: str | None,
     pin_file: Path | None,
     database_url: str | None,
+    custodians: tuple[str, ...],
 ) -> None:
     """Create or complete a data directory (idempotent)."""
     if pkcs11_module and not pin_file:
         raise click.UsageError("--pkcs11-module needs --pin-file")
+    pins = [_custodian_option(value) for value in custodians]
     with clear_errors():
         from kms.bootstrap import init_data_dir
 
@@ -43,6 +54,7 @@ def init(
             token_label=token_label,
             pin_file=pin_file,
             database_url=database_url,
+            custodians=pins,
         )
     click.echo(f"data directory: {report.data_dir}")
     click.echo(f"HSM keys created: {', '.join(report.created_keys) or 'none (already present)'}")
@@ -51,6 +63,23 @@ def init(
         click.echo(f"admin token written to {report.admin_token_file} (mode 0600)")
     else:
         click.echo("admin already exists; no new token written")
+    for name, group, token_path in report.pinned:
+        where = f"; its token written to {token_path} (mode 0600)" if token_path else ""
+        click.echo(f"custodian {name} pinned in group {group}{where}")
+
+
+def _custodian_option(value: str) -> tuple[str, str, bytes]:
+    """``NAME:GROUP:PUBLIC_KEY`` of --custodian, the key decoded (a UsageError if bad)."""
+    name, group, key = [*value.split(":", 2), "", ""][:3]
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except ValueError:
+        raw = b""
+    if not name or not group or len(raw) != 32:
+        raise click.UsageError(
+            f"--custodian {value!r}: expected NAME:GROUP:PUBLIC_KEY with a base64 32-byte key"
+        )
+    return name, group, raw
 
 
 @click.command()

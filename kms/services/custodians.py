@@ -1,8 +1,11 @@
 """Custodians: the escrow officers whose Ed25519 keys approve or reject cases.
 
-Registered by an admin, only into configured groups; a group's second and later members
-need an endorsement signed by a member; a public key belongs to one custodian; every
-change is announced to the data owner. Rows are sealed by the HSM (escrow_common.py).
+A group's first members are pinned at deployment, on the server host (``kms init
+--custodian``, ``pin_custodian``), and recorded in the audit trail: the API never adds
+the first member of a group. Later members are registered by an admin, only into
+configured groups, with an endorsement signed by a member (unless
+KMS_ESCROW_ENDORSED_ENROLMENT=0); a public key belongs to one custodian; every change is
+announced to the data owner. Rows are sealed by the HSM (escrow_common.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound, SealBroken
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail
-from kms.services.audit_events import Caller, format_time
+from kms.services.audit_events import Caller, format_time, local_event
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
 from kms.services.model import Custodian, Role
 from kms.services.notify import Notifier
@@ -29,6 +32,7 @@ from kms.services.ports import (
     SealRows,
     Store,
 )
+from kms.services.principals import new_token, token_hash
 
 GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -67,10 +71,11 @@ class CustodianService:
         public_key: bytes,
         endorsement: tuple[str, bytes] | None = None,
     ) -> Custodian:
-        """Register the Ed25519 public key of a principal with role custodian. The first
-        custodian of a group is the admin's word; every later one needs an ``endorsement``
-        (custodian name, signature) by an active member of that group. The data owner is
-        notified of every change to the custodians."""
+        """Register the Ed25519 public key of a principal with role custodian into a group
+        that has an active member (its first members are pinned at deployment:
+        ``pin_custodian``); unless endorsement is switched off, an ``endorsement``
+        (custodian name, signature) by an active member of that group is needed. The data
+        owner is notified of every change to the custodians."""
         with self._audit.operation(caller, "register_custodian") as op:
             caller.require(Role.ADMIN)
             require_configured(self._notifier, self._settings)
@@ -101,7 +106,13 @@ class CustodianService:
                     for c in self._rows.custodians(tx).values()
                     if c.group == group and c.state == "active"
                 }
-                if members and self._settings.endorsed_enrolment:
+                if not members:
+                    raise Forbidden(
+                        f"group {group!r} has no active custodian: a group's first members "
+                        "are pinned at deployment (kms init --custodian)",
+                        detail=f"no active member in {group}",
+                    )
+                if self._settings.endorsed_enrolment:
                     who, signature = endorsement or ("", b"")
                     endorser = members.get(who)
                     if endorser is None or not escrowfmt.verify_enrolment(
@@ -152,6 +163,46 @@ class CustodianService:
                 tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
                 self._audit.append(tx, [op.ok()])
+
+    def pin_custodian(self, name: str, group: str, public_key: bytes) -> str | None:
+        """Deployment (``kms init --custodian``, on the server host): make ``name`` the
+        first custodian of ``group``, creating its principal (role custodian) if needed.
+        Returns the new principal's token (None if it existed). Idempotent for the same
+        name, group and key; refused (409) if the group already has an active member (add
+        members then through the API, endorsed) or the key or name is taken otherwise.
+        Recorded in the audit trail; the data owner is notified if a webhook is set."""
+        if not GROUP_RE.fullmatch(group):
+            raise InvalidRequest("group must be 1-64 letters, digits, '_' or '-'")
+        if len(public_key) != 32 or not escrowfmt.valid_public_key(public_key):
+            raise InvalidRequest("public_key must be a raw 32-byte Ed25519 public key")
+        key_sha = hashlib.sha256(public_key).hexdigest()
+        with self._storage.transaction() as tx:
+            current = self._rows.custodians(tx)
+            mine = current.get(name)
+            if mine is not None and (mine.group, mine.public_key) == (group, public_key):
+                return None  # pinned by an earlier run
+            if mine is not None or tx.custodian(name) is not None:
+                raise Conflict(f"custodian {name!r} is already registered")
+            if any(c.public_key == public_key for c in current.values()):
+                raise Conflict("this public key belongs to another custodian")
+            if any(c.group == group and c.state == "active" for c in current.values()):
+                raise Conflict(
+                    f"group {group!r} already has custodians: add members through the API, "
+                    "endorsed by one of them"
+                )
+            token = None
+            principal = tx.principal_by_name(name)
+            if principal is None:
+                token = new_token()
+                tx.add_principal(name, Role.CUSTODIAN, token_hash(token), self._clock.now())
+            elif principal.role is not Role.CUSTODIAN:
+                raise InvalidRequest(f"principal {name!r} exists with role {principal.role}")
+            custodian = self._rows.sealed(Custodian(name, group, public_key, "active", self._now()))
+            tx.add_custodian(custodian)
+            self._notifier.announce(tx, "custodian_registered", _custodian_payload(custodian))
+            detail = f"custodian={name} group={group} key_sha256={key_sha[:16]} pinned"
+            self._audit.append(tx, [local_event("pin_custodian", detail)])
+        return token
 
     def _needed_groups(self, tx: CustodianServiceTx) -> set[str]:
         """The groups some escrow policy requires or lets veto: the deployment's and every

@@ -32,6 +32,7 @@ def test_public_authority_access_with_webhook(
 ) -> None:
     secret = tmp_path / "webhook.secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # as the server requires
     env = {
         "KMS_ESCROW_WEBHOOK_URL": receiver.url,
         "KMS_ESCROW_WEBHOOK_SECRET_FILE": str(secret),
@@ -59,20 +60,17 @@ def test_public_authority_access_with_webhook(
             assert done.returncode == 0, done.stderr
             return done.stdout
 
-        admin_token = fresh_data_dir / "admin.token"
+        pins = []
         for name, group in (("kh-officer", "keyholder"), ("dpo", "data_owner")):
             tok = token_file(name, "custodian")
             public = kms(tok, "escrow", "keygen", "--out", str(tmp_path / f"{name}.key")).strip()
-            kms(
-                admin_token,
-                "escrow",
-                "register-custodian",
-                name,
-                "--group",
-                group,
-                "--public-key",
-                public,
-            )
+            pins += ["--custodian", f"{name}:{group}:{public}"]
+        # the first custodians are pinned on the server host (the API adds no first member)
+        pinned = run_kms("init", "--data-dir", str(fresh_data_dir), *pins, env=env)
+        assert pinned.returncode == 0, pinned.stderr
+        assert "custodian dpo pinned in group data_owner" in pinned.stdout
+        registered = receiver.wait_for("custodian_registered")  # the data owner is told
+        assert registered["body"]["custodian"]["name"] in ("kh-officer", "dpo")
         police = token_file("police", "requester")
 
         started = time.monotonic()

@@ -18,6 +18,7 @@ from kms.app import create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage
 from kms.backends.storage import schema as t
+from kms.errors import Conflict
 from kms.formats import escrow as escrowfmt
 from kms.services.principals import PrincipalService
 from tests.helpers import SECRET, Api, Receiver, unb64
@@ -100,9 +101,7 @@ class World:
         raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        signature = self.custodians[endorser][1].sign(
-            escrowfmt.enrolment_message(name, group, raw)
-        )
+        signature = self.custodians[endorser][1].sign(escrowfmt.enrolment_message(name, group, raw))
         body = {
             "name": name,
             "group": group,
@@ -159,13 +158,8 @@ def world(
         raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        r = api.call(
-            "POST",
-            "/v1/custodians",
-            api.admin,
-            json={"name": name, "group": group, "public_key": base64.b64encode(raw).decode()},
-        )
-        assert r.status_code == 201, r.json
+        # pinned at deployment (kms init --custodian): the API adds no group's first member
+        assert app.extensions["kms"].custodians.pin_custodian(name, group, raw) is None
         custodians[name] = (headers, key)
     yield World(api, clock, svc, police, custodians, blobs, key_id, app.extensions["kms"], receiver)
 
@@ -653,16 +647,13 @@ def test_endorsement_can_be_switched_off(
     )
     app = create_app(loose, hsm=hsm, storage=storage)
     api = Api(app.test_client(), app.extensions["kms"].principals.bootstrap_admin("admin"))
-    for name in ("c1", "c2"):
-        api.principal("custodian", name)
-        raw = _raw_public_key()
-        r = api.call(
-            "POST",
-            "/v1/custodians",
-            api.admin,
-            json={"name": name, "group": "keyholder", "public_key": base64.b64encode(raw).decode()},
-        )
-        assert r.status_code == 201, r.json
+    api.principal("custodian", "c1")
+    app.extensions["kms"].custodians.pin_custodian("c1", "keyholder", _raw_public_key())
+    api.principal("custodian", "c2")
+    raw = base64.b64encode(_raw_public_key()).decode()
+    body = {"name": "c2", "group": "keyholder", "public_key": raw}
+    r = api.call("POST", "/v1/custodians", api.admin, json=body)
+    assert r.status_code == 201, r.json  # no endorsement asked
 
 
 def test_escrow_needs_required_groups_and_known_groups(
@@ -815,6 +806,7 @@ def test_the_last_member_of_a_required_or_veto_group_cannot_be_revoked(world: Wo
     for name, group in (("dpo", "data_owner"), ("kh-officer", "keyholder")):
         r = api.call("DELETE", f"/v1/custodians/{name}", api.admin)
         assert r.status_code == 409 and "last active custodian" in r.json["error"]["message"]
+        assert f"group {group!r}" in r.json["error"]["message"]
         assert api.audit()[-1]["outcome"] == "conflict"
     api.principal("custodian", "mallory")
     raw = base64.b64encode(_raw_public_key()).decode()
@@ -835,6 +827,34 @@ def test_the_last_member_of_a_required_or_veto_group_cannot_be_revoked(world: Wo
     world.enrol("dpo-2", "data_owner", endorser="dpo")
     assert api.call("DELETE", "/v1/custodians/dpo", api.admin).status_code == 200
     assert api.call("DELETE", "/v1/custodians/dpo-2", api.admin).status_code == 409
+
+
+def test_a_group_s_first_member_comes_only_from_deployment(world: World, tmp_path: Any) -> None:
+    """The API never adds the first member of a group (an admin would otherwise staff an
+    empty group with its own custodian); ``kms init --custodian`` pins it, on the server
+    host, and the audit trail records it. Pinning is idempotent and never a second
+    member."""
+    api = world.api
+    api.principal("custodian", "l1")
+    raw = _raw_public_key()
+    body = {"name": "l1", "group": "audit_board", "public_key": base64.b64encode(raw).decode()}
+    r = api.call("POST", "/v1/custodians", api.admin, json=body)
+    assert r.status_code == 400  # not a configured group
+    r = api.call("POST", "/v1/custodians", api.admin, json={**body, "group": "legal"})
+    assert r.status_code == 403 and "must endorse" in r.json["error"]["message"]
+    pins = world.services.custodians
+    # revoke legal's only member (no policy needs the group), then try to restaff it
+    assert api.call("DELETE", "/v1/custodians/legal", api.admin).status_code == 200
+    r = api.call("POST", "/v1/custodians", api.admin, json={**body, "group": "legal"})
+    assert r.status_code == 403 and "pinned at deployment" in r.json["error"]["message"]
+    assert pins.pin_custodian("l1", "legal", raw) is None  # the principal existed
+    assert pins.pin_custodian("l1", "legal", raw) is None  # idempotent
+    (pinned,) = [x for x in api.audit() if x["operation"] == "pin_custodian"][-1:]
+    assert "custodian=l1 group=legal" in pinned["detail"] and pinned["principal"] is None
+    with pytest.raises(Conflict):  # never a second member by pinning
+        pins.pin_custodian("l2", "legal", _raw_public_key())
+    with pytest.raises(Conflict):  # nor someone else's key
+        pins.pin_custodian("l3", "audit_board", raw)
 
 
 def test_a_custodian_deleted_in_the_database_does_not_empty_its_group(
