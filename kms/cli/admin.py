@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from kms.cli.common import clear_errors, client, print_json, remote
+from kms.services.principals import MAX_GRACE_SECONDS, MAX_TTL_SECONDS, NAME_RE, TOKEN_ID_RE
 
 
 @click.group()
 def principals() -> None:
-    """Create and list principals."""
+    """Create, list, disable and enable principals; list, issue, rotate and revoke their
+    bearer tokens; end their dashboard sessions."""
 
 
 @principals.command("create")
@@ -32,8 +36,125 @@ def principals_create(name: str, role: str, url: str, token_file: Path | None) -
 @principals.command("list")
 @remote
 def principals_list(url: str, token_file: Path | None) -> None:
+    """List principals."""
     with clear_errors():
         print_json(client(url, token_file).list_principals())
+
+
+def _checked(
+    pattern: re.Pattern[str], what: str
+) -> Callable[[click.Context, click.Parameter, str], str]:
+    """A click callback refusing a value ``pattern`` does not match (before any request:
+    a '/' would otherwise reach the server as another path)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise click.BadParameter(f"{value!r}: {what}")
+        return value
+
+    return check
+
+
+_name = click.argument(
+    "name",
+    callback=_checked(
+        NAME_RE,
+        "a principal name is 1-64 letters, digits, '.', '_', '@' or '-', "
+        "starting with a letter or digit",
+    ),
+)
+_token_id = click.argument(
+    "token_id", callback=_checked(TOKEN_ID_RE, "a token id is 16 lowercase hex digits")
+)
+_ttl = click.option(
+    "--ttl",
+    type=click.IntRange(60, MAX_TTL_SECONDS),
+    metavar="SECONDS",
+    help="Lifetime of the new token (capped by KMS_TOKEN_MAX_LIFETIME for the role; "
+    "default: that cap, or no expiry).",
+)
+
+
+@principals.command("disable")
+@_name
+@remote
+def principals_disable(name: str, url: str, token_file: Path | None) -> None:
+    """Disable a principal. Every token, SigV4 credential, certificate and dashboard
+    session of it is refused from now on, on every node, and its dashboard sessions are
+    ended (never yourself, nor the last enabled admin)."""
+    with clear_errors():
+        print_json(client(url, token_file).disable_principal(name))
+
+
+@principals.command("enable")
+@_name
+@remote
+def principals_enable(name: str, url: str, token_file: Path | None) -> None:
+    """Enable a disabled principal. Its unexpired tokens work again; its dashboard
+    sessions stay ended."""
+    with clear_errors():
+        print_json(client(url, token_file).enable_principal(name))
+
+
+@principals.command("end-sessions")
+@_name
+@remote
+def principals_end_sessions(name: str, url: str, token_file: Path | None) -> None:
+    """End a principal's dashboard sessions. Those opened until now are refused."""
+    with clear_errors():
+        print_json(client(url, token_file).end_sessions(name))
+
+
+@principals.command("tokens")
+@_name
+@remote
+def principals_tokens(name: str, url: str, token_file: Path | None) -> None:
+    """List a principal's tokens. Each by its id, with its creation, expiry and last
+    use; never the token itself."""
+    with clear_errors():
+        print_json(client(url, token_file).list_tokens(name))
+
+
+@principals.command("issue-token")
+@_name
+@_ttl
+@remote
+def principals_issue_token(name: str, ttl: int | None, url: str, token_file: Path | None) -> None:
+    """Issue another token. The answer holds the token, shown only this once."""
+    with clear_errors():
+        print_json(client(url, token_file).issue_token(name, ttl))
+
+
+@principals.command("rotate-token")
+@_name
+@_token_id
+@click.option(
+    "--grace",
+    type=click.IntRange(0, MAX_GRACE_SECONDS),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the old token keeps working (0: it is refused at once).",
+)
+@_ttl
+@remote
+def principals_rotate_token(
+    name: str, token_id: str, grace: int, ttl: int | None, url: str, token_file: Path | None
+) -> None:
+    """Replace a token. The answer holds the new token, shown only this once; TOKEN_ID
+    expires after --grace seconds."""
+    with clear_errors():
+        print_json(client(url, token_file).rotate_token(name, token_id, grace, ttl))
+
+
+@principals.command("revoke-token")
+@_name
+@_token_id
+@remote
+def principals_revoke_token(name: str, token_id: str, url: str, token_file: Path | None) -> None:
+    """Revoke a token. It is refused at once, on every node."""
+    with clear_errors():
+        print_json(client(url, token_file).revoke_token(name, token_id))
 
 
 @click.group()

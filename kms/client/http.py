@@ -134,6 +134,49 @@ class KmsClient:
     def list_principals(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/v1/principals")["principals"])
 
+    def disable_principal(self, name: str) -> dict[str, Any]:
+        """The principal, disabled: its tokens, SigV4 credentials, certificate and
+        dashboard sessions are refused from now on, on every node, and its dashboard
+        sessions are ended (idempotent)."""
+        return dict(self.call("POST", f"{_principal(name)}/disable", {}))
+
+    def enable_principal(self, name: str) -> dict[str, Any]:
+        """The principal, enabled again (idempotent); its unexpired tokens work again,
+        its dashboard sessions stay ended."""
+        return dict(self.call("POST", f"{_principal(name)}/enable", {}))
+
+    def end_sessions(self, name: str) -> dict[str, Any]:
+        """The principal; its dashboard sessions opened until now are ended."""
+        return dict(self.call("POST", f"{_principal(name)}/sessions/end", {}))
+
+    def list_tokens(self, name: str) -> list[dict[str, Any]]:
+        """The principal's tokens, oldest first, by id (``token_id``, ``created_at``,
+        ``expires_at``, ``last_used_at``); never the tokens themselves."""
+        return list(self.call("GET", f"{_principal(name)}/tokens")["tokens"])
+
+    def issue_token(self, name: str, ttl_seconds: int | None = None) -> dict[str, Any]:
+        """A new token for the principal: the answer's ``token`` is shown only here. It
+        expires after ``ttl_seconds`` (60 s to 10 years), or the role's maximum
+        (KMS_TOKEN_MAX_LIFETIME) if that is shorter; without either, never."""
+        body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+        return dict(self.call("POST", f"{_principal(name)}/tokens", body))
+
+    def rotate_token(
+        self, name: str, token_id: str, grace_seconds: int = 0, ttl_seconds: int | None = None
+    ) -> dict[str, Any]:
+        """A new token replacing ``token_id`` (``replaces``); the old one expires
+        ``grace_seconds`` from now (0: at once). The new ``token`` is shown only here."""
+        body: dict[str, Any] = {"grace_seconds": grace_seconds}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        path = f"{_principal(name)}/tokens/{quote(token_id, safe='')}/rotate"
+        return dict(self.call("POST", path, body))
+
+    def revoke_token(self, name: str, token_id: str) -> dict[str, Any]:
+        """Revoke one token of the principal at once: ``{token_id, state: "revoked"}``."""
+        path = f"{_principal(name)}/tokens/{quote(token_id, safe='')}"
+        return dict(self.call("DELETE", path))
+
     def create_key(self, alias: str | None = None, description: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {"description": description}
         if alias is not None:
@@ -308,3 +351,7 @@ class KmsClient:
 
 def _ref(ref: str) -> str:
     return quote(ref, safe="/")
+
+
+def _principal(name: str) -> str:
+    return "/v1/principals/" + quote(name, safe="")
