@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -39,7 +40,7 @@ from flask import Flask
 from hypothesis import HealthCheck, settings
 
 from kms.formats import escrow as escrowfmt
-from tests.helpers import SECRET, Receiver, Server, gunicorn_server, init_data_dir
+from tests.helpers import SECRET, Receiver, Server, gunicorn_server, init_data_dir, run_kms
 
 DOCUMENT: dict[str, Any] = json.loads(files("kms.api").joinpath("openapi.json").read_bytes())
 
@@ -171,13 +172,6 @@ class World:
             self.call("POST", "/v1/principals", "admin", {"name": name, "role": role})["token"]
         )
 
-    def custodian(self, name: str, group: str, key: Ed25519PrivateKey) -> None:
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        body = {"name": name, "group": group, "public_key": base64.b64encode(raw).decode()}
-        self.call("POST", "/v1/custodians", "admin", body)
-
     def file_case(self, max_unwraps: int) -> str:
         body = {
             "legal_basis": "court order 17",
@@ -196,10 +190,27 @@ class World:
         return base64.b64encode(signed).decode()
 
 
-def _build(server: Server) -> World:
-    world = World(server, {"admin": server.admin_token})
-    for role in ("service", "auditor", "requester", "custodian"):
+def _pin(data: Path, key: Ed25519PrivateKey) -> Path:
+    """Pin the custodians "custodian" (with ``key``) and "spare" at deployment (the API
+    adds no group's first member)."""
+    pins = []
+    for name, group, own in (("custodian", GROUPS[0], key), ("spare", GROUPS[1], None)):
+        raw = (
+            (own or Ed25519PrivateKey.generate())
+            .public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+        pins += ["--custodian", f"{name}:{group}:{base64.b64encode(raw).decode()}"]
+    done = run_kms("init", "--data-dir", str(data), *pins)
+    assert done.returncode == 0, done.stderr
+    return data
+
+
+def _build(server: Server, key: Ed25519PrivateKey) -> World:
+    world = World(server, {"admin": server.admin_token}, key)
+    for role in ("service", "auditor", "requester"):
         world.tokens[role] = world.principal(role, role)
+    world.tokens["custodian"] = (server.data_dir / "custodian-custodian.token").read_text().strip()
     for alias in (SERVICE_KEY, ADMIN_KEY):
         world.call("POST", "/v1/keys", "admin", {"alias": alias})
     grant = {
@@ -209,9 +220,6 @@ def _build(server: Server) -> World:
     }
     world.call("POST", f"/v1/keys/{SERVICE_KEY}/grants", "admin", grant)
     world.blob = world.call("POST", f"/v1/keys/{SERVICE_KEY}/datakey", "service")["ciphertext"]
-    world.custodian("custodian", GROUPS[0], world.custodian_key)
-    world.principal("spare", "custodian")
-    world.custodian("spare", GROUPS[1], Ed25519PrivateKey.generate())
     world.case_id = world.file_case(1)
     world.active_case_id = world.file_case(100_000)
     decision = {
@@ -235,6 +243,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("openapi")
     secret = tmp / "webhook.secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # as the server requires
     receiver = Receiver()
     env = {
         "KMS_ESCROW_WEBHOOK_URL": receiver.url,
@@ -245,8 +254,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "KMS_ESCROW_WAITING_PERIOD_SECONDS": "0",
     }
     try:
-        with gunicorn_server(init_data_dir(tmp / "data"), workers=2, env=env) as server:
-            yield _build(server)
+        key = Ed25519PrivateKey.generate()
+        data = _pin(init_data_dir(tmp / "data"), key)
+        with gunicorn_server(data, workers=2, env=env) as server:
+            yield _build(server, key)
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
