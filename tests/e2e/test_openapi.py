@@ -143,6 +143,14 @@ SERVICE_KEY = "fuzz-crypto"  # granted to the service principal; only crypto cal
 ADMIN_KEY = "fuzz-admin"  # what the admin operations act on (disable, rotate, delete...)
 GROUPS = ("keyholder", "spare")  # the required group; the group of the custodian revoked
 TIMES = {"since": "2020-01-01", "until": "2100-01-01"}  # a period that covers the run
+# the principal or custodian a lifecycle operation acts on (not the service the crypto
+# operations need)
+NAMES = {
+    "revoke_custodian": "spare",
+    "disable_principal": "target",
+    "enable_principal": "target",
+    "end_sessions": "target",
+}
 
 
 @dataclass
@@ -210,6 +218,7 @@ def _build(server: Server, key: Ed25519PrivateKey) -> World:
     world = World(server, {"admin": server.admin_token}, key)
     for role in ("service", "auditor", "requester"):
         world.tokens[role] = world.principal(role, role)
+    world.principal("target", "service")
     world.tokens["custodian"] = (server.data_dir / "custodian-custodian.token").read_text().strip()
     for alias in (SERVICE_KEY, ADMIN_KEY):
         world.call("POST", "/v1/keys", "admin", {"alias": alias})
@@ -316,7 +325,7 @@ def _prepare(case: Any, world: World) -> str:
     if "ref" in params and _pick(case, params["ref"]):
         params["ref"] = SERVICE_KEY if op_id in ("datakey", "encrypt") else ADMIN_KEY
     if "name" in params and _pick(case, params["name"]):
-        params["name"] = "spare" if op_id == "revoke_custodian" else "service"
+        params["name"] = NAMES.get(op_id, "service")
     for name in set(TIMES) & set(query):
         if _pick(case, query[name]):
             query[name] = TIMES[name]
