@@ -50,7 +50,7 @@ from kms.services.audit_events import Caller
 from kms.services.audit_export import AuditExports
 from kms.services.aws_kms import AwsKeyService
 from kms.services.clock import SystemClock
-from kms.services.cluster import Cluster, ClusterSettings, Invalidations
+from kms.services.cluster import BlindRewrapFailures, Cluster, ClusterSettings, Invalidations
 from kms.services.context_hash import ContextHasher
 from kms.services.crypto import CryptoService
 from kms.services.custodians import CustodianService
@@ -132,6 +132,7 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
             settings.redis_timeout_ms,
             settings.rate_limits,
             settings.audit_budget,
+            settings.blind_rewrap_failures,
         ),
         settings.audit_alert_records_per_minute,
         {Role(r): seconds for r, seconds in settings.token_max_lifetimes.items()},
@@ -156,6 +157,7 @@ def build_services(
     rows = EscrowRows(seals)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
+    custodians = CustodianService(storage, trail, clock, notifier, options.escrow, rows)
     principals = PrincipalService(
         storage,
         trail,
@@ -163,6 +165,7 @@ def build_services(
         options.auth_cache_seconds,
         seals.state.version,
         options.token_max_lifetimes,
+        custodians.needed_member,
     )
     keys = KeyService(storage, hsm, trail, clock)
     exports = AuditExports(storage, trail)
@@ -184,12 +187,17 @@ def build_services(
     return Services(
         principals=principals,
         keys=keys,
-        crypto=CryptoService(hsm, runner, contexts=contexts),
+        crypto=CryptoService(
+            hsm,
+            runner,
+            contexts=contexts,
+            blind=BlindRewrapFailures(shared.limiter, options.cluster.blind_rewrap_failures),
+        ),
         audit=trail,
         exports=exports,
         audit_context=ContextAudit(storage, trail, contexts),
         escrow=escrow,
-        custodians=CustodianService(storage, trail, clock, notifier, options.escrow, rows),
+        custodians=custodians,
         notifier=notifier,
         health=HealthService(
             storage, hsm, trail.verify_anchor, lambda: seals.state and seals.state.sync()
@@ -304,7 +312,7 @@ def create_app(
         clock,
         options_from_settings(settings),
     )
-    xks_bp = xks.blueprint(settings.xks_uri_prefix)  # its URLs depend on the prefix
+    xks_bp = xks.blueprint(settings.xks_uri_prefix, settings.xks_region)  # URLs: the prefix
     for bp in (admin.bp, principals_api.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
         app.register_blueprint(bp)
     app.register_blueprint(web_dashboard.bp, settings=settings)

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kms.services.rate_limits import RatePolicy, parse_audit_budget, parse_rate_limits
+from kms.services.rate_limits import (
+    RatePolicy,
+    parse_audit_budget,
+    parse_blind_rewrap_failures,
+    parse_rate_limits,
+)
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CONF_FILE = "kms.conf"
@@ -60,6 +65,9 @@ class Settings:
     # must be scoped to this region. Checked when the app is created (kms/api/aws_shapes.py).
     aws_region: str = "us-east-1"
     aws_account_id: str = "000000000000"
+    # KMS_XKS_REGION (default: KMS_AWS_REGION): the AWS region whose KMS calls the XKS
+    # face; its SigV4 requests must be scoped to it (the region of the external key store)
+    xks_region: str = "us-east-1"
     # KMS_XKS_URI_PREFIX: the XKS proxy API answers under <prefix>/kms/xks/v1 (empty: at
     # /kms/xks/v1); "/tenant-a" etc., AWS's XksProxyUriPath rules (kms/formats/xks.py)
     xks_uri_prefix: str = ""
@@ -84,6 +92,12 @@ class Settings:
     # error and raise kms_audit_growth_alert past this many records a minute (0: never)
     audit_budget: RatePolicy = field(default_factory=lambda: parse_audit_budget(""))
     audit_alert_records_per_minute: int = 60000
+    # KMS_BLIND_REWRAP_FAILURES: failed rewraps per principal of blobs it may not decrypt
+    # (a rewrap grant without decrypt: each is a test of a guessed context), same syntax
+    # over "service=100/hour"; over it such rewraps are refused (kms/services/crypto.py)
+    blind_rewrap_failures: RatePolicy = field(
+        default_factory=lambda: parse_blind_rewrap_failures("")
+    )
     # KMS_TOKEN_MAX_LIFETIME: "admin=8h,service=90d" (units s, m, h, d): the longest a
     # bearer token issued to that role lives (kms/services/principals.py); unset: no cap
     token_max_lifetimes: dict[str, int] = field(default_factory=dict)
@@ -187,6 +201,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         dashboard_session_seconds=_int(env, "KMS_DASHBOARD_SESSION_SECONDS", 1800, 1, 86400),
         aws_region=env.get("KMS_AWS_REGION") or "us-east-1",
         aws_account_id=env.get("KMS_AWS_ACCOUNT_ID") or "000000000000",
+        xks_region=_xks_region(env),
         xks_uri_prefix=_xks_prefix(env),
         **_tls(env),
         **_webhook(env),
@@ -202,6 +217,16 @@ def _xks_prefix(env: Mapping[str, str]) -> str:
         return xks.check_uri_prefix(env.get("KMS_XKS_URI_PREFIX", ""))
     except xks.XksFormatError as e:
         raise ConfigError(f"KMS_XKS_URI_PREFIX {e}") from None
+
+
+def _xks_region(env: Mapping[str, str]) -> str:
+    from kms.formats import sigv4
+
+    name = "KMS_XKS_REGION" if env.get("KMS_XKS_REGION") else "KMS_AWS_REGION"
+    region = env.get(name) or "us-east-1"
+    if not sigv4.REGION.fullmatch(region):
+        raise ConfigError(f"{name} must look like an AWS region (e.g. eu-west-3)")
+    return region
 
 
 def _tls(env: Mapping[str, str]) -> dict[str, Any]:
@@ -243,8 +268,13 @@ def _redis(env: Mapping[str, str]) -> dict[str, Any]:
         budget = parse_audit_budget(env.get("KMS_AUDIT_BUDGET", ""))
     except ValueError as e:
         raise ConfigError(f"KMS_AUDIT_BUDGET: {e}") from None
+    try:
+        blind = parse_blind_rewrap_failures(env.get("KMS_BLIND_REWRAP_FAILURES", ""))
+    except ValueError as e:
+        raise ConfigError(f"KMS_BLIND_REWRAP_FAILURES: {e}") from None
     return {
         "audit_budget": budget,
+        "blind_rewrap_failures": blind,
         "audit_alert_records_per_minute": _int(
             env, "KMS_AUDIT_ALERT_RECORDS_PER_MINUTE", 60000, 0, 10**9
         ),
@@ -292,6 +322,8 @@ def _webhook(env: Mapping[str, str]) -> dict[str, Any]:
     secret_file = env.get("KMS_ESCROW_WEBHOOK_SECRET_FILE")
     if not secret_file or not Path(secret_file).exists():
         raise ConfigError("KMS_ESCROW_WEBHOOK_URL needs KMS_ESCROW_WEBHOOK_SECRET_FILE")
+    if Path(secret_file).stat().st_mode & 0o077:  # as the HSM PIN file (read_pin)
+        raise ConfigError(f"{secret_file} must be readable by its owner only (chmod 600)")
     secret = Path(secret_file).read_bytes().strip()
     if len(secret) < 16:
         raise ConfigError("the webhook secret must be at least 16 bytes")

@@ -55,6 +55,14 @@ class Forbidden(ClientError):
     public_message = "not allowed"
 
 
+class NoGrant(Forbidden):
+    """The principal holds no grant at all on the key it named, or no key has that name
+    (an unknown key id, an alias that does not exist, a blob naming no key): one answer
+    for all of them, so that a principal learns nothing about keys it may not use
+    (kms/services/key_use.py). The native and AWS KMS faces answer it as any Forbidden;
+    the XKS face as its "no such key". ``detail`` (the audit record) says which it was."""
+
+
 class SealBroken(Forbidden):
     """A database row that grants or describes access fails its HSM seal (edited,
     inserted or unsealed outside the server; kms/services/seals.py). The caller gets the

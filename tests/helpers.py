@@ -311,11 +311,16 @@ SECRET = b"data-owner-shared-webhook-secret"
 
 class Receiver:
     """The data owner's endpoint: refuses the first ``fail_first`` deliveries (of
-    ``fail_event`` only, if given) with 503, and any with a bad signature."""
+    ``fail_event`` only, if given) with 503, and any with a bad signature; acknowledges
+    the others with 200 and ``X-KMS-Ack`` (``ack``: "valid", or "none" and "wrong" for a
+    receiver that answers 200 without proving it holds the secret)."""
 
-    def __init__(self, fail_first: int = 0, fail_event: str | None = None) -> None:
+    def __init__(
+        self, fail_first: int = 0, fail_event: str | None = None, ack: str = "valid"
+    ) -> None:
         self.fail_first = fail_first
         self.fail_event = fail_event
+        self.ack = ack
         self.attempts: list[dict[str, Any]] = []
         self.accepted: list[dict[str, Any]] = []
         receiver = self
@@ -343,6 +348,10 @@ class Receiver:
                 if ok:
                     receiver.accepted.append(entry)
                 self.send_response(200 if ok else 503)
+                if ok and receiver.ack != "none":
+                    key = SECRET if receiver.ack == "valid" else b"not-the-shared-secret"
+                    ack = hmac.new(key, b"ack." + ts.encode() + b"." + body, hashlib.sha256)
+                    self.send_header("X-KMS-Ack", "v1=" + ack.hexdigest())
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:

@@ -99,6 +99,11 @@ _SIGV4 = {
         "Credential should be scoped to correct service: 'kms'.",
     ),
     "wrong_region": ("InvalidSignatureException", "Credential should be scoped to a valid region."),
+    # in the words AWS uses for an unsigned Host header
+    "unsigned_header": (
+        "InvalidSignatureException",
+        "'Content-Type' and 'X-Amz-Target' must be 'SignedHeaders' in the AWS Authorization.",
+    ),
     "expired": (
         "InvalidSignatureException",
         "Signature expired: the request time is more than 5 minutes from the server's time.",

@@ -7,8 +7,10 @@ operation it maps to (``g.operation``: datakey, decrypt, create_key ...), so it 
 same single audit record and metrics label as the native API would.
 
 Order of checks: operation name, body size (64 KiB; nothing is audited before the
-signature is checked), SigV4 (the scope's region must be KMS_AWS_REGION), content type,
-JSON, fields, then the service.
+signature is checked), SigV4 (the scope's region must be KMS_AWS_REGION, and
+``Content-Type`` and ``X-Amz-Target`` must be among the signed headers, as botocore signs
+them: they choose the operation and how the body is read, so an unsigned one could be
+changed in flight), content type, JSON, fields, then the service.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from kms.api.aws_ops import OPERATIONS, Face, face
 from kms.api.context import audited
 from kms.api.sigv4 import authenticate
 from kms.api.throttle import admit
-from kms.services.sigv4 import SigV4Refused
 
 bp = Blueprint("aws_kms", __name__)
 aws_errors.register(bp)
 MAX_BODY = 64 * 1024
+SIGNED = ("content-type", "x-amz-target")  # besides host and x-amz-date
 
 
 @bp.record_once
@@ -55,9 +57,7 @@ def dispatch() -> Response:
     request.max_content_length = min(MAX_BODY, request.max_content_length or MAX_BODY)
     raw = request.get_data(cache=True)  # 413 -> ValidationException, before any audit
     g.operation = found.native
-    verified = authenticate("kms")
-    if verified.region != face().arns.region:
-        raise SigV4Refused("wrong_region", f"scope names region {verified.region!r}")
+    verified = authenticate("kms", face().arns.region, signed=SIGNED)
     with audited(found.native, aws_errors.http_error):
         admit(verified.principal)  # 429 over the principal's rate limit
         if request.mimetype != CONTENT_TYPE:

@@ -19,10 +19,11 @@ from kms.api.aws_errors import InvalidArn, InvalidKeyUsage, InvalidMarker, Unsup
 from kms.config import ConfigError, Settings
 from kms.errors import NotFound
 from kms.formats import context as ctxfmt
+from kms.formats import sigv4
 from kms.services.key_refs import UUID_RE
 from kms.services.model import Key, KeyState
 
-REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+REGION_RE = sigv4.REGION
 ACCOUNT_RE = re.compile(r"[0-9]{12}")
 ALIAS = "alias/"
 ALGORITHM = "SYMMETRIC_DEFAULT"

@@ -27,14 +27,18 @@ def signed_request() -> SignedRequest:
     return SignedRequest(request.method, path, query, headers, request.get_data(cache=True))
 
 
-def authenticate(service: str, defer_nonce: bool = False) -> Verified:
-    """Verify the request's SigV4 signature for ``service`` and set ``caller()``;
-    SigV4Refused (401) otherwise. The face then counts the request against the
-    principal's rate limit inside its audited scope. ``defer_nonce`` only for views whose
-    every success goes through the audited unit of work, which records the deferred nonce
-    (kms/services/sigv4.py)."""
+def authenticate(
+    service: str, region: str, defer_nonce: bool = False, signed: tuple[str, ...] = ()
+) -> Verified:
+    """Verify the request's SigV4 signature for ``service`` in ``region`` (with at least
+    the headers ``signed`` signed) and set ``caller()``; SigV4Refused (401) otherwise. The
+    face then counts the request against the principal's rate limit inside its audited
+    scope. ``defer_nonce`` only for views whose every success goes through the audited
+    unit of work, which records the deferred nonce (kms/services/sigv4.py)."""
     g.caller = Caller(request_id(), None)
-    verified = services().sigv4.verify(signed_request(), service, defer_nonce)
+    verified = services().sigv4.verify(
+        signed_request(), service, defer_nonce, region=region, signed=signed
+    )
     g.caller = Caller(request_id(), verified.principal, verified.deferred)
     return verified
 

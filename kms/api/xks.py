@@ -8,8 +8,10 @@ XKS (SigV4, service ``kms-xks-proxy``), all ``POST`` under ``<KMS_XKS_URI_PREFIX
 kms/formats/xks.py). A request is checked in this order: path (an unknown path under the
 prefix, or any path holding ``/kms/xks/v1`` under another prefix: 404
 InvalidUriPathException; another method: 405), body size, SigV4 signature, body, then the
-service (kms/services/xks.py). Unknown fields, in ``requestMetadata`` and at the top level,
-are ignored (AWS may add some); unknown ``kmsOperation`` values are accepted.
+service (kms/services/xks.py). The SigV4 scope must name service ``kms-xks-proxy`` and the
+region KMS_XKS_REGION (default KMS_AWS_REGION): the region of the AWS KMS that calls this
+proxy. Unknown fields, in ``requestMetadata`` and at the top level, are ignored (AWS may
+add some); unknown ``kmsOperation`` values are accepted.
 
 Errors are ``{"errorName", "errorMessage"}`` on one line (compact JSON), with these
 statuses:
@@ -26,10 +28,15 @@ destroyed; ciphertext version retired
 wrong AAD, IV, tag or metadata         400  InvalidCiphertextException
 XKS usage of the key refuses it        400  InvalidKeyUsageException
 SigV4 missing, bad, expired, replayed, 401  AuthenticationFailedException
-wrong service, unknown or revoked key
-no grant; XKS policy refuses the AWS   403  AccessDeniedException
+wrong service or region, unknown or
+revoked key
+no xks grant for the operation (the    403  AccessDeniedException
+principal holds another grant on the
+key); XKS policy refuses the AWS
 principal or the KMS operation
-unknown external key id                404  KeyNotFoundException
+unknown external key id, or a key the  404  KeyNotFoundException
+principal holds no grant on at all
+(one answer: NoGrant)
 unknown path                           404  InvalidUriPathException
 method other than POST                 405  UnsupportedOperationException
 plaintext or ciphertext over 8192      501  UnsupportedOperationException
@@ -51,7 +58,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
+from flask.sansio.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.exceptions import MethodNotAllowed as RoutingMethodNotAllowed
 
@@ -72,6 +80,7 @@ from kms.errors import (
     KeyUsageRefused,
     KmsError,
     MethodNotAllowed,
+    NoGrant,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -82,6 +91,7 @@ from kms.formats import xks as fmt
 
 log = logging.getLogger("kms.api.xks")
 SERVICE = "kms-xks-proxy"
+REGION = "kms_xks_region"  # app.extensions key: the region SigV4 scopes must name
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -97,6 +107,7 @@ _ERRORS: tuple[tuple[type[KmsError], int, str], ...] = (
     (DecryptionFailed, 400, "InvalidCiphertextException"),
     (InvalidUriPath, 404, "InvalidUriPathException"),
     (NotFound, 404, "KeyNotFoundException"),
+    (NoGrant, 404, "KeyNotFoundException"),  # the same answer as a key that does not exist
     (Forbidden, 403, "AccessDeniedException"),
     (MethodNotAllowed, 405, "UnsupportedOperationException"),
     (Unsupported, 501, "UnsupportedOperationException"),
@@ -118,11 +129,17 @@ def error_name(err: KmsError) -> tuple[int, str]:
     return 500, "InternalException"
 
 
-def blueprint(prefix: str) -> Blueprint:
+def blueprint(prefix: str, region: str = "us-east-1") -> Blueprint:
     """The XKS face under ``<prefix>/kms/xks/v1`` (``prefix`` as KMS_XKS_URI_PREFIX, checked
-    by formats.xks.check_uri_prefix) and the policy endpoints under ``/v1``."""
+    by formats.xks.check_uri_prefix), accepting SigV4 scopes of ``region`` only
+    (KMS_XKS_REGION), and the policy endpoints under ``/v1``."""
     prefix = fmt.check_uri_prefix(prefix)
     face = Blueprint("face", __name__, url_prefix=prefix + fmt.API_PATH)
+
+    @face.record_once
+    def _setup(state: BlueprintSetupState) -> None:
+        cast(Flask, state.app).extensions[REGION] = region
+
     for rule, view in (
         ("/health", health),
         ("/keys/<external_key_id>/metadata", key_metadata),
@@ -178,8 +195,14 @@ def _http_error(err: HTTPException) -> KmsError:
     return InvalidRequest("the request could not be read")
 
 
+# What a principal without a grant is told, whether or not the key exists (NoGrant).
+NO_SUCH_KEY = "no such key for this credential"
+
+
 def _body_of(error: KmsError) -> dict[str, str]:
     message = error.message if isinstance(error, ClientError) else error.public_message
+    if isinstance(error, NoGrant | NotFound) and not isinstance(error, InvalidUriPath):
+        message = NO_SUCH_KEY
     text = "".join(c if " " <= c <= "~" else "?" for c in message)[:500]
     return {"errorName": error_name(error)[1], "errorMessage": text}
 
@@ -206,7 +229,9 @@ def _face(name: str) -> Callable[[F], F]:
             if request.content_length is not None and request.content_length > MAX_BODY:
                 raise Unsupported(f"the body must be at most {MAX_BODY} bytes")
             g.operation = name
-            verified = authenticate(SERVICE, defer_nonce=True)  # the unit of work records the nonce
+            region = current_app.extensions[REGION]
+            # the unit of work records the nonce
+            verified = authenticate(SERVICE, region, defer_nonce=True)
             with audited(name, _http_error):
                 admit(verified.principal)  # 429 over the principal's rate limit
                 return view(**kwargs)

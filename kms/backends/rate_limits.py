@@ -40,6 +40,10 @@ class MemoryRateLimiter:
         """As hit(), on a sliding-window counter."""
         return _hit(self._counter, "budget/" + bucket, amount, seconds, cost)
 
+    def wait(self, bucket: str, amount: int, seconds: int) -> float:
+        """The seconds until hit() would count one more in ``bucket``; counts nothing."""
+        return _wait(self._moving, bucket, amount, seconds)
+
 
 class RedisRateLimiter:
     """Counts in Redis, shared by every worker and node; per process while Redis fails."""
@@ -74,10 +78,31 @@ class RedisRateLimiter:
         except RedisUnavailable:
             return self._fallback.spend(bucket, amount, seconds, cost)
 
+    def wait(self, bucket: str, amount: int, seconds: int) -> float:
+        """As MemoryRateLimiter.wait, read in Redis (in this process while it is
+        unavailable, where hit() counts then)."""
+        try:
+            return self._conn.run(
+                "rate_limit", lambda _: _wait(self._moving, bucket, amount, seconds)
+            )
+        except RedisUnavailable:
+            return self._fallback.wait(bucket, amount, seconds)
+
 
 def _hit(limiter: RateLimiter, bucket: str, amount: int, seconds: int, cost: int) -> float:
     item = RateLimitItemPerSecond(amount, seconds)
     if limiter.hit(item, bucket, cost=cost):
         return 0.0
+    return _reset(limiter, item, bucket, seconds)
+
+
+def _wait(limiter: RateLimiter, bucket: str, amount: int, seconds: int) -> float:
+    item = RateLimitItemPerSecond(amount, seconds)
+    if limiter.test(item, bucket):
+        return 0.0
+    return max(_reset(limiter, item, bucket, seconds), 0.001)
+
+
+def _reset(limiter: RateLimiter, item: RateLimitItemPerSecond, bucket: str, seconds: int) -> float:
     reset, _ = limiter.get_window_stats(item, bucket)
     return min(float(seconds), max(0.0, reset - time.time()))

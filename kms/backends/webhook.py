@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from kms.services.notify import WebhookError
+from kms.services.notify import WebhookError, WebhookReply
 
 
 class RequestsWebhookSender:
@@ -12,7 +12,7 @@ class RequestsWebhookSender:
         self._timeout = timeout
         self._session = requests.Session()
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> WebhookReply:
         try:
             response = self._session.post(
                 url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
@@ -20,4 +20,4 @@ class RequestsWebhookSender:
         except requests.RequestException as e:
             raise WebhookError(type(e).__name__) from None
         response.close()
-        return response.status_code
+        return WebhookReply(response.status_code, response.headers.get("X-KMS-Ack"))

@@ -26,8 +26,9 @@ date, checks that the HSM, the database and the audit key answer, and appends a
 ``restore_backup`` audit record naming the backup: the restored chain continues the
 backed-up one, and an auditor holding a later checkpoint sees the restore as a fork at
 ``audit_head_seq``. Any failure removes NEW again. Keys and key versions created after
-the backup do not exist in it: their blobs are refused (``decryption_failed``, audit
-detail "blob names an unknown key" / "unknown key version N").
+the backup do not exist in it: their blobs are refused (``forbidden``, as a key without a
+grant, audit detail "blob names an unknown key"; ``decryption_failed``, audit detail
+"unknown key version N").
 
 Only the default layout is handled (SQLite database and SoftHSM token inside the data
 directory). PostgreSQL and hardware HSMs are backed up with ``pg_dump`` and the HSM

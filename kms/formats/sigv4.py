@@ -42,6 +42,9 @@ _CREDENTIAL = re.compile(
 _HEADER_NAME = re.compile(r"[a-z0-9-]{1,64}")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 AMZ_DATE = re.compile(r"\d{8}T\d{6}Z")
+# What an AWS region looks like (us-east-1, eu-west-3, us-gov-west-1), for settings that
+# pin the region of a credential scope.
+REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 
 
 class SigV4FormatError(ValueError):

@@ -26,6 +26,7 @@ from kms.errors import (
     AuditBudgetExceeded,
     AuditStateRefused,
     Conflict,
+    Forbidden,
     InvalidRequest,
     KmsError,
     StorageUnavailable,
@@ -38,13 +39,17 @@ from kms.metrics import AUDIT_APPEND_SECONDS, AUDIT_STATE_REFUSED
 from kms.services.audit_anchor import AnchorCheck, AuditAnchor
 from kms.services.audit_events import Caller, EventBuilder, format_time, local_event
 from kms.services.model import AuditEvent, AuditQuery, Role
-from kms.services.ports import AuditRows, Clock, Hsm, NotificationRows, Store
+from kms.services.ports import AuditRows, Clock, Hsm, NotificationRows, PrincipalRows, Store
 from kms.services.state_index import StateIndex
 
 log = logging.getLogger("kms.audit")
 MAX_PAGE = 1000
 MAX_DETAIL = 256
 RECHECK_SECONDS = 2.0  # how often a refusing worker asks the HSM anchor again
+
+
+class AppendTx(AuditRows, PrincipalRows, Protocol):
+    """What append() reads and writes: the chain, and its callers' principal rows."""
 
 
 class _Scope:
@@ -105,10 +110,20 @@ class AuditTrail:
             drafts.append(audit_record.Draft(fields))
         return drafts
 
-    def append(self, tx: AuditRows, events: Sequence[AuditEvent]) -> bool:
-        """Chain ``events`` after the current head inside ``tx``. Returns whether the count
-        policy now wants a checkpoint (sign it with checkpoint_quietly() once ``tx``
-        committed)."""
+    def append(self, tx: AppendTx, events: Sequence[AuditEvent]) -> bool:
+        """Chain ``events`` after the current head inside ``tx``, once their principals
+        are read again there and found enabled (a principal disabled while its request
+        was in flight changes nothing: Forbidden, and ``tx`` rolls back; the key-use
+        pipeline does the same in KeyWork.commit). Returns whether the count policy now
+        wants a checkpoint (sign it with checkpoint_quietly() once ``tx`` committed)."""
+        for name in {e.principal for e in events if e.principal and e.outcome == "ok"}:
+            if ":" in name:  # the server's own (system:scheduler), never a row
+                continue
+            current = tx.principal_by_name(name)
+            if current is None or current.disabled:
+                raise Forbidden(
+                    "this principal is disabled", detail=f"principal {name} is disabled or gone"
+                )
         return self.append_drafts(tx, self.drafts(events))
 
     @AUDIT_APPEND_SECONDS.time()
@@ -137,9 +152,10 @@ class AuditTrail:
     def record(self, events: Sequence[AuditEvent]) -> None:
         """Append ``events`` in a transaction of their own (raises StorageUnavailable);
         then sign a checkpoint if the policy says one is due (a failure to sign is logged,
-        never raised: the records are already durable)."""
+        never raised: the records are already durable). These records change nothing
+        else (refusals, reads, alarms), so their principals are not read again."""
         with self._storage.transaction() as tx:
-            due = self.append(tx, events)
+            due = self.append_drafts(tx, self.drafts(events))
         if due:
             self.checkpoint_quietly()
 
@@ -170,7 +186,7 @@ class AuditTrail:
         fingerprint = self.public_key_fingerprint()
         if events:
             with self._storage.transaction() as tx:
-                self.append(tx, events)
+                self.append_drafts(tx, self.drafts(events))
         chain_id = self._chain_id()
         with self._storage.reader() as tx:
             checked = self._check_anchor(tx, chain_id, rehash=False)

@@ -20,11 +20,11 @@ from typing import IO, Any
 
 from kms.errors import Conflict, InvalidRequest
 from kms.formats import bundle
-from kms.services.audit import AuditTrail
+from kms.services.audit import AppendTx, AuditTrail
 from kms.services.audit_events import Caller, format_time
 from kms.services.audit_verify import verify_bundle
 from kms.services.model import JUSTIFICATIONS, Role
-from kms.services.ports import AuditRows, Store
+from kms.services.ports import Store
 
 PAGE = 1000
 UNWRAP_OPERATIONS = ("decrypt", "rewrap")
@@ -51,7 +51,7 @@ class ArchiveResult:
 class AuditExports:
     """Reads and archives the audit rows only."""
 
-    def __init__(self, storage: Store[AuditRows], trail: AuditTrail) -> None:
+    def __init__(self, storage: Store[AppendTx], trail: AuditTrail) -> None:
         self._storage = storage
         self._trail = trail
 

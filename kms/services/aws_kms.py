@@ -1,6 +1,7 @@
 """What the AWS KMS face needs beyond KeyService and CryptoService: an alias added to an
-existing key (CreateAlias), DescribeKey for a service holding a grant on the key, and the
-key an alias names when a service passes one as Decrypt's ``KeyId``.
+existing key (CreateAlias) and DescribeKey, for admins, auditors and services holding a
+grant on the key (a service without one gets the same refusal whether the key exists or
+not: key_use.visible).
 
 The alias table holds one alias per key: a second alias for a key is refused (AliasExists),
 as is an alias that already names a key.
@@ -11,12 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Protocol
 
-from kms.errors import Conflict, Forbidden, InvalidRequest, KeyStateError
+from kms.errors import Conflict, InvalidRequest, KeyStateError
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller
 from kms.services.key_refs import ALIAS_RE, UUID_RE, resolve
-from kms.services.model import Key, KeyState, Role
-from kms.services.ports import AuditRows, GrantRows, KeyRows, Store
+from kms.services.key_use import visible
+from kms.services.model import Grant, Key, KeyState, Role
+from kms.services.ports import AuditRows, GrantRows, KeyRows, PrincipalRows, Store
 
 
 class AliasExists(Conflict):
@@ -24,7 +26,7 @@ class AliasExists(Conflict):
     public_message = "the alias already exists"
 
 
-class AwsKeyServiceTx(KeyRows, GrantRows, AuditRows, Protocol):
+class AwsKeyServiceTx(KeyRows, GrantRows, AuditRows, PrincipalRows, Protocol):
     """The rows AwsKeyService reads and writes."""
 
 
@@ -34,27 +36,24 @@ class AwsKeyService:
         self._audit = audit
 
     def describe(self, caller: Caller, ref: str) -> Key:
-        """The key ``ref`` (id or alias) names, for admins, auditors, and services that
-        hold a grant on it (Forbidden for other services). Audited as ``describe_key``
-        when refused, like KeyService.get."""
+        """The key ``ref`` (id or alias) names, for admins and auditors (NotFound if none)
+        and services that hold a grant on it (NoGrant for other services, whether or not
+        the key exists). Audited as ``describe_key`` when refused, like KeyService.get."""
         with self._audit.operation(caller, "describe_key") as op:
             principal = caller.require(Role.ADMIN, Role.AUDITOR, Role.SERVICE)
             with self._storage.reader() as tx:
-                key = resolve(tx, ref)
-                op.note(key_id=key.key_id)
-                if (
-                    principal.role is Role.SERVICE
-                    and not tx.grant(key.key_id, principal.id).operations
-                ):
-                    raise Forbidden("no grant on this key", detail="no grant")
+                is_id = UUID_RE.fullmatch(ref)
+                key = tx.key_by_id(ref) if is_id else tx.key_by_alias(ref)
+                grant = Grant()
+                if key is not None:
+                    op.note(key_id=key.key_id)
+                    if principal.role is Role.SERVICE:
+                        grant = tx.grant(key.key_id, principal.id)
+                refusal = visible(principal.role, key, grant)
+                if refusal is not None:
+                    raise refusal
+            assert key is not None
             return key
-
-    def key_id(self, caller: Caller, ref: str) -> str:
-        """The id of the key ``ref`` (id or alias) names, for a service to compare with a
-        blob's key; NotFound if none. Not audited itself: the caller's operation is."""
-        caller.require(Role.SERVICE)
-        with self._storage.reader() as tx:
-            return resolve(tx, ref).key_id
 
     def create_alias(self, caller: Caller, alias: str, key_id: str) -> Key:
         """Give the key ``key_id`` (not pending deletion or destroyed) the alias ``alias``

@@ -30,7 +30,14 @@ from kms.services.audit_events import Caller
 from kms.services.keys import KeyService
 from kms.services.model import Principal
 from kms.services.ports import Hsm, InvalidationBus, Leases, RateLimiter
-from kms.services.rate_limits import RatePolicy, Throttled, parse_audit_budget, parse_rate_limits
+from kms.services.rate_limits import (
+    BlindRewrapsRefused,
+    RatePolicy,
+    Throttled,
+    parse_audit_budget,
+    parse_blind_rewrap_failures,
+    parse_rate_limits,
+)
 from kms.services.rotation import DueRun
 
 log = logging.getLogger("kms.cluster")
@@ -47,6 +54,9 @@ class ClusterSettings:
     redis_timeout_ms: int = 250
     rate_limits: RatePolicy = field(default_factory=lambda: parse_rate_limits(""))
     audit_budget: RatePolicy = field(default_factory=lambda: parse_audit_budget(""))
+    blind_rewrap_failures: RatePolicy = field(
+        default_factory=lambda: parse_blind_rewrap_failures("")
+    )
 
 
 class Invalidations:
@@ -104,6 +114,41 @@ class Invalidations:
     def _apply(self, kind: str, ident: str | None) -> None:
         for drop in self._handlers.get(kind, []):
             drop(ident)
+
+
+class BlindRewrapFailures:
+    """Each principal's budget of failed blind rewraps (KMS_BLIND_REWRAP_FAILURES; the
+    crypto service's BlindFailures): a moving window shared by every worker and node
+    through Redis when configured (per worker otherwise, or while Redis is down). The
+    check and the count are two steps, so concurrent requests of one principal can
+    overshoot by the number in flight; the items of one request are counted in turn."""
+
+    def __init__(self, limiter: RateLimiter, policy: RatePolicy) -> None:
+        self._limiter = limiter
+        self._policy = policy
+
+    def check(self, principal: Principal) -> None:
+        """BlindRewrapsRefused (429) if one more failure would be over the budget."""
+        rate = self._policy.rate_for(principal)
+        if rate is None:
+            return
+        wait = self._limiter.wait(_blind(principal), rate.amount, rate.seconds)
+        if wait > 0:
+            log.warning(
+                "blind rewrap refused: too many failures",
+                extra={"principal": principal.name, "detail": f"limit {rate}"},
+            )
+            raise BlindRewrapsRefused(rate, max(1, math.ceil(wait)))
+
+    def failed(self, principal: Principal) -> None:
+        """Count one failure (nothing more is counted once the budget is spent)."""
+        rate = self._policy.rate_for(principal)
+        if rate is not None:
+            self._limiter.hit(_blind(principal), rate.amount, rate.seconds)
+
+
+def _blind(principal: Principal) -> str:
+    return "blind-rewrap-failures:" + principal.name
 
 
 class Cluster:

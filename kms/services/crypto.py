@@ -7,8 +7,20 @@ returns nothing; one audit record is written per item, all of a request's record
 transaction, before any result leaves: if they cannot be written, the caller gets
 StorageUnavailable and no plaintext or ciphertext.
 
-No oracles: every failure to decrypt a blob (malformed, unknown key or version, bad tag,
-wrong context) is the same DecryptionFailed; the precise reason goes to the audit record.
+No oracles: every failure to decrypt a blob (malformed, unknown version, bad tag, wrong
+context) is the same DecryptionFailed; the precise reason goes to the audit record. A blob
+naming a key that does not exist is refused as a key the caller holds no grant on
+(NoGrant, kms/services/key_use.py), so that nobody learns from a blob whether its key
+exists; a key the caller names to check the blob against (``expected_key``) is compared
+only once the blob's key is allowed, and an alias naming no key is just another key.
+
+Blind rewraps: a rewrap by a principal that may not decrypt the blob (a ``rewrap`` grant
+without ``decrypt``) still tells it whether the blob opens with the context it gave (the
+answer is a new blob or a refusal), which is a test of guessed contexts. That cannot be
+hidden (a rewrap that does not authenticate has nothing to re-encrypt), so it is bounded:
+each such failure is counted against the principal's ``KMS_BLIND_REWRAP_FAILURES``
+(kms/services/cluster.py), and over it every blind rewrap of that principal is refused
+(429) before any blob is opened, whatever the blob and context.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from kms.errors import (
     ClientError,
@@ -30,7 +43,7 @@ from kms.services.audit_events import Caller, EventBuilder
 from kms.services.context_hash import ContextHasher
 from kms.services.key_use import CaseUse, Face, Use, check_caller
 from kms.services.key_work import KeyUseRunner, KeyWork
-from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Permission, Role
+from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Permission, Principal, Role
 from kms.services.ports import Hsm
 
 MAX_PLAINTEXT = 4096
@@ -91,6 +104,18 @@ class Opened:
     plaintext: bytes = field(repr=False)
 
 
+class BlindFailures(Protocol):
+    """The per-principal budget of failed blind rewraps (kms/services/cluster.py)."""
+
+    def check(self, principal: Principal) -> None:
+        """Refuse (RateLimited, 429) if the principal is over its budget; counts nothing."""
+        ...
+
+    def failed(self, principal: Principal) -> None:
+        """Count one failed blind rewrap of the principal."""
+        ...
+
+
 class CryptoService:
     def __init__(
         self,
@@ -98,9 +123,11 @@ class CryptoService:
         runner: KeyUseRunner,
         random: Callable[[int], bytes] = os.urandom,
         contexts: ContextHasher | None = None,
+        blind: BlindFailures | None = None,
     ) -> None:
         self._hsm = hsm
         self._runner = runner
+        self._blind = blind  # None: blind rewraps are not bounded
         self._random = random  # IVs; injectable so tests can reproduce exact blobs
         # keyed context hashes for the audit records (one HSM call per item at most)
         self._contexts = contexts or ContextHasher(hsm)
@@ -150,12 +177,13 @@ class CryptoService:
             _note_unwrap(op, context_hash, item.justification, item.reference, item.case_id)
             check_caller(work.principal.role, item.justification, item.case_id)
             parsed = _parse_blob(op, item.ciphertext)
-            _expect(work, parsed, item.expected_key)
             case = None
             if item.case_id is not None:
                 case = CaseUse(item.case_id, item.context, item.ciphertext)
             use = Use(Permission.DECRYPT, parsed.key_version, item.justification, face, case)
-            kek = self._opening(work, parsed, use)
+            work.use(parsed.key_id, use, _unknown_key)
+            _expect(work, parsed, item.expected_key)
+            kek = work.kek(parsed.key_id, parsed.key_version)
             return Opened(kek.key_id, kek.version, self._open(kek, parsed, item.context))
 
         return self._runner.run(caller, "decrypt", items, one, (Role.SERVICE, Role.REQUESTER))
@@ -167,23 +195,29 @@ class CryptoService:
         the plaintext never leaves this method. Rewrapping within a key needs the rewrap
         grant; moving a blob to another key, or binding it to another context
         (``destination_context``), needs decrypt and rewrap on the source and rewrap on the
-        destination, since whoever can decrypt there could read it."""
+        destination, since whoever can decrypt there could read it. A rewrap without
+        decrypt is blind and bounded (see the module doc)."""
 
         def one(work: KeyWork, op: EventBuilder, item: RewrapRequest) -> Sealed:
             context_hash = self._contexts.digest(item.context)
             _note_unwrap(op, context_hash, item.justification, item.reference, None)
             check_caller(work.principal.role, item.justification, None)
             parsed = _parse_blob(op, item.ciphertext)
-            _expect(work, parsed, item.expected_key)
             version, code = parsed.key_version, item.justification
-            kek = self._opening(work, parsed, Use(Permission.REWRAP, version, code, face))
+            rewrap = Use(Permission.REWRAP, version, code, face)
+            source = work.use(parsed.key_id, rewrap, _unknown_key)
+            _expect(work, parsed, item.expected_key)
             dest_id = work.key_id(item.destination) if item.destination else parsed.key_id
             dest = work.use(dest_id, Use(Permission.REWRAP, None, face=face)).key
             context = item.context if item.destination_context is None else item.destination_context
-            if dest_id != parsed.key_id or context != item.context:
+            if dest.key_id != parsed.key_id or context != item.context:
                 work.use(parsed.key_id, Use(Permission.DECRYPT, version, code, face))
-            plaintext = self._open(kek, parsed, item.context)
-            sealed = self._seal(work.kek(dest_id, dest.current_version), plaintext, context)
+            kek = work.kek(parsed.key_id, version)
+            if source.grant.allows(Permission.DECRYPT, code):
+                plaintext = self._open(kek, parsed, item.context)
+            else:
+                plaintext = self._open_blind(work.principal, kek, parsed, item.context)
+            sealed = self._seal(work.kek(dest.key_id, dest.current_version), plaintext, context)
             moved = f"to {sealed.key_id} v{sealed.key_version}"
             if item.destination_context is not None:
                 moved += f" context_sha256={self._contexts.digest(item.destination_context)}"
@@ -194,10 +228,20 @@ class CryptoService:
 
     # -- HSM work ---------------------------------------------------------------------------
 
-    def _opening(self, work: KeyWork, parsed: blobfmt.Blob, use: Use) -> KekRef:
-        """The KEK that opens ``parsed``, once ``use`` of its key is allowed."""
-        work.use(parsed.key_id, use, _unknown_key)
-        return work.kek(parsed.key_id, parsed.key_version)
+    def _open_blind(
+        self, principal: Principal, kek: KekRef, parsed: blobfmt.Blob, context: dict[str, str]
+    ) -> bytes:
+        """``_open`` for a principal that may not decrypt the blob: refused over its budget
+        of failures before the HSM is asked, and a failure counted."""
+        if self._blind is None:
+            return self._open(kek, parsed, context)
+        self._blind.check(principal)
+        try:
+            return self._open(kek, parsed, context)
+        except DecryptionFailed as e:
+            self._blind.failed(principal)
+            e.detail = f"{e.detail}; blind rewrap (no decrypt grant): counted"
+            raise
 
     def _seal(self, kek: KekRef, plaintext: bytes, context: dict[str, str]) -> Sealed:
         iv = self._random(blobfmt.IV_BYTES)
@@ -229,7 +273,9 @@ def _parse_blob(op: EventBuilder, data: bytes) -> blobfmt.Blob:
 
 
 def _expect(work: KeyWork, parsed: blobfmt.Blob, expected: str | None) -> None:
-    """WrongKey if the caller named the key that made the blob, and another one did."""
+    """WrongKey if the caller named the key that made the blob, and another one did (or
+    none: an alias naming no key is answered like one naming another key, so the answer
+    does not say whether an alias exists). Asked only once the blob's key is allowed."""
     if expected is not None and work.key_id(expected) != parsed.key_id:
         raise WrongKey(
             "The key ID in the request does not identify the KMS key that encrypted the ciphertext."

@@ -204,6 +204,21 @@ class CustodianService:
             self._audit.append(tx, [local_event("pin_custodian", detail)])
         return token
 
+    def needed_member(self, tx: CustodianServiceTx, name: str) -> str | None:
+        """The group of which ``name`` is the last active custodian, if an escrow policy
+        needs that group (PrincipalService refuses to cut that principal off); None
+        otherwise."""
+        custodians = self._rows.custodians(tx)
+        mine = custodians.get(name)
+        if mine is None or mine.state != "active" or mine.group not in self._needed_groups(tx):
+            return None
+        others = [
+            c
+            for c in custodians.values()
+            if c.group == mine.group and c.state == "active" and c.name != name
+        ]
+        return None if others else mine.group
+
     def _needed_groups(self, tx: CustodianServiceTx) -> set[str]:
         """The groups some escrow policy requires or lets veto: the deployment's and every
         key's. A key row that fails its seal is left out (and alarmed): that key is

@@ -23,6 +23,7 @@ from kms.services.ports import (
     CustodianRows,
     KeyRows,
     NotificationRows,
+    PrincipalRows,
     SealRows,
 )
 from kms.services.seals import RowSeals
@@ -38,7 +39,9 @@ class SealedCaseRows(CaseRows, SealRows, Protocol):
     """Case rows with the freshness check of their seals."""
 
 
-class EscrowTx(KeyRows, CaseRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol):
+class EscrowTx(
+    KeyRows, CaseRows, CustodianRows, NotificationRows, AuditRows, PrincipalRows, SealRows, Protocol
+):
     """The rows the escrow procedure reads and writes: cases and decisions, custodians,
     the data owner's notifications, the keys a case names, the audit trail."""
 

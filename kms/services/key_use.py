@@ -17,6 +17,14 @@ always gets the same answer:
 2. ``decide``: under a case, the case's standing and scope; otherwise the grant's
    permission and justification; then the key's state; then, through the XKS face, the
    key's XKS policy (AWS principal, KMS operation, usage); then the version's retirement.
+
+What a principal without a grant learns: nothing. A principal holding no grant at all on
+a key gets ``NoGrant``, and so does a use of a key that does not exist (``decide_unknown``:
+an unknown key id, an alias that does not exist, a blob naming no key), with the same
+message; only the audit detail tells them apart. So the answer never says whether a key
+or an alias exists, on any face, to a principal that may not use it. Admins and auditors
+(who may read every key) and principals holding some grant on the key get precise
+answers (NotFound, the key's state, the missing permission, an incorrect key).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from kms.errors import (
     KeyStateError,
     KeyUsageRefused,
     KeyVersionRetired,
+    NoGrant,
+    NotFound,
 )
 from kms.formats.xks import XksKeyPolicy
 from kms.services.model import (
@@ -145,7 +155,7 @@ def decide(
     grant on the key (empty if none); ``xks_policy`` the key's XKS policy (needed for the
     XKS face); ``case`` and ``requester`` (the caller's name) for a use under a case."""
     if use.case is not None:
-        refusal = _case_refusal(key, use, use.case, case, requester)
+        refusal = _case_refusal(key.key_id, use, use.case, case, requester)
     else:
         refusal = _grant_refusal(grant, use)
     if refusal is None and use.permission is not None and key.state is not KeyState.ENABLED:
@@ -161,13 +171,59 @@ def decide(
     return refusal
 
 
+def decide_unknown(
+    key_id: str | None,
+    use: Use,
+    reason: str,
+    *,
+    case: CaseStanding | None = None,
+    requester: str | None = None,
+) -> ClientError | None:
+    """The refusal of ``use`` of a key that does not exist (``key_id`` None: an alias that
+    names no key), with ``reason`` in its detail. Outside a case it is exactly the refusal
+    an existing key gives a principal holding no grant on it (NoGrant, same message), so
+    that the answer does not say whether the key exists. Under an escrow case the case's
+    refusals come first, as for an existing key (an unknown key is outside its scope);
+    None only if the case's scope names the missing key: the caller then answers its own
+    "no such key" (the requester knows the scope)."""
+    if use.case is not None:
+        refusal = _case_refusal(key_id, use, use.case, case, requester)
+        if refusal is not None:
+            refusal.detail = f"{refusal.detail}; {reason}"
+        return refusal
+    refusal = _grant_refusal(Grant(), use)
+    assert refusal is not None, "an empty grant allows nothing"
+    refusal.detail = reason
+    return refusal
+
+
+def visible(role: Role, key: Key | None, grant: Grant) -> ClientError | None:
+    """Whether a principal may read a key's metadata (DescribeKey): admins and auditors
+    every key (NotFound for none), services a key they hold a grant on; a service
+    without one gets the same NoGrant whether or not the key exists."""
+    if role in (Role.ADMIN, Role.AUDITOR):
+        return NotFound("no such key", detail="no such key") if key is None else None
+    if key is None:
+        return NoGrant("no grant on this key", detail="no such key")
+    if not grant.operations:
+        return NoGrant("no grant on this key", detail="no grant")
+    return None
+
+
+def _no_grant(grant: Grant, message: str) -> Forbidden:
+    """No grant for the use: NoGrant if the principal holds none on the key at all (the
+    answer a key that does not exist gives too), a plain Forbidden otherwise."""
+    refused = NoGrant if not grant.operations else Forbidden
+    return refused(message, detail="no grant")
+
+
 def _grant_refusal(grant: Grant, use: Use) -> ClientError | None:
     if use.permission is None:  # describing a key through XKS needs one of its grants
         if not any(grant.allows(p) for p in XKS_USAGE):
-            return Forbidden("no xks grant on this key", detail="no grant")
+            return _no_grant(grant, "no xks grant on this key")
         return None
     if not grant.allows(use.permission):
-        return Forbidden(f"no {use.permission.value} grant on this key", detail="no grant")
+        return _no_grant(grant, f"no {use.permission.value} grant on this key")
     code = use.justification
     if code is not None and not grant.allows(use.permission, code):
         where = "your grant" if use.face is Face.XKS else "your grant on this key"
@@ -179,7 +235,11 @@ def _grant_refusal(grant: Grant, use: Use) -> ClientError | None:
 
 
 def _case_refusal(
-    key: Key, use: Use, unwrap: CaseUse, standing: CaseStanding | None, requester: str | None
+    key_id: str | None,
+    use: Use,
+    unwrap: CaseUse,
+    standing: CaseStanding | None,
+    requester: str | None,
 ) -> ClientError | None:
     case = standing.case if standing is not None else None
     if standing is None or case is None or case.requester != requester:
@@ -192,7 +252,7 @@ def _case_refusal(
             "the justification differs from the case's",
             detail=f"justification {use.justification} vs case {case.justification}",
         )
-    if key.key_id not in case.scope["keys"]:
+    if key_id not in case.scope["keys"]:
         return Forbidden("the blob's key is outside the case scope", detail="key out of scope")
     wanted = case.scope.get("context") or {}
     if any(unwrap.context.get(k) != v for k, v in wanted.items()):

@@ -44,7 +44,7 @@ from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder
 from kms.services.escrow_common import EscrowTx
 from kms.services.key_refs import UUID_RE
-from kms.services.key_use import CaseStanding, Face, Use, decide
+from kms.services.key_use import CaseStanding, Face, Use, decide, decide_unknown
 from kms.services.lookup_cache import LookupCache
 from kms.services.model import (
     AuditEvent,
@@ -139,8 +139,11 @@ class KeyWork:
 
     # -- look-ups -----------------------------------------------------------------------
 
-    def key_id(self, ref: str) -> str:
-        """The key id a caller named by id or alias (aliases never change); NotFound."""
+    def key_id(self, ref: str) -> str | None:
+        """The key id a caller named by id or alias (aliases never change); None if no key
+        has that alias. Nothing is refused here: ``use`` answers a key that does not
+        exist as the one rule says (for a principal without a grant, as a key it holds no
+        grant on)."""
         if UUID_RE.fullmatch(ref):
             return ref
         ident = ("alias", ref)
@@ -148,7 +151,7 @@ class KeyWork:
         if key_id is None:
             key = self.tx.key_by_alias(ref)
             if key is None:
-                raise NotFound("no such key")
+                return None
             key_id = key.key_id
             self._cache.put(ident, key_id)
         return key_id
@@ -168,9 +171,16 @@ class KeyWork:
 
     # -- decisions ----------------------------------------------------------------------
 
-    def use(self, key_id: str, use: Use, missing: Callable[[], KmsError] | None = None) -> Rows:
+    def use(
+        self, key_id: str | None, use: Use, missing: Callable[[], KmsError] | None = None
+    ) -> Rows:
         """Decide ``use`` of the key and remember it for the decision at commit; raises
-        the refusal, or ``missing()`` (NotFound by default) if there is no such key."""
+        the refusal. A key that does not exist (``key_id`` None: an alias naming none) is
+        refused by the one rule as such (``decide_unknown``: for a principal without a
+        grant, exactly as an existing key it holds no grant on), the reason given by
+        ``missing()`` (NotFound by default) in the audit detail; ``missing()`` itself is
+        raised only where the rule lets a use of a missing key through (an escrow case
+        whose scope names it)."""
         xks = use.face is Face.XKS
         case = None
         if use.case is not None:
@@ -180,11 +190,13 @@ class KeyWork:
             )
             use = replace(use, case=replace(use.case, earlier=earlier))
             case = self._standing(case_id)
+        if key_id is None:
+            raise self._unknown(None, use, case, missing)
         rows = self._admitted(key_id, use) if self._may_admit(use) else None
         if rows is None:
             rows = self._read(key_id, xks)
             if rows is None:
-                raise missing() if missing else NotFound("no such key")
+                raise self._unknown(key_id, use, case, missing)
             refusal = self._decide(rows, use, case)
             if refusal is not None:
                 raise refusal
@@ -262,6 +274,18 @@ class KeyWork:
             # the caller sees the ordinary "no grant"; the audit record, which row failed
             refusal.detail = rows.broken_grant
         return refusal
+
+    def _unknown(
+        self,
+        key_id: str | None,
+        use: Use,
+        case: CaseStanding | None,
+        missing: Callable[[], KmsError] | None,
+    ) -> KmsError:
+        absent = missing() if missing else NotFound("no such key")
+        reason = absent.detail or ("no key has this alias" if key_id is None else "no such key")
+        refusal = decide_unknown(key_id, use, reason, case=case, requester=self.principal.name)
+        return absent if refusal is None else refusal
 
     def _may_admit(self, use: Use) -> bool:
         return self._admissions and use.case is None and use.permission in _PROVISIONAL

@@ -73,6 +73,7 @@ class Token:
     created_at: datetime
     expires_at: datetime | None
     last_used_at: datetime | None
+    rotated_at: datetime | None = None  # sealed: a rotation replaced it (once only)
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at

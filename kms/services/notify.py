@@ -17,6 +17,14 @@ owner holds them as witness) and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (U
 seconds) and ``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``.
 The receiver recomputes the HMAC with the shared secret, compares in constant time, and
 rejects timestamps older than a few minutes.
+
+Acknowledgement: a notification is delivered only when the receiver answers 2xx with
+``X-KMS-Ack: v1=<hex HMAC-SHA256(secret, "ack." + timestamp + "." + body)>`` over the
+timestamp and body it received. A 2xx without it (a catch-all endpoint, a proxy, a
+mistyped URL answered by someone else) is a failed attempt, retried like any other. So a
+delivery, and the escrow waiting period it starts, proves that a holder of the webhook
+secret received this very notification; the "ack." prefix keeps a receiver that echoes
+the request's signature from passing (a timestamp is digits only).
 """
 
 from __future__ import annotations
@@ -46,9 +54,15 @@ class WebhookError(Exception):
     """The receiver could not be reached (no HTTP status)."""
 
 
+@dataclass(frozen=True)
+class WebhookReply:
+    status: int
+    ack: str | None = None  # the X-KMS-Ack header, if any
+
+
 class WebhookSender(Protocol):
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
-        """POST and return the HTTP status; WebhookError if there is none."""
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> WebhookReply:
+        """POST and return the HTTP status and X-KMS-Ack; WebhookError if there is none."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,12 @@ class WebhookSettings:
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:
     """The ``X-KMS-Signature`` value for a body sent at ``timestamp``."""
     mac = hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def acknowledgement(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The ``X-KMS-Ack`` value a receiver answers for a body sent at ``timestamp``."""
+    mac = hmac.new(secret, b"ack." + timestamp.encode("ascii") + b"." + body, hashlib.sha256)
     return "v1=" + mac.hexdigest()
 
 
@@ -194,8 +214,8 @@ class Notifier:
             "X-KMS-Signature": signature(self._settings.secret, timestamp, body),
         }
         try:
-            status = self._sender.post(self._settings.url, body, headers)
-            error = None if 200 <= status < 300 else f"HTTP {status}"
+            reply = self._sender.post(self._settings.url, body, headers)
+            error = _refusal(reply, acknowledgement(self._settings.secret, timestamp, body))
         except WebhookError as e:
             error = str(e)[:200]
         attempts = n.attempts + 1
@@ -227,3 +247,14 @@ class Notifier:
                 extra={"op": event.detail},
             )
         return error is None
+
+
+def _refusal(reply: WebhookReply, expected: str) -> str | None:
+    """Why ``reply`` is not a delivery (None: it is)."""
+    if not 200 <= reply.status < 300:
+        return f"HTTP {reply.status}"
+    if reply.ack is None:
+        return f"HTTP {reply.status} without X-KMS-Ack"
+    if not hmac.compare_digest(reply.ack.encode("utf-8", "replace"), expected.encode("ascii")):
+        return f"HTTP {reply.status} with a wrong X-KMS-Ack"
+    return None

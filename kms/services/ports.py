@@ -137,9 +137,16 @@ class PrincipalRows(Protocol):
     def tokens_of(self, principal_id: int) -> list[tuple[str, Token]]:
         """(full hash, token) of every token of the principal, oldest first."""
 
-    def set_token_expiry(
-        self, token_hash: str, principal_id: int, expires_at: datetime
-    ) -> None: ...
+    def token_hashes(self, principal_id: int) -> list[str]:
+        """The SHA-256 of every token row of the principal, read from the key column only
+        (to revoke a token whose other columns were made unreadable)."""
+
+    def set_token_rotated(
+        self, token_hash: str, principal_id: int, expires_at: datetime, rotated_at: datetime
+    ) -> None:
+        """Mark the token replaced by a rotation at ``rotated_at``, expiring at
+        ``expires_at``."""
+
     def delete_token(self, token_hash: str, principal_id: int) -> None: ...
     def touch_token(self, token_hash: str, now: datetime) -> None:
         """Note the token's last use (not sealed)."""
@@ -411,6 +418,11 @@ class RateLimiter(Protocol):
     def spend(self, bucket: str, amount: int, seconds: int, cost: int) -> float:
         """As hit(), on a sliding-window counter (constant memory whatever ``amount``,
         approximate within a window): for budgets of many units over long windows."""
+        ...
+
+    def wait(self, bucket: str, amount: int, seconds: int) -> float:
+        """The seconds until hit() would count one more in ``bucket`` (0.0: it would
+        now), counting nothing. Never raises."""
         ...
 
 

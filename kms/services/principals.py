@@ -27,9 +27,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from kms.errors import Conflict, InvalidRequest, NotFound, SealBroken, Unauthenticated
+from kms.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    SealBroken,
+    Unauthenticated,
+)
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder
 from kms.services.model import Principal, Role, Token
@@ -70,6 +77,7 @@ class PrincipalService:
         cache_seconds: float = 0.0,
         state_version: Callable[[], int | None] = lambda: None,
         max_lifetimes: Mapping[Role, int] | None = None,
+        needed: Callable[[Any, str], str | None] = lambda tx, name: None,
     ) -> None:
         self._storage = storage
         self._audit = audit
@@ -79,6 +87,9 @@ class PrincipalService:
         self._cache_seconds = cache_seconds
         self._state_version = state_version
         self._max_lifetimes = dict(max_lifetimes or {})
+        # why principal ``name`` must not be cut off (the last active custodian of a group
+        # an escrow policy needs: CustodianService.needed_member), or None
+        self._needed = needed
         self._used: dict[str, float] = {}  # token hash -> monotonic time of its last note
         self._lock = threading.Lock()
 
@@ -197,22 +208,18 @@ class PrincipalService:
             op.note(detail=f"name={name}")
             with self._storage.transaction() as tx:
                 principal = _existing(tx, name)
-                if not enabled and principal.id == admin.id:
-                    raise Conflict("an admin cannot disable itself")
-                if not enabled and principal.role is Role.ADMIN and not principal.disabled:
-                    others = [
-                        p
-                        for p in tx.list_principals()
-                        if p.role is Role.ADMIN and not p.disabled and p.id != principal.id
-                    ]
-                    if not others:
-                        raise Conflict("the last enabled admin cannot be disabled")
+                if principal.id == admin.id:  # (enabling: only ever from a request in flight)
+                    raise Conflict("an admin cannot disable or enable itself")
+                if not enabled and not principal.disabled:
+                    self._may_cut_off(tx, principal)
                 if principal.disabled == enabled:
                     now = self._clock.now()
                     principal = (
                         replace(principal, disabled_at=None)
                         if enabled  # its dashboard sessions stay ended
-                        else replace(principal, disabled_at=now, sessions_since=now)
+                        else replace(
+                            principal, disabled_at=now, sessions_since=_later(principal, now)
+                        )
                     )
                     tx.update_principal(principal)
                 self._audit.append(tx, [op.ok()])
@@ -227,7 +234,8 @@ class PrincipalService:
             _self_or_admin(caller, name)
             op.note(detail=f"name={name}")
             with self._storage.transaction() as tx:
-                principal = replace(_existing(tx, name), sessions_since=self._clock.now())
+                principal = _existing(tx, name)
+                principal = replace(principal, sessions_since=_later(principal, self._clock.now()))
                 tx.update_principal(principal)
                 self._audit.append(tx, [op.ok()])
             return principal
@@ -251,7 +259,12 @@ class PrincipalService:
     ) -> tuple[str, Token]:
         """Issue a new token to ``name`` (an admin; a principal may rotate its own);
         with ``rotate`` (a token id), that token then expires ``grace_seconds`` from now
-        (or earlier, if it already would). Returns the new token (shown only here)."""
+        (or earlier, if it already would). Returns the new token (shown only here).
+
+        Requesters and custodians only rotate their own: an admin holding a requester's
+        token could unwrap under its cases, and one holding a custodian's could revoke
+        the custodian's own token and silence its veto. A principal rotating its own
+        token gets no later expiry than the old one had, and a token is rotated once."""
         with self._audit.operation(caller, "rotate_token" if rotate else "issue_token") as op:
             _check_name(name)
             if rotate is None:
@@ -266,17 +279,30 @@ class PrincipalService:
             digest = token_hash(token)
             with self._storage.transaction() as tx:
                 principal = _existing(tx, name)
+                own = caller.principal is not None and caller.principal.id == principal.id
+                if not own and principal.role in (Role.REQUESTER, Role.CUSTODIAN):
+                    raise Forbidden(
+                        f"a {principal.role.value}'s tokens are rotated only by itself",
+                        detail=f"token of {principal.role.value} {name} asked by another",
+                    )
                 expires = self._expiry(principal.role, now, ttl_seconds)
-                note = f"name={name} token={digest[:16]}" + _expiry_note(expires)
                 if rotate is not None:
                     old_hash, old = _token(tx, principal, rotate)
                     if old.expired(now):
                         raise Conflict(f"token {rotate} has expired; issue a new one")
+                    if old.rotated_at is not None:
+                        raise Conflict(
+                            f"token {rotate} was rotated already: rotate its successor, or "
+                            "revoke this one"
+                        )
+                    if own and old.expires_at is not None:
+                        expires = min(expires or old.expires_at, old.expires_at)
+                note = f"name={name} token={digest[:16]}" + _expiry_note(expires)
+                if rotate is not None:
                     until = now + timedelta(seconds=grace_seconds)
-                    if old.expires_at is None or until < old.expires_at:
-                        tx.set_token_expiry(old_hash, principal.id, until)
-                    else:
+                    if old.expires_at is not None and old.expires_at < until:
                         until = old.expires_at
+                    tx.set_token_rotated(old_hash, principal.id, until, now)
                     note += f" replaces={rotate} until={until.isoformat()}"
                 op.note(detail=note)
                 tx.add_token(principal.id, digest, now, expires)
@@ -293,7 +319,13 @@ class PrincipalService:
             op.note(detail=f"name={name} token={token_id}")
             with self._storage.transaction() as tx:
                 principal = _existing(tx, name)
-                digest, _ = _token(tx, principal, token_id)
+                digest = _token_hash(tx, principal, token_id)
+                now = self._clock.now()
+                live = [
+                    t for h, t in tx.tokens_of(principal.id) if h != digest and not t.expired(now)
+                ]
+                if not live:  # its last working token
+                    self._may_cut_off(tx, principal)
                 tx.delete_token(digest, principal.id)
                 self._audit.append(tx, [op.ok()])
             self._forget()
@@ -319,6 +351,24 @@ class PrincipalService:
         limits = [x for x in (ttl_seconds, self._max_lifetimes.get(role)) if x is not None]
         return now + timedelta(seconds=min(limits)) if limits else None
 
+    def _may_cut_off(self, tx: PrincipalServiceTx, principal: Principal) -> None:
+        """Conflict if ``principal`` must keep working: the last enabled admin (nobody
+        could administer the server again), or the last active custodian of a group an
+        escrow policy needs (its veto would be silenced: a custodian decides through its
+        principal)."""
+        if principal.role is Role.ADMIN and not any(
+            p.role is Role.ADMIN and not p.disabled and p.id != principal.id
+            for p in tx.list_principals()
+        ):
+            raise Conflict("the last enabled admin cannot be cut off")
+        group = self._needed(tx, principal.name)
+        if group is not None:
+            raise Conflict(
+                f"{principal.name!r} is the last active custodian of group {group!r}, which "
+                "escrow policy needs: register another member (endorsed by this one) first",
+                detail=f"last active member of {group}",
+            )
+
     def _forget(self) -> None:
         """Drop this worker's remembered look-ups (the others see the anchor move)."""
         with self._lock:
@@ -340,6 +390,22 @@ def _existing(tx: PrincipalRows, name: str) -> Principal:
     if principal is None:
         raise NotFound(f"no principal named {name!r}")
     return principal
+
+
+def _token_hash(tx: PrincipalRows, principal: Principal, token_id: str) -> str:
+    """The full hash of the principal's token ``token_id``, read from the key column
+    alone (a row whose other columns were made unreadable is still found)."""
+    for digest in tx.token_hashes(principal.id):
+        if digest[:16] == token_id:
+            return digest
+    raise NotFound(f"principal {principal.name!r} has no token {token_id}")
+
+
+def _later(principal: Principal, now: datetime) -> datetime:
+    """``now``, or the principal's sessions_since if later (a node whose clock is behind
+    never brings ended sessions back)."""
+    ended = principal.sessions_since
+    return now if ended is None or now > ended else ended
 
 
 def _token(tx: PrincipalRows, principal: Principal, token_id: str) -> tuple[str, Token]:

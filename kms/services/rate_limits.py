@@ -26,6 +26,9 @@ DEFAULT_AUDIT_BUDGET = (
     "service=1000000/hour,admin=100000/hour,auditor=100000/hour,"
     "custodian=10000/hour,requester=10000/hour"
 )
+# KMS_BLIND_REWRAP_FAILURES: failed rewraps per principal of blobs it may not decrypt
+# (kms/services/crypto.py, kms/services/cluster.py); only services rewrap
+DEFAULT_BLIND_REWRAP_FAILURES = "service=100/hour"
 _ENTRY = re.compile(r"(?:(?P<role>[a-z]+)|principal:(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,63}))")
 _RATE = re.compile(r"(?P<amount>[1-9][0-9]{0,8})/(?P<unit>second|minute|hour)")
 
@@ -93,6 +96,12 @@ def parse_audit_budget(text: str) -> RatePolicy:
     return parse_rate_limits(text, base=DEFAULT_AUDIT_BUDGET)
 
 
+def parse_blind_rewrap_failures(text: str) -> RatePolicy:
+    """The budget of failed blind rewraps ``text`` describes over
+    DEFAULT_BLIND_REWRAP_FAILURES (same syntax and errors as parse_rate_limits)."""
+    return parse_rate_limits(text, base=DEFAULT_BLIND_REWRAP_FAILURES)
+
+
 def _rate(entry: str, value: str) -> Rate | None:
     if value == "none":
         return None
@@ -110,5 +119,22 @@ class Throttled(RateLimited):
         super().__init__(
             f"too many requests: the limit is {rate}; retry after {retry_after} s",
             detail=f"rate limit {rate}",
+        )
+        self.retry_after = retry_after
+
+
+class BlindRewrapsRefused(RateLimited):
+    """429: the principal failed too many blind rewraps (rewraps of blobs it may not
+    decrypt, each a test of a guessed context) in the window of its
+    KMS_BLIND_REWRAP_FAILURES; every blind rewrap of it is refused, before any blob is
+    opened, until the window lets one more failure in."""
+
+    code = "blind_rewraps_refused"
+    public_message = "too many failed rewraps of blobs this principal may not decrypt"
+
+    def __init__(self, rate: Rate, retry_after: int) -> None:
+        super().__init__(
+            f"{self.public_message}: the limit is {rate}; retry after {retry_after} s",
+            detail=f"blind rewrap failures over {rate}",
         )
         self.retry_after = retry_after

@@ -247,12 +247,18 @@ def principal_fields(p: Principal) -> dict[str, Any]:
 
 
 def token_fields(
-    token_sha256: str, principal_id: int, expires_at: datetime | None = None
+    token_sha256: str,
+    principal_id: int,
+    expires_at: datetime | None = None,
+    rotated_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """The token's hash, its principal and, once set, its expiry (see principal_fields)."""
+    """The token's hash, its principal and, once set, its expiry and the time a rotation
+    replaced it (see principal_fields)."""
     fields: dict[str, Any] = {"token_sha256": token_sha256, "principal_id": principal_id}
     if expires_at is not None:
         fields["expires_at"] = _time(expires_at)
+    if rotated_at is not None:
+        fields["rotated_at"] = _time(rotated_at)
     return fields
 
 

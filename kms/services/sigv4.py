@@ -9,8 +9,11 @@ old one). What a credential may do is decided by its principal's role and grants
 
 Verification (``verify``), in this order, each failure an Unauthenticated (401) whose
 ``reason`` the faces map to their own error names: header present and well-formed
-(``malformed``); scope service is the face's (``wrong_service``); ``host`` and
-``x-amz-date`` signed, date matching the scope (``malformed``); time within five minutes of
+(``malformed``); scope service is the face's (``wrong_service``); scope region is the
+face's, when it pins one (``wrong_region``: both faces do); ``host`` and ``x-amz-date``
+signed, date matching the scope (``malformed``); the headers the face needs signed are
+(``unsigned_header``: the AWS KMS face's ``content-type`` and ``x-amz-target``, which
+choose the operation and how the body is read); time within five minutes of
 ours (``expired``); access key known and active (``unknown_key``); signature over the raw
 body and the signed headers (``bad_signature``, compared in constant time); signature not
 seen before (``replayed``). The replay check comes last so that only correctly signed
@@ -259,12 +262,22 @@ class SigV4Service:
 
     # -- verification -------------------------------------------------------------------
 
-    def verify(self, request: SignedRequest, service: str, defer: bool = False) -> Verified:
-        """The principal that signed ``request`` for ``service``, or SigV4Refused (see the
-        module docstring for the checks and their order). With ``defer`` and the database
-        as the replay store, the nonce is not recorded here but returned as
-        ``Verified.deferred``: the caller must hand it to the audited unit of work
-        (``Caller.claim``), which records it in the request's audit transaction."""
+    def verify(
+        self,
+        request: SignedRequest,
+        service: str,
+        defer: bool = False,
+        *,
+        region: str | None = None,
+        signed: tuple[str, ...] = (),
+    ) -> Verified:
+        """The principal that signed ``request`` for ``service`` (and ``region``, unless
+        None: any), having signed at least the headers ``signed`` (lowercase) besides
+        ``host`` and ``x-amz-date``; or SigV4Refused (see the module docstring for the
+        checks and their order). With ``defer`` and the database as the replay store, the
+        nonce is not recorded here but returned as ``Verified.deferred``: the caller must
+        hand it to the audited unit of work (``Caller.claim``), which records it in the
+        request's audit transaction."""
         header = request.headers.get("authorization")
         if not header:
             raise SigV4Refused("missing", "no Authorization header")
@@ -274,8 +287,13 @@ class SigV4Service:
             raise SigV4Refused("malformed", str(e)) from e
         if auth.service != service:
             raise SigV4Refused("wrong_service", f"scope names service {auth.service!r}")
+        if region is not None and auth.region != region:
+            raise SigV4Refused("wrong_region", f"scope names region {auth.region!r}")
         if "host" not in auth.signed_headers or "x-amz-date" not in auth.signed_headers:
             raise SigV4Refused("malformed", "host and x-amz-date must be signed")
+        unsigned = [name for name in signed if name not in auth.signed_headers]
+        if unsigned:
+            raise SigV4Refused("unsigned_header", "not signed: " + ", ".join(unsigned))
         amz_date = request.headers.get("x-amz-date", "")
         if not fmt.AMZ_DATE.fullmatch(amz_date) or amz_date[:8] != auth.date:
             raise SigV4Refused("malformed", "X-Amz-Date missing or not the scope's date")

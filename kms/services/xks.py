@@ -10,7 +10,10 @@ role ``service`` and a grant of ``xks_encrypt`` or ``xks_decrypt`` (distinct fro
 KMS faces; decrypt also needs the justification ``service_processing``), the key must be
 enabled (metadata reports the state instead), and the key's XKS policy must allow the
 request's awsPrincipalArn, kmsOperation and usage. The external key id names a key of this
-KMS by key id or alias (NotFound otherwise).
+KMS by key id or alias. A key that does not exist and a key the principal holds no grant
+on at all get the same NoGrant refusal, which the face answers as KeyNotFoundException
+(the spec's answer for an unknown key): the XKS credential learns nothing about keys it may
+not use.
 
 The key's current version encrypts; the version in the ciphertextMetadata decrypts (one
 DecryptionFailed whatever the reason: malformed metadata, unknown version, wrong IV, AAD or
@@ -54,6 +57,7 @@ from kms.services.ports import (
     Clock,
     Hsm,
     KeyRows,
+    PrincipalRows,
     StorageUpkeep,
     Store,
     XksRows,
@@ -68,7 +72,7 @@ _PROBE_PLAINTEXT = b"keyholder-kms xks health probe"
 _PROBE_AAD = b"xks-health"
 
 
-class XksServiceTx(KeyRows, XksRows, AuditRows, Protocol):
+class XksServiceTx(KeyRows, XksRows, AuditRows, PrincipalRows, Protocol):
     """The rows the per-key XKS policy operations read and write."""
 
 
@@ -228,8 +232,8 @@ class XksService:
             except fmt.XksFormatError:
                 version = None
             op.note(justification=DEFAULT_JUSTIFICATION, key_version=version)
-            key_id = self._key_id(work, op, ref)
-            work.use(key_id, _use(Permission.XKS_DECRYPT, version, request.metadata))
+            use = _use(Permission.XKS_DECRYPT, version, request.metadata)
+            key_id = work.use(self._key_id(work, op, ref), use).key.key_id
             if version is None:
                 raise DecryptionFailed(detail="malformed or missing ciphertext metadata")
             if len(request.iv) != fmt.IV_BYTES:  # the spec allows 16; we never make them
@@ -288,7 +292,9 @@ class XksService:
             raise result
         return result
 
-    def _key_id(self, work: KeyWork, op: EventBuilder, ref: str) -> str:
+    def _key_id(self, work: KeyWork, op: EventBuilder, ref: str) -> str | None:
+        """The key id ``ref`` names (None: an alias naming no key, which ``work.use``
+        refuses as the one rule says)."""
         if not fmt.EXTERNAL_KEY_ID.fullmatch(ref):
             raise NotFound("no such key", detail="not an external key id")
         key_id = work.key_id(ref)

@@ -56,6 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iter
     data = init_data_dir(tmp_path_factory.mktemp("dashboard-data"))
     secret = data / "webhook.secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # as the server requires
     env = {
         **SERVER_ENV,
         "KMS_ESCROW_WEBHOOK_URL": receiver.url,

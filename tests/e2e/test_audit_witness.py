@@ -105,6 +105,7 @@ def test_witnessed_checkpoints_catch_a_laundered_history(
 ) -> None:
     secret = tmp_path / "webhook.secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # as the server requires
     env = {
         "KMS_ESCROW_WEBHOOK_URL": receiver.url,
         "KMS_ESCROW_WEBHOOK_SECRET_FILE": str(secret),

@@ -155,8 +155,10 @@ def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
             pytest.fail(f"bytes at offset {i} of the database decrypt the blob")
     assert blob.plaintext not in data
     # 2. The copy served by a KMS with another HSM token opens nothing: that HSM holds no
-    # anchor of the copied chain (not ready, nothing audited runs) and its integrity key did
-    # not seal the copied rows (the stolen token does not even authenticate).
+    # anchor of the copied chain (not ready, nothing audited runs) and no state anchor of
+    # its sealed rows, so the stolen token does not even authenticate (authentication
+    # follows the HSM state anchor: 503 state_refused), and its integrity key did not seal
+    # the copied rows.
     with gunicorn_server(
         fresh_data_dir, workers=1, env={"KMS_DATABASE_URL": f"sqlite:///{copy}"}, ready=False
     ) as thief:
@@ -170,8 +172,8 @@ def test_copy_of_database_without_the_hsm_token_decrypts_nothing(
         ):
             with pytest.raises(KmsClientError) as err:
                 attempt()
-            assert (err.value.status, err.value.code) == (401, "unauthenticated")
-        assert "the seal of the principal row" in thief.log_text()
+            assert (err.value.status, err.value.code) == (503, "state_refused")
+        assert "holds no state anchor" in thief.log_text()
 
 
 def test_sdk_envelope_files_through_the_server(

@@ -546,7 +546,9 @@ def test_malformed_requests(api: Api, admin: Aws, svc: Aws, svc_headers: Any) ->
         svc.error("Encrypt", KeyId=kid, Plaintext=p, DryRun=True) == "UnsupportedOperationException"
     )
     assert svc.ok("Encrypt", KeyId=kid, Plaintext=p, GrantTokens=["t"], DryRun=False)
-    assert svc.error("Encrypt", KeyId=str(uuid.uuid4()), Plaintext=p) == "NotFoundException"
+    # no such key: for a service, the answer of a key it holds no grant on
+    assert svc.error("Encrypt", KeyId=str(uuid.uuid4()), Plaintext=p) == "AccessDeniedException"
+    # not a key reference at all (whatever exists)
     assert svc.error("Encrypt", KeyId=kid.upper(), Plaintext=p) == "NotFoundException"
     foreign = f"arn:aws:kms:us-east-1:111122223333:key/{kid}"
     assert svc.error("Encrypt", KeyId=foreign, Plaintext=p) == "NotFoundException"

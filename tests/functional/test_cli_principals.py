@@ -261,7 +261,7 @@ ID = "0123456789abcdef"  # well formed, names no token
         (("revoke-token", "nobody", ID), 1, "not_found: no principal named 'nobody'"),
         (("revoke-token", "admin", ID), 1, f"not_found: principal 'admin' has no token {ID}"),
         (("rotate-token", "admin", ID), 1, f"not_found: principal 'admin' has no token {ID}"),
-        (("disable", "admin"), 1, "conflict: an admin cannot disable itself"),
+        (("disable", "admin"), 1, "conflict: an admin cannot disable or enable itself"),
         (("revoke-token", "admin", "0123456789ABCDEF"), 2, "16 lowercase hex digits"),
         (("revoke-token", "admin", "../../keys"), 2, "16 lowercase hex digits"),
         (("rotate-token", "admin", "abc"), 2, "16 lowercase hex digits"),

@@ -546,11 +546,12 @@ def test_grants_decide_which_principal_may_do_what(xapi: Api, xks: Xks, svc: Any
     xapi.key("no-grant")
     out = xks.encrypt("enc-only-grant", b"p").json
     error(xks.decrypt("enc-only-grant", out), 403, "AccessDeniedException")
-    error(xks.encrypt("no-grant", b"p"), 403, "AccessDeniedException")
+    # no grant at all on the key: the answer of a key that does not exist
+    error(xks.encrypt("no-grant", b"p"), 404, "KeyNotFoundException")
     error(
         xks.post("keys/no-grant/metadata", {"requestMetadata": meta()}),
-        403,
-        "AccessDeniedException",
+        404,
+        "KeyNotFoundException",
     )
     xapi.call("POST", "/v1/principals", xapi.admin, json={"name": "ops", "role": "admin"})
     admin_xks = Xks(xapi.client, *issue(xapi, "ops"))

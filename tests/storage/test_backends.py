@@ -128,7 +128,7 @@ def test_a_rolled_back_append_leaves_the_chain_as_it_was(
     trail = AuditTrail(any_storage, SystemClock(), hsm, CheckpointPolicy(0))
     trail.record([AuditEvent("r1", "svc", "encrypt")])
     with pytest.raises(RuntimeError), any_storage.transaction() as tx:
-        trail.append(tx, [AuditEvent("r2", "svc", "encrypt")])
+        trail.append_drafts(tx, trail.drafts([AuditEvent("r2", "svc", "encrypt")]))
         raise RuntimeError("the state change after the append failed")
     trail.record([AuditEvent("r3", "svc", "encrypt")])
     with any_storage.reader() as tx:

@@ -43,6 +43,9 @@ class PrincipalTx:
         except sa_exc.IntegrityError as e:
             raise Conflict(f"a principal named {name!r} already exists") from e
         principal = Principal(int(pid), name, role, now)
+        # an id the anchored state still holds belonged to a row deleted in the database:
+        # its tokens, grants and credentials (sealed with the id) must not pass to this one
+        self._seals.absent("principal", ident([principal.id]))
         # sealed once the id is known: the seal binds the row's identity too
         seal = self._seals.seal("principal", principal_fields(principal))
         self._c.execute(update(t.principals).where(t.principals.c.id == pid).values(seal=seal))
@@ -99,12 +102,23 @@ class PrincipalTx:
             lambda row: (row.token_sha256, self._checked_token(row, row.token_sha256)),
         )
 
-    def set_token_expiry(self, token_hash: str, principal_id: int, expires_at: datetime) -> None:
-        fields = token_fields(token_hash, principal_id, expires_at)
+    def token_hashes(self, principal_id: int) -> list[str]:
+        k = t.tokens.c
+        query = select(k.token_sha256).where(k.principal_id == principal_id)
+        return [str(x) for x in self._c.execute(query).scalars()]
+
+    def set_token_rotated(
+        self, token_hash: str, principal_id: int, expires_at: datetime, rotated_at: datetime
+    ) -> None:
+        fields = token_fields(token_hash, principal_id, expires_at, rotated_at)
         self._c.execute(
             update(t.tokens)
             .where(t.tokens.c.token_sha256 == token_hash)
-            .values(expires_at=expires_at, seal=self._seals.seal("token", fields))
+            .values(
+                expires_at=expires_at,
+                rotated_at=rotated_at,
+                seal=self._seals.seal("token", fields),
+            )
         )
 
     def delete_token(self, token_hash: str, principal_id: int) -> None:
@@ -139,7 +153,7 @@ class PrincipalTx:
 
     def _checked_token(self, row: Row[Any], token_hash: str) -> Token:
         token = parsed("token", token_hash[:16], lambda: token_row(row))
-        fields = token_fields(token_hash, token.principal_id, token.expires_at)
+        fields = token_fields(token_hash, token.principal_id, token.expires_at, token.rotated_at)
         seal = row.token_seal if "token_seal" in row._fields else row.seal
         self._seals.check("token", fields, seal)
         return token
@@ -166,6 +180,7 @@ def token_row(row: Row[Any]) -> Token:
         utc(row.token_created_at if "token_created_at" in row._fields else row.created_at),
         utc_or_none(row.expires_at),
         utc_or_none(row.last_used_at),
+        utc_or_none(row.rotated_at),
     )
 
 
@@ -176,6 +191,7 @@ _BY_TOKEN = (
         t.tokens.c.principal_id.label("token_principal_id"),
         t.tokens.c.created_at.label("token_created_at"),
         t.tokens.c.expires_at,
+        t.tokens.c.rotated_at,
         t.tokens.c.last_used_at,
         t.tokens.c.seal.label("token_seal"),
     )

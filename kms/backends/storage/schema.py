@@ -42,6 +42,7 @@ tokens = Table(
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
     Column("expires_at", DateTime(timezone=True), nullable=True),  # sealed; NULL: never
     Column("last_used_at", DateTime(timezone=True), nullable=True),  # not sealed
+    Column("rotated_at", DateTime(timezone=True), nullable=True),  # sealed; NULL: not yet
 )
 
 keys = Table(

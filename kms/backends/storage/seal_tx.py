@@ -56,8 +56,8 @@ class SealTx:
             put("principal", t.principals, p.id == row.id, principal_fields(principal_row(row)))
         tok = t.tokens.c
         for row in self._c.execute(select(t.tokens).where(tok.seal.is_(None))).all():
-            expires = utc_or_none(row.expires_at)
-            fields = token_fields(row.token_sha256, int(row.principal_id), expires)
+            expires, rotated = utc_or_none(row.expires_at), utc_or_none(row.rotated_at)
+            fields = token_fields(row.token_sha256, int(row.principal_id), expires, rotated)
             put("token", t.tokens, tok.token_sha256 == row.token_sha256, fields)
         for row in self._c.execute(key_select().where(k.seal.is_(None))).all():
             put("key", t.keys, k.key_id == row.key_id, key_fields(key_row(row)))

@@ -1,6 +1,6 @@
-"""Principal lifecycle: disabled principals, ended dashboard sessions, token expiry and
-last use (kms/services/principals.py). The new sealed fields enter a row's seal only
-once set, so every row sealed before keeps its seal.
+"""Principal lifecycle: disabled principals, ended dashboard sessions, token expiry, last
+use and rotation (a token is rotated once) (kms/services/principals.py). The new sealed
+fields enter a row's seal only once set, so every row sealed before keeps its seal.
 
 Revision ID: 0011
 Revises: 0010
@@ -24,10 +24,12 @@ def upgrade() -> None:
     with op.batch_alter_table("tokens") as batch:
         batch.add_column(sa.Column("expires_at", _WHEN, nullable=True))
         batch.add_column(sa.Column("last_used_at", _WHEN, nullable=True))
+        batch.add_column(sa.Column("rotated_at", _WHEN, nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("tokens") as batch:
+        batch.drop_column("rotated_at")
         batch.drop_column("last_used_at")
         batch.drop_column("expires_at")
     with op.batch_alter_table("principals") as batch:
