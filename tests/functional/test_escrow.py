@@ -21,6 +21,7 @@ from kms.backends.storage import schema as t
 from kms.errors import Conflict
 from kms.formats import escrow as escrowfmt
 from kms.services.principals import PrincipalService
+from tests import escrow_support
 from tests.helpers import SECRET, Api, Receiver, unb64
 from tests.helpers import ManualClock as Clock
 
@@ -73,16 +74,8 @@ class World:
         case: dict[str, Any] | None = None,
         key: Ed25519PrivateKey | None = None,
     ) -> Any:
-        headers, own_key = self.custodians[who]
-        digest = escrowfmt.case_digest(case or self.case(case_id))
-        signature = (key or own_key).sign(escrowfmt.signed_message(digest, decision))
-        path = "approvals" if decision == "approve" else "rejections"
-        return self.api.call(
-            "POST",
-            f"/v1/escrow/cases/{case_id}/{path}",
-            headers,
-            json={"custodian": who, "signature": base64.b64encode(signature).decode()},
-        )
+        case = case or self.case(case_id)
+        return escrow_support.decide(self.api, self.custodians, case, who, decision, key)
 
     def unwrap(self, case_id: str, i: int = 0, **changes: Any) -> Any:
         body = {
@@ -96,24 +89,7 @@ class World:
 
     def enrol(self, name: str, group: str, endorser: str) -> None:
         """Register custodian ``name`` in ``group``, endorsed by member ``endorser``."""
-        headers = self.api.principal("custodian", name)
-        key = Ed25519PrivateKey.generate()
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        signature = self.custodians[endorser][1].sign(escrowfmt.enrolment_message(name, group, raw))
-        body = {
-            "name": name,
-            "group": group,
-            "public_key": base64.b64encode(raw).decode(),
-            "endorsement": {
-                "custodian": endorser,
-                "signature": base64.b64encode(signature).decode(),
-            },
-        }
-        r = self.api.call("POST", "/v1/custodians", self.api.admin, json=body)
-        assert r.status_code == 201, r.json
-        self.custodians[name] = (headers, key)
+        escrow_support.enrol(self.api, self.custodians, name, group, endorser)
 
     def refused(self, response: Any, status: int = 403) -> None:
         assert response.status_code == status, response.json

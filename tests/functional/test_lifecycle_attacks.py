@@ -37,10 +37,10 @@ from kms.app import create_app
 from kms.backends.hsm import Pkcs11Hsm
 from kms.backends.storage import SqlStorage, make_engine
 from kms.errors import HsmUnavailable, KmsError, Unauthenticated
-from kms.formats import escrow as escrowfmt
 from kms.services.audit_events import Caller
 from kms.services.crypto import DecryptRequest
 from kms.web.session import COOKIE
+from tests import escrow_support
 from tests.helpers import SECRET, Api, ManualClock, Receiver, b64
 from tests.sigv4_request import signed
 
@@ -701,16 +701,7 @@ class Escrow:
         return dict(r.json)
 
     def decide(self, case_id: str, who: str, decision: str = "approve") -> Any:
-        headers, key = self.custodians[who]
-        digest = escrowfmt.case_digest(self.case(case_id))
-        signature = key.sign(escrowfmt.signed_message(digest, decision))
-        path = "approvals" if decision == "approve" else "rejections"
-        return self.api.call(
-            "POST",
-            f"/v1/escrow/cases/{case_id}/{path}",
-            headers,
-            json={"custodian": who, "signature": base64.b64encode(signature).decode()},
-        )
+        return escrow_support.decide(self.api, self.custodians, self.case(case_id), who, decision)
 
     def unwrap(self, case_id: str) -> Any:
         body = {
@@ -722,24 +713,7 @@ class Escrow:
         return self.api.call("POST", "/v1/decrypt", self.police, json=body)
 
     def enrol(self, name: str, group: str, endorser: str) -> None:
-        headers = self.api.principal("custodian", name)
-        key = Ed25519PrivateKey.generate()
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        signature = self.custodians[endorser][1].sign(escrowfmt.enrolment_message(name, group, raw))
-        body = {
-            "name": name,
-            "group": group,
-            "public_key": base64.b64encode(raw).decode(),
-            "endorsement": {
-                "custodian": endorser,
-                "signature": base64.b64encode(signature).decode(),
-            },
-        }
-        r = self.api.call("POST", "/v1/custodians", self.api.admin, json=body)
-        assert r.status_code == 201, r.json
-        self.custodians[name] = (headers, key)
+        escrow_support.enrol(self.api, self.custodians, name, group, endorser)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ lease, and what each does while Redis is down or after it came back empty."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from kms.app import Options, build_services
@@ -12,12 +12,10 @@ from kms.backends.redis_store import RETRY_SECONDS, RedisBus, RedisConnection, R
 from kms.services.audit_events import Caller
 from kms.services.cluster import KEY, ClusterSettings, Invalidations
 from kms.services.key_params import MIN_PENDING_DAYS
-from kms.services.model import KeyState, Principal, Role
+from kms.services.model import KeyState
 from kms.services.rotation import SCHEDULER
 from tests.helpers import ManualClock
 from tests.redis_server import RedisServer
-
-ADMIN = Principal(1, "admin", Role.ADMIN, datetime(2026, 1, 1, tzinfo=UTC))
 
 
 def bus(url: str) -> RedisBus:
