@@ -204,6 +204,8 @@ def gunicorn_server(
     server = Server(url, data_dir, proc, log_path)
     try:
         wait_ready(server, path="/readyz" if ready else "/healthz", **(tls or {}))
+        if ready:
+            wait_indexed(server, workers)
         yield server
     except BaseException:  # the server's own account of the failure, in pytest's output
         levels = ('"level": "ERROR"', '"level": "WARNING"')
@@ -226,6 +228,23 @@ def wait_ready(server: Server, timeout: float = 30.0, path: str = "/readyz", **p
             pass
         time.sleep(0.1)
     raise RuntimeError(f"server not ready:\n{server.log_text()[-3000:]}")
+
+
+def wait_indexed(server: Server, workers: int, timeout: float = 30.0) -> None:
+    """Wait until every worker logged that its index of sealed rows is built (a worker
+    that first indexes a database an attack already edited refuses every sealed row,
+    kms/services/state_index.py: tests that edit the database start once all indexed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = {
+            json.loads(line).get("pid")
+            for line in server.log_text().splitlines()
+            if '"sealed state indexed"' in line
+        }
+        if len(pids) >= workers:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"workers did not index the sealed state:\n{server.log_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

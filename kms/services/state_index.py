@@ -167,7 +167,8 @@ class StateIndex:
             wait, logged = retry_seconds, False
             while True:
                 try:
-                    self.sync()  # False: nothing anchored to index (yet)
+                    if self.sync():  # False: nothing anchored to index (yet)
+                        log.info("sealed state indexed", extra={"detail": self._describe()})
                     return
                 except Exception as e:
                     if not logged:
@@ -180,6 +181,11 @@ class StateIndex:
         thread = threading.Thread(target=build, name="kms-state-index", daemon=True)
         thread.start()
         return thread
+
+    def _describe(self) -> str:
+        with self._lock:
+            rows = sum(len(x) for x in self._index.values())
+            return f"change {self._at.n if self._at else '-'}, {rows} rows"
 
     def sync(self, refind: bool = False) -> bool:
         """Bring the index to the newest anchor; False if the database is not anchored.
@@ -246,6 +252,9 @@ class StateIndex:
         assert self._chain_id is not None
         values = self._hsm.anchor_values(label(self._chain_id), cached=not refind)
         if not values:
+            # a token that is gone holds no anchor either: that is an HSM outage
+            # (HsmUnavailable, tried again at the next use), not a database to refuse
+            self._hsm.check()
             raise StateRefused(detail=f"the HSM holds no state anchor for chain {self._chain_id}")
         try:
             return [_decode(v) for v in values]
