@@ -8,7 +8,11 @@ what a decrypt already pays the HSM, measured in the same run:
 - freshness (kms/services/state_index.py): the read of the HSM state anchor each
   transaction makes before its first sealed row, and a transaction that changes a sealed
   row (a key's description) beside one that changes nothing sealed, where the
-  difference is the state log and the anchor moved in the HSM.
+  difference is the state log and the anchor moved in the HSM;
+- the principal lifecycle (kms/services/principals.py): authenticating a remembered
+  token, which follows the state anchor so that a disable reaches every worker at once,
+  beside the same look-up without following it (what it cost before); and the re-read
+  of the caller's principal that every write transaction makes.
 
     .venv/bin/python bench/seals.py --rows 2000
 
@@ -34,7 +38,11 @@ from kms import config  # noqa: E402
 from kms.app import hsm_config  # noqa: E402
 from kms.backends.hsm import Pkcs11Hsm  # noqa: E402
 from kms.backends.storage import SqlStorage, make_engine  # noqa: E402
-from kms.services.model import KekRef, Key, KeyState  # noqa: E402
+from kms.services.audit import AuditTrail  # noqa: E402
+from kms.services.audit_events import Caller  # noqa: E402
+from kms.services.clock import SystemClock  # noqa: E402
+from kms.services.model import KekRef, Key, KeyState, Principal  # noqa: E402
+from kms.services.principals import PrincipalService  # noqa: E402
 from kms.services.seals import RowSeals, key_fields  # noqa: E402
 from tests.helpers import init_data_dir  # noqa: E402
 
@@ -60,6 +68,7 @@ def main() -> None:
         sealed = hsm.encrypt(kek, iv, os.urandom(32), aad)
         decrypt = _per_op(lambda: [hsm.decrypt(kek, iv, sealed, aad) for _ in rows], len(rows))
         anchor_read, sealed_tx, plain_tx = _freshness(settings, hsm, rows[0][0]["key_id"], now)
+        auth_follow, auth_still, reread = _lifecycle(settings, hsm)
         hsm.close()
     print(f"\n{'operation':<50}{'us':>8}{'x decrypt':>11}")
     for name, cost in (
@@ -69,6 +78,9 @@ def main() -> None:
         ("freshness: state anchor read, per transaction", anchor_read),
         ("transaction changing a sealed row (key)", sealed_tx),
         ("transaction changing no sealed row (nonce)", plain_tx),
+        ("authenticate a remembered token, anchor followed", auth_follow),
+        ("authenticate a remembered token, not followed", auth_still),
+        ("caller's principal re-read in a transaction", reread),
     ):
         print(f"{name:<50}{cost * 1e6:>8.1f}{cost / decrypt:>11.2f}")
 
@@ -98,6 +110,37 @@ def _freshness(
                 tx.remember_nonce(f"bench-{i}", "9999-12-31T00:00:00.000Z", "2000")
 
     return read, _per_op(sealed_writes, n), _per_op(plain_writes, n)
+
+
+def _lifecycle(settings: config.Settings, hsm: Pkcs11Hsm) -> tuple[float, float, float]:
+    """Seconds per authentication of a remembered token following the anchor, per one
+    that does not (a constant version: the cost before), per principal re-read."""
+    storage = SqlStorage(make_engine(settings.database_url, "NORMAL"), RowSeals(hsm))
+    state = storage._seals.state  # type: ignore[attr-defined]
+    trail = AuditTrail(storage, SystemClock(), hsm)
+    follow = PrincipalService(storage, trail, SystemClock(), 300, state.version)
+    still = PrincipalService(storage, trail, SystemClock(), 300, lambda: 1)
+    token = follow.create(Caller("bench", _admin(storage)), "bench-svc", "service")[1]
+    n = 2000
+    for service in (follow, still):
+        service.authenticate(token)  # remembered from now on
+    timed = [
+        _per_op(lambda s=s: [s.authenticate(token) for _ in range(n)], n) for s in (follow, still)
+    ]
+
+    def rereads() -> None:
+        with storage.reader() as tx:
+            for _ in range(n):
+                tx.principal_by_name("bench-svc")
+
+    return timed[0], timed[1], _per_op(rereads, n)
+
+
+def _admin(storage: SqlStorage) -> Principal:
+    with storage.reader() as tx:
+        admin = tx.principal_by_name("admin")
+    assert admin is not None
+    return admin
 
 
 def _per_op(run: Callable[[], object], n: int) -> float:
