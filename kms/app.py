@@ -71,6 +71,7 @@ from kms.services.sigv4 import SigV4Service
 from kms.services.state_index import StateIndex
 from kms.services.xks import XksService
 from kms.web import dashboard as web_dashboard
+from kms.web import dashboard_principals  # noqa: F401 (its views are on web_dashboard.bp)
 
 log = logging.getLogger("kms.request")
 

@@ -41,7 +41,7 @@ from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder
 from kms.services.model import Principal, Role, Token
 from kms.services.ports import AuditRows, Clock, PrincipalRows, Store
-from kms.services.state_index import HSM_DOWN, cache_version, still_valid
+from kms.services.state_cache import HSM_DOWN, cache_version, still_valid
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")

@@ -62,7 +62,7 @@ from kms.services.ports import (
     SigV4Rows,
     Store,
 )
-from kms.services.state_index import HSM_DOWN, cache_version, still_valid
+from kms.services.state_cache import HSM_DOWN, cache_version, still_valid
 
 log = logging.getLogger("kms.sigv4")
 

@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from kms.errors import HsmUnavailable, KmsError, StateRefused
+from kms.errors import KmsError, StateRefused
 from kms.formats import state as fmt
 from kms.formats.state import Entry, StateAnchor
 from kms.metrics import STATE_REFUSED
@@ -65,25 +65,6 @@ RECHECK_SECONDS = 2.0  # how often a refusing process tries again
 
 Changes = Mapping[tuple[str, str], str | None]
 ANCHORED = ("anchored", "[]")  # the log entry of an operator's anchoring (no row)
-
-
-HSM_DOWN = -1  # cache_version(): the HSM does not answer
-
-
-def cache_version(read: Callable[[], int | None]) -> int | None:
-    """``read()`` (StateIndex.version) for a cache of sealed look-ups: an entry read at
-    change n holds while the version is n. HSM_DOWN if the HSM does not answer: no sealed
-    change can commit then (each moves the anchor), so a cache may keep serving its
-    entries for their usual time. None: not anchored, cache nothing."""
-    try:
-        return read()
-    except HsmUnavailable:
-        return HSM_DOWN
-
-
-def still_valid(read_at: int, version: int | None) -> bool:
-    """Whether a cache entry read at change ``read_at`` holds at ``version``."""
-    return version is not None and version in (read_at, HSM_DOWN)
 
 
 def label(chain_id: str) -> str:

@@ -6,7 +6,8 @@ enable, revoke a token, end sessions) need an admin, "verify now" either. Every 
 carries the session's CSRF token, checked before anything else happens; a missing or
 forged one is refused (400, audited). An expired session sends the browser to the login
 page with a message and does nothing. Errors are HTML pages with the request id; nothing
-here touches a backend directly.
+here touches a backend directly. The principals pages and actions are in
+kms/web/dashboard_principals.py, on the same blueprint (kms/app.py imports it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from kms.errors import (
     HsmUnavailable,
     InvalidRequest,
     KmsError,
-    NotFound,
     Unauthenticated,
 )
 from kms.services.audit_events import Caller
@@ -223,7 +223,7 @@ def _error_page(status: int, code: str, message: str) -> tuple[str, int]:
             message=message,
             request_id=request_id(),
             signed_in=signed,
-            **(_common() if signed else {}),
+            **(common() if signed else {}),
         ),
         status,
     )
@@ -283,7 +283,7 @@ def logout() -> Response:
 @signed_in
 def overview() -> str:
     data = dashboard().overview(caller())
-    return render_template("dashboard/overview.html", o=data, **_common())
+    return render_template("dashboard/overview.html", o=data, **common())
 
 
 @bp.get("/keys/<path:ref>")
@@ -291,7 +291,7 @@ def overview() -> str:
 def key(ref: str) -> str:
     detail = dashboard().key_detail(caller(), ref)
     chart = usage_chart(detail.usage.days, dashboard().now().date())
-    return render_template("dashboard/key.html", d=detail, chart=chart, **_common())
+    return render_template("dashboard/key.html", d=detail, chart=chart, **common())
 
 
 @bp.get("/audit")
@@ -311,23 +311,7 @@ def audit() -> str:
         key_ref=key_ref or "",
         outcome=outcome or "",
         limit=limit,
-        **_common(),
-    )
-
-
-@bp.get("/principals")
-@signed_in
-def principals() -> str:
-    found = dashboard().principals(caller())
-    return render_template("dashboard/principals.html", principals=found, **_common())
-
-
-@bp.get("/principals/<name>")
-@signed_in
-def principal(name: str) -> str:
-    detail = dashboard().principal_detail(caller(), name)
-    return render_template(
-        "dashboard/principal.html", d=detail, my_token=session.get("token_id"), **_common()
+        **common(),
     )
 
 
@@ -359,7 +343,7 @@ def retire(ref: str) -> Any:
             else None
         )
         return render_template(
-            "dashboard/confirm_retire.html", d=detail, up_to=up_to, error=error, **_common()
+            "dashboard/confirm_retire.html", d=detail, up_to=up_to, error=error, **common()
         )
     key = services().keys.retire(caller(), ref, up_to)
     flash(
@@ -382,94 +366,10 @@ def verify() -> Response:
     return redirect(url_for(".overview"), 303)
 
 
-# The principal lifecycle: the same PrincipalService methods (and audit records) as
-# /v1/principals/<name>/...; admins only here (the service would let a principal revoke
-# its own token or end its own sessions; auditors stay read-only in the dashboard). No
-# token is ever issued here: it would be shown in a browser page.
-
-
-@bp.post("/principals/<name>/disable")
-@signed_in
-def disable_principal(name: str) -> Any:
-    """Two steps, like retire: only the confirmation page's re-submission with the box
-    ticked disables the principal."""
-    check_csrf("disable_principal")
-    require_admin("disable_principal")
-    if not _confirmed():
-        return _confirm_principal("disable", name, None)
-    services().principals.set_enabled(caller(), name, False)
-    flash(
-        f"Disabled {name}: its tokens, certificate, SigV4 credentials and dashboard "
-        "sessions are refused.",
-        "info",
-    )
-    return redirect(url_for(".principal", name=name), 303)
-
-
-@bp.post("/principals/<name>/enable")
-@signed_in
-def enable_principal(name: str) -> Response:
-    check_csrf("enable_principal")
-    require_admin("enable_principal")
-    services().principals.set_enabled(caller(), name, True)
-    flash(f"Enabled {name}: its unexpired tokens are accepted again.", "info")
-    return redirect(url_for(".principal", name=name), 303)
-
-
-@bp.post("/principals/<name>/tokens/<token_id>/revoke")
-@signed_in
-def revoke_token(name: str, token_id: str) -> Any:
-    """Two steps, like disable."""
-    check_csrf("revoke_token")
-    require_admin("revoke_token")
-    if not _confirmed():
-        return _confirm_principal("revoke", name, token_id)
-    services().principals.revoke_token(caller(), name, token_id)
-    flash(f"Revoked token {token_id} of {name}: it is refused from now on.", "info")
-    return redirect(url_for(".principal", name=name), 303)
-
-
-@bp.post("/principals/<name>/sessions/end")
-@signed_in
-def end_sessions(name: str) -> Response:
-    check_csrf("end_sessions")
-    require_admin("end_sessions")
-    services().principals.end_sessions(caller(), name)
-    flash(f"Ended the dashboard sessions of {name}: it must log in again.", "info")
-    return redirect(url_for(".principal", name=name), 303)
-
-
-def _confirmed() -> bool:
-    return request.form.get("confirm") == "yes"
-
-
-def _confirm_principal(action: str, name: str, token_id: str | None) -> str:
-    """The confirmation page of ``action`` ("disable" or "revoke"), with an error when the
-    page itself was submitted without its box ticked."""
-    detail = dashboard().principal_detail(caller(), name)
-    token = next((t for t in detail.tokens if t.token_id == token_id), None)
-    if token_id is not None and token is None:
-        raise NotFound(f"principal {name!r} has no token {token_id}")
-    error = (
-        "Tick the box to confirm; nothing was changed."
-        if request.form.get("step") == "confirm"
-        else None
-    )
-    return render_template(
-        "dashboard/confirm_principal.html",
-        action=action,
-        d=detail,
-        token=token,
-        my_token=session.get("token_id"),
-        error=error,
-        **_common(),
-    )
-
-
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _common() -> dict[str, Any]:
+def common() -> dict[str, Any]:
     principal = caller().principal
     assert principal is not None  # signed_in ran
     return {
