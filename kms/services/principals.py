@@ -135,7 +135,8 @@ class PrincipalService:
         worker, at most AUTH_CACHE_SIZE entries) while the HSM state anchor stays where
         it was read, a miss never."""
         now = time.monotonic()
-        version = cache_version(self._state_version)  # StateRefused: none used
+        # the anchor is read only for a cache to follow (StateRefused: none used)
+        version = cache_version(self._state_version) if self._cache_seconds > 0 else None
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[1] > now and still_valid(hit[2], version):

@@ -337,7 +337,8 @@ class SigV4Service:
         SigV4Refused("unknown_key") otherwise."""
         self._invalidations.refresh()
         now = time.monotonic()
-        version = cache_version(self._state_version)  # StateRefused: none used
+        # the anchor is read only for a cache to follow (StateRefused: none used)
+        version = cache_version(self._state_version) if self._cache_seconds > 0 else None
         with self._lock:
             hit = self._cache.get(access_key_id)
             if hit is not None and hit[2] > now and still_valid(hit[3], version):
