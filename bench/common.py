@@ -290,7 +290,7 @@ def _seed(data_dir: Path, total: int, used: int, out: Any) -> None:
     from sqlalchemy import insert
 
     from kms import config
-    from kms.app import build_services, hsm_config
+    from kms.app import build_services, hsm_config, options_from_settings
     from kms.backends.hsm import Pkcs11Hsm
     from kms.backends.storage import SqlStorage, make_engine
     from kms.backends.storage import schema as t
@@ -301,7 +301,7 @@ def _seed(data_dir: Path, total: int, used: int, out: Any) -> None:
     engine = make_engine(settings.database_url, "NORMAL")
     hsm = Pkcs11Hsm(hsm_config(settings))
     storage = SqlStorage(engine)
-    services = build_services(storage, hsm)
+    services = build_services(storage, hsm, options=options_from_settings(settings))
     admin = services.principals.authenticate((data_dir / "admin.token").read_text().strip())
     principal, token = services.principals.create(Caller("seed", admin), "bench-many", "service")
     now = datetime.now(UTC)

@@ -274,7 +274,14 @@ def postgres_and_redis(work: Path) -> Iterator[tuple[PgCluster, RedisServer]]:
 
 def pg_data_dir(path: Path, cluster: PgCluster, database: str) -> Path:
     cluster.create_database(database)
-    done = run_kms("init", "--data-dir", str(path), "--database-url", cluster.url(database))
+    done = run_kms(
+        "init",
+        "--data-dir",
+        str(path),
+        "--database-url",
+        cluster.url(database),
+        "--single-operator",
+    )
     if done.returncode != 0:
         raise SystemExit(f"kms init failed: {done.stderr}")
     return path

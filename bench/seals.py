@@ -40,8 +40,12 @@ from kms.backends.hsm import Pkcs11Hsm  # noqa: E402
 from kms.backends.storage import SqlStorage, make_engine  # noqa: E402
 from kms.services.audit import AuditTrail  # noqa: E402
 from kms.services.audit_events import Caller  # noqa: E402
+from kms.services.change_model import SINGLE_OPERATOR, ControlPolicy  # noqa: E402
+from kms.services.changes import ChangeService  # noqa: E402
 from kms.services.clock import SystemClock  # noqa: E402
+from kms.services.escrow_common import EscrowRows, EscrowSettings  # noqa: E402
 from kms.services.model import KekRef, Key, KeyState, Principal  # noqa: E402
+from kms.services.notify import Notifier, WebhookSettings  # noqa: E402
 from kms.services.principals import PrincipalService  # noqa: E402
 from kms.services.seals import RowSeals, key_fields  # noqa: E402
 from tests.helpers import init_data_dir  # noqa: E402
@@ -118,8 +122,11 @@ def _lifecycle(settings: config.Settings, hsm: Pkcs11Hsm) -> tuple[float, float,
     storage = SqlStorage(make_engine(settings.database_url, "NORMAL"), RowSeals(hsm))
     state = storage._seals.state  # type: ignore[attr-defined]
     trail = AuditTrail(storage, SystemClock(), hsm)
-    follow = PrincipalService(storage, trail, SystemClock(), 300, state.version)
-    still = PrincipalService(storage, trail, SystemClock(), 300, lambda: 1)
+    notifier = Notifier(storage, trail, SystemClock(), None, WebhookSettings())
+    rows, single = EscrowRows(RowSeals(hsm)), ControlPolicy(SINGLE_OPERATOR)
+    changes = ChangeService(storage, trail, SystemClock(), notifier, rows, single, EscrowSettings())
+    follow = PrincipalService(storage, trail, SystemClock(), 300, state.version, changes=changes)
+    still = PrincipalService(storage, trail, SystemClock(), 300, lambda: 1, changes=changes)
     token = follow.create(Caller("bench", _admin(storage)), "bench-svc", "service")[1]
     n = 2000
     for service in (follow, still):

@@ -29,6 +29,7 @@ from kms.api import (
     throttle,
     xks,
 )
+from kms.api import changes as changes_api
 from kms.api import metrics as metrics_api
 from kms.api import openapi as openapi_api
 from kms.api import principals as principals_api
@@ -49,6 +50,8 @@ from kms.services.audit_context import ContextAudit
 from kms.services.audit_events import Caller
 from kms.services.audit_export import AuditExports
 from kms.services.aws_kms import AwsKeyService
+from kms.services.change_model import ControlPolicy
+from kms.services.changes import ChangeService
 from kms.services.clock import SystemClock
 from kms.services.cluster import BlindRewrapFailures, Cluster, ClusterSettings, Invalidations
 from kms.services.context_hash import ContextHasher
@@ -71,6 +74,7 @@ from kms.services.sigv4 import SigV4Service
 from kms.services.state_index import StateIndex
 from kms.services.xks import XksService
 from kms.web import dashboard as web_dashboard
+from kms.web import dashboard_changes as web_changes  # noqa: F401 (views on web_dashboard.bp)
 from kms.web import dashboard_principals  # noqa: F401 (its views are on web_dashboard.bp)
 
 log = logging.getLogger("kms.request")
@@ -95,6 +99,7 @@ class Services:
     xks: XksService
     audit_growth: AuditGrowth
     state: StateIndex  # the freshness of sealed rows (kms/services/state_index.py)
+    changes: ChangeService  # dual control of the control plane
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class Options:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     audit_alert_per_minute: int = DEFAULT_ALERT_RECORDS_PER_MINUTE
     token_max_lifetimes: Mapping[Role, int] = field(default_factory=dict)  # seconds
+    control: ControlPolicy = field(default_factory=ControlPolicy)  # pinned at first start
 
 
 def options_from_settings(settings: config_mod.Settings) -> Options:
@@ -137,6 +143,14 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
         ),
         settings.audit_alert_records_per_minute,
         {Role(r): seconds for r, seconds in settings.token_max_lifetimes.items()},
+        ControlPolicy(
+            settings.control_mode,
+            settings.change_quorum,
+            settings.escrow_required_groups | settings.escrow_veto_groups
+            if settings.change_required_groups is None
+            else settings.change_required_groups,
+            settings.change_ttl_seconds,
+        ),
     )
 
 
@@ -158,7 +172,10 @@ def build_services(
     rows = EscrowRows(seals)
     escrow = EscrowService(storage, trail, clock, notifier, options.escrow, rows)
     notifier.on_delivered = escrow.delivered
-    custodians = CustodianService(storage, trail, clock, notifier, options.escrow, rows)
+    changes = ChangeService(storage, trail, clock, notifier, rows, options.control, options.escrow)
+    custodians = CustodianService(
+        storage, trail, clock, notifier, options.escrow, rows, changes=changes
+    )
     principals = PrincipalService(
         storage,
         trail,
@@ -167,8 +184,9 @@ def build_services(
         seals.state.version,
         options.token_max_lifetimes,
         custodians.needed_member,
+        changes=changes,
     )
-    keys = KeyService(storage, hsm, trail, clock)
+    keys = KeyService(storage, hsm, trail, clock, changes=changes)
     exports = AuditExports(storage, trail)
     contexts = ContextHasher(hsm)  # keyed context hashes, one memo per worker
     shared = shared_backends(options.cluster.redis_url, options.cluster.redis_timeout_ms)
@@ -212,11 +230,13 @@ def build_services(
             shared.nonces,
             invalidations,
             seals.state.version,
+            changes=changes,
         ),
         cluster=cluster,
         dashboard=DashboardService(storage, hsm, trail, principals, keys, exports, clock, rows),
         aws=AwsKeyService(storage, trail),
-        xks=XksService(storage, hsm, trail, clock, runner),
+        xks=XksService(storage, hsm, trail, clock, runner, changes=changes),
+        changes=changes,
         audit_growth=AuditGrowth(storage, clock, options.audit_alert_per_minute),
         state=seals.state,
     )
@@ -228,6 +248,10 @@ def start_background(services: Services, settings: config_mod.Settings) -> None:
     the backend's process-wide lock. First, the worker's index of current seals starts
     to build (kms/services/state_index.py), in the background too."""
     services.state.warm()
+    try:
+        services.changes.pin()  # and log the mode
+    except Exception:  # the database or HSM is not up yet: pinned at first use
+        logging.getLogger("kms.changes").exception("control policy not read at start")
     _every(settings.audit_checkpoint_seconds, services.audit.checkpoint_quietly, "checkpoints")
     _every(0.5, services.health.storage_upkeep, "wal-checkpoint")
     _every(5, services.sigv4.prune_nonces, "nonce-prune")
@@ -314,7 +338,16 @@ def create_app(
         options_from_settings(settings),
     )
     xks_bp = xks.blueprint(settings.xks_uri_prefix, settings.xks_region)  # URLs: the prefix
-    for bp in (admin.bp, principals_api.bp, crypto.bp, audit.bp, escrow.bp, sigv4.bp, xks_bp):
+    for bp in (
+        admin.bp,
+        changes_api.bp,
+        principals_api.bp,
+        crypto.bp,
+        audit.bp,
+        escrow.bp,
+        sigv4.bp,
+        xks_bp,
+    ):
         app.register_blueprint(bp)
     app.register_blueprint(web_dashboard.bp, settings=settings)
     app.register_blueprint(aws_kms.bp, settings=settings)  # POST / (X-Amz-Target)

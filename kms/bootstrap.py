@@ -34,6 +34,7 @@ class InitReport:
     sealed_rows: dict[str, int]  # rows made before row seals existed, sealed now
     # custodians pinned now: (name, group, file holding the token of its new principal)
     pinned: list[tuple[str, str, Path | None]] = field(default_factory=list)
+    control: str = ""  # the control policy in force (ControlPolicy.summary())
 
 
 def init_data_dir(
@@ -44,11 +45,14 @@ def init_data_dir(
     pin_file: Path | None = None,
     database_url: str | None = None,
     custodians: Sequence[tuple[str, str, bytes]] = (),
+    single_operator: bool = False,
 ) -> InitReport:
     """Create or complete a data directory (idempotent); ``custodians`` (name, group,
     raw Ed25519 public key) are pinned as the first members of their groups
     (CustodianService.pin_custodian), each new principal's token written beside the
-    admin's (custodian-<name>.token, mode 0600) for handing over."""
+    admin's (custodian-<name>.token, mode 0600) for handing over. The control policy
+    (dual control, or ``single_operator`` for development) is pinned in the sealed state
+    on the first run (kms/services/changes.py); later runs report the one in force."""
     data_dir = data_dir.resolve()
     os.umask(0o077)  # everything in the data directory is private to its owner
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -63,9 +67,13 @@ def init_data_dir(
             ]
         if database_url:
             lines.append(f"KMS_DATABASE_URL={database_url}")
+        if single_operator:
+            lines.append("KMS_CONTROL_MODE=single-operator")
         conf_path.write_text("\n".join(lines) + "\n")
         conf_path.chmod(0o600)
     env = {**os.environ, "KMS_DATA_DIR": str(data_dir)}
+    if single_operator:
+        env["KMS_CONTROL_MODE"] = "single-operator"
     conf = config_mod.read_conf_file(conf_path)
     if "KMS_PKCS11_MODULE" not in conf and "KMS_PKCS11_MODULE" not in os.environ:
         softhsm.write_config(data_dir)
@@ -95,10 +103,13 @@ def init_data_dir(
                 path.unlink(missing_ok=True)
                 softhsm.write_secret(path, custodian_token)
             pinned.append((name, group, path))
+        control = services.changes.pin().summary()
     finally:
         hsm.close()
         engine.dispose()
-    return InitReport(data_dir, created, token_file, token is not None, chain_id, sealed, pinned)
+    return InitReport(
+        data_dir, created, token_file, token is not None, chain_id, sealed, pinned, control
+    )
 
 
 def secure_database(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kms.services.change_model import GROUP_RE
 from kms.services.rate_limits import (
     RatePolicy,
     parse_audit_budget,
@@ -101,6 +102,16 @@ class Settings:
     # KMS_TOKEN_MAX_LIFETIME: "admin=8h,service=90d" (units s, m, h, d): the longest a
     # bearer token issued to that role lives (kms/services/principals.py); unset: no cap
     token_max_lifetimes: dict[str, int] = field(default_factory=dict)
+    # Dual control (kms/services/changes.py), the policy pinned in the sealed state at the
+    # first start (later edits here change nothing: the policy changes only through an
+    # approved change). KMS_CONTROL_MODE: "dual" (default) or "single-operator"
+    # (development: changes apply at once); KMS_CHANGE_QUORUM approvals; from each of
+    # KMS_CHANGE_REQUIRED_GROUPS (default: the escrow required and veto groups); a change
+    # expires after KMS_CHANGE_TTL_SECONDS
+    control_mode: str = "dual"
+    change_quorum: int = 2
+    change_required_groups: frozenset[str] | None = None
+    change_ttl_seconds: int = 7 * 86400
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -207,7 +218,25 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         **_webhook(env),
         **_redis(env),
         token_max_lifetimes=_lifetimes(env.get("KMS_TOKEN_MAX_LIFETIME", "")),
+        **_control(env),
     )
+
+
+def _control(env: Mapping[str, str]) -> dict[str, Any]:
+    mode = env.get("KMS_CONTROL_MODE", "dual")
+    if mode not in ("dual", "single-operator"):
+        raise ConfigError("KMS_CONTROL_MODE must be dual or single-operator")
+    groups = _groups(env, "KMS_CHANGE_REQUIRED_GROUPS")
+    if len(groups) > 16 or not all(GROUP_RE.fullmatch(g) for g in groups):
+        raise ConfigError(
+            "KMS_CHANGE_REQUIRED_GROUPS: at most 16 group names of 1-64 letters, digits, _ or -"
+        )
+    return {
+        "control_mode": mode,
+        "change_quorum": _int(env, "KMS_CHANGE_QUORUM", 2, 1, 16),
+        "change_required_groups": groups if "KMS_CHANGE_REQUIRED_GROUPS" in env else None,
+        "change_ttl_seconds": _int(env, "KMS_CHANGE_TTL_SECONDS", 7 * 86400, 300, 30 * 86400),
+    }
 
 
 def _xks_prefix(env: Mapping[str, str]) -> str:

@@ -119,6 +119,20 @@ class KeyVersionRetired(Conflict):
     public_message = "this key version is retired"
 
 
+class ChangeProposed(KmsError):
+    """Not a failure: the request is a control-plane change that needs approvals under dual
+    control (kms/services/changes.py); it was recorded as pending, not applied. The API
+    answers 202 with ``change`` (the pending change's public description)."""
+
+    status = 202
+    code = "change_proposed"
+    public_message = "the change was proposed; it takes effect once approved and applied"
+
+    def __init__(self, change: dict[str, object]) -> None:
+        super().__init__(self.public_message, detail=f"change={change.get('change_id')}")
+        self.change = change
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"

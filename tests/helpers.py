@@ -67,7 +67,9 @@ def run_kms(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def init_data_dir(path: Path) -> Path:
-    done = run_kms("init", "--data-dir", str(path))
+    """A data directory in single-operator mode: the tests of everything but dual control
+    (tests/functional/test_dual_control*.py make their own, in dual mode)."""
+    done = run_kms("init", "--data-dir", str(path), "--single-operator")
     assert done.returncode == 0, done.stderr
     return path
 

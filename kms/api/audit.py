@@ -8,7 +8,7 @@ from flask import Blueprint, Response, request
 
 from kms.api import parsing as p
 from kms.api.context import caller, operation, services
-from kms.errors import InvalidRequest
+from kms.errors import InvalidRequest, KmsError
 from kms.services.audit_export import parse_time, report_csv
 from kms.services.model import AuditQuery
 
@@ -157,8 +157,14 @@ def healthz() -> dict[str, str]:
 def readyz() -> tuple[dict[str, Any], int]:
     """``{"status": "ok"|"unavailable", "checks": {"hsm", "database", "audit_signing_key",
     "audit_anchor"}}``
-    with each check "ok" or an error code: 200 when every check is ok, 503 otherwise.
+    with each check "ok" or an error code: 200 when every check is ok, 503 otherwise; and
+    ``"control"``: "dual" or "single-operator" (kms/services/changes.py).
     Unauthenticated (load balancers probe it); it shows only those codes, no detail."""
     checks = services().health.readiness()
     ok = all(v == "ok" for v in checks.values())
-    return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+    try:
+        control = services().changes.policy().mode
+    except KmsError as e:
+        control = e.code
+    body = {"status": "ok" if ok else "unavailable", "checks": checks, "control": control}
+    return body, 200 if ok else 503

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from kms.api.context import request_id
 from kms.api.errors import error_response
 from kms.errors import (
+    ChangeProposed,
     ClientError,
     Conflict,
     DecryptionFailed,
@@ -139,6 +140,9 @@ def aws_error(err: KmsError) -> tuple[str, int, str]:
     if isinstance(err, SigV4Refused):
         name, message = _SIGV4.get(err.reason, _SIGV4["bad_signature"])
         return name, 400, message
+    if isinstance(err, ChangeProposed):  # AWS has no "accepted, pending approvals"
+        change = err.change.get("change_id")
+        return "AccessDeniedException", 400, f"{err.message}: change {change} (/v1/changes)"
     return _client_type(err), 400, err.message
 
 

@@ -14,13 +14,22 @@ from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from kms.api.context import http_error, request_id
-from kms.errors import ClientError, KmsError, RateLimited, ServerError, Unauthenticated
+from kms.errors import (
+    ChangeProposed,
+    ClientError,
+    KmsError,
+    RateLimited,
+    ServerError,
+    Unauthenticated,
+)
 
 log = logging.getLogger("kms.api")
 
 
 def error_response(err: KmsError) -> tuple[Response, int]:
     g.error_code = err.code  # the outcome label of kms_requests_total (kms/api/metrics.py)
+    if isinstance(err, ChangeProposed):  # not an error: recorded, pending approvals
+        return jsonify(change=err.change, message=err.message), err.status
     if isinstance(err, RateLimited) and err.retry_after is not None:
         g.retry_after = err.retry_after  # the Retry-After header (kms/api/throttle.py)
     if isinstance(err, Unauthenticated):

@@ -12,7 +12,7 @@ from flask import Blueprint
 from kms.api import parsing as p
 from kms.api import serialize
 from kms.api.context import caller, operation, services
-from kms.services.principals import MAX_GRACE_SECONDS, MAX_TTL_SECONDS
+from kms.services.tokens import MAX_GRACE_SECONDS, MAX_TTL_SECONDS
 
 bp = Blueprint("principals", __name__, url_prefix="/v1")
 Json = tuple[dict[str, Any], int] | dict[str, Any]

@@ -25,7 +25,7 @@ def blueprint() -> Blueprint:
     return policy
 
 
-def _policy_json(ref: str, policy: XksKeyPolicy) -> dict[str, Any]:
+def policy_json(ref: str, policy: XksKeyPolicy) -> dict[str, Any]:
     return {
         "key": ref,
         "usage": [u for u in fmt.USAGES if u in policy.usage],
@@ -38,7 +38,7 @@ def _policy_json(ref: str, policy: XksKeyPolicy) -> dict[str, Any]:
 def read_policy(ref: str) -> dict[str, Any]:
     """-> ``{key, usage, aws_principals, kms_operations}`` (admins and auditors)."""
     key, policy = services().xks.policy(caller(), ref)
-    return {**_policy_json(ref, policy), "key_id": key.key_id}
+    return {**policy_json(ref, policy), "key_id": key.key_id}
 
 
 @operation("set_xks_policy")
@@ -62,4 +62,4 @@ def set_policy(ref: str) -> dict[str, Any]:
     except fmt.XksFormatError as e:
         raise InvalidRequest(str(e)) from None
     key = services().xks.set_policy(caller(), ref, policy)
-    return {**_policy_json(ref, policy), "key_id": key.key_id}
+    return {**policy_json(ref, policy), "key_id": key.key_id}

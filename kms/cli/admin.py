@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from kms.cli.common import clear_errors, client, print_json, remote
-from kms.services.principals import MAX_GRACE_SECONDS, MAX_TTL_SECONDS, NAME_RE, TOKEN_ID_RE
+from kms.services.principals import NAME_RE
+from kms.services.tokens import MAX_GRACE_SECONDS, MAX_TTL_SECONDS, TOKEN_ID_RE
 
 
 @click.group()

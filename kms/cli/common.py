@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kms.client import KmsClient, KmsClientError
+from kms.client import KmsClient, KmsClientError, pending_change
 
 DEFAULT_URL = "http://127.0.0.1:8200"
 
@@ -37,7 +39,37 @@ def clear_errors() -> Iterator[None]:
 
 
 def print_json(data: Any) -> None:
+    """The answer as JSON on stdout. A pending change (a gated request under dual control,
+    answered 202) is also told on stderr, with the next steps."""
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+    change = pending_change(data)
+    if change is not None:
+        cid = printable(str(change.get("change_id")))
+        kind = printable(str(change.get("kind")))
+        click.echo(
+            f"change {cid} proposed ({kind}): it needs approvals (dual control); nothing "
+            "is done yet.\n"
+            f"next: custodians run  kms changes approve {cid} --key FILE --custodian NAME\n"
+            f"      then you run    kms changes apply {cid}",
+            err=True,
+        )
+
+
+def printable(text: str) -> str:
+    """Text from the server, shown to a human about to sign: no terminal controls."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def private_key(key_file: Path) -> Ed25519PrivateKey:
+    """A custodian's Ed25519 private key (PEM, from ``kms escrow keygen``); one clear
+    error if the file cannot be read or holds another kind of key."""
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as e:
+        raise click.ClickException(f"cannot read the custodian key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise click.ClickException("the custodian key is not an Ed25519 private key")
+    return key
 
 
 data_dir_option = click.option(

@@ -12,7 +12,7 @@ import click
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kms.cli.common import clear_errors, client, print_json, remote
+from kms.cli.common import clear_errors, client, print_json, printable, private_key, remote
 from kms.formats import escrow as escrowfmt
 
 
@@ -79,13 +79,8 @@ def endorse(name: str, group: str, public_key: str, key_file: Path, custodian: s
     """Endorse a new custodian of your group offline; prints the endorsement (JSON) to hand
     to the admin who registers them."""
     raw = _b64_option(public_key, "--public-key")
-    signature = _private_key(key_file).sign(escrowfmt.enrolment_message(name, group, raw))
+    signature = private_key(key_file).sign(escrowfmt.enrolment_message(name, group, raw))
     print_json({"custodian": custodian, "signature": base64.b64encode(signature).decode()})
-
-
-def _printable(text: str) -> str:
-    """Text from the server, shown to a human about to sign: no terminal controls."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _b64_option(value: str, name: str) -> bytes:
@@ -93,16 +88,6 @@ def _b64_option(value: str, name: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except ValueError:
         raise click.BadParameter("not base64", param_hint=name) from None
-
-
-def _private_key(key_file: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as e:
-        raise click.ClickException(f"cannot read the custodian key: {e}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise click.ClickException("the custodian key is not an Ed25519 private key")
-    return key
 
 
 @escrow.command("revoke-custodian")
@@ -195,7 +180,7 @@ def _decide(
     url: str,
     token_file: Path | None,
 ) -> None:
-    key = _private_key(key_file)
+    key = private_key(key_file)
     with clear_errors():
         api = client(url, token_file)
         case = api.get_case(case_id)
@@ -204,7 +189,7 @@ def _decide(
         if base64.b64encode(digest).decode() != case["digest"]:
             raise click.ClickException("the server's digest does not match the case: not signing")
         scope = case["scope"]
-        case = {k: _printable(v) if isinstance(v, str) else v for k, v in case.items()}
+        case = {k: printable(v) if isinstance(v, str) else v for k, v in case.items()}
         click.echo(
             f"Case {case['case_id']} version {case['version']}, filed by {case['requester']}\n"
             f"  legal basis:   {case['legal_basis']}\n"

@@ -33,6 +33,12 @@ GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.
     help="Pin the first custodian of GROUP (public key: base64 from `kms escrow keygen`); "
     "repeatable. The API never adds a group's first member.",
 )
+@click.option(
+    "--single-operator",
+    is_flag=True,
+    help="Development only: control-plane changes apply without approvals (dual control "
+    "off). Pinned at the first init; shown on the dashboard and /readyz.",
+)
 def init(
     data_dir: Path,
     pkcs11_module: str | None,
@@ -40,6 +46,7 @@ def init(
     pin_file: Path | None,
     database_url: str | None,
     custodians: tuple[str, ...],
+    single_operator: bool,
 ) -> None:
     """Create or complete a data directory (idempotent)."""
     if pkcs11_module and not pin_file:
@@ -55,6 +62,7 @@ def init(
             pin_file=pin_file,
             database_url=database_url,
             custodians=pins,
+            single_operator=single_operator,
         )
     click.echo(f"data directory: {report.data_dir}")
     click.echo(f"HSM keys created: {', '.join(report.created_keys) or 'none (already present)'}")
@@ -66,6 +74,7 @@ def init(
     for name, group, token_path in report.pinned:
         where = f"; its token written to {token_path} (mode 0600)" if token_path else ""
         click.echo(f"custodian {name} pinned in group {group}{where}")
+    click.echo(f"control policy: {report.control}")
 
 
 def _custodian_option(value: str) -> tuple[str, str, bytes]:

@@ -8,6 +8,7 @@ import click
 from kms.cli.admin import grants, keys, principals
 from kms.cli.audit import audit
 from kms.cli.backup import backup, restore
+from kms.cli.changes import changes
 from kms.cli.escrow import escrow
 from kms.cli.local import init, migrate, rotate_due, serve
 from kms.cli.rewrap import rewrap
@@ -29,6 +30,7 @@ for _command in (
     grants,
     audit,
     escrow,
+    changes,
     rewrap,
     backup,
     restore,

@@ -5,10 +5,13 @@
     blob = encrypt_bytes(client, "alias/patients", b"record", context={"tenant": "42"})
     assert decrypt_bytes(client, blob, context={"tenant": "42"}) == b"record"
 
-Every failure is a KmsClientError.
+Every failure is a KmsClientError. Under dual control a gated administrative call
+answers a pending change instead of acting: ``pending_change(answer)`` tells
+(kms/client/changes.py).
 """
 
 from kms.client.cache import DataKeyCache
+from kms.client.changes import change_signature, pending_change
 from kms.client.envelope import decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file
 from kms.client.http import DataKey, KmsClient, KmsClientError
 from kms.client.rewrap import BulkRewrapper, Census, RewrapItem, RewrapResult
@@ -23,9 +26,11 @@ __all__ = [
     "KmsClientError",
     "RewrapItem",
     "RewrapResult",
+    "change_signature",
     "decrypt_bytes",
     "decrypt_file",
     "encrypt_bytes",
     "encrypt_file",
+    "pending_change",
     "rewrap_files",
 ]

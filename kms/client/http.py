@@ -11,19 +11,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-
-class KmsClientError(Exception):
-    """Any failure of the SDK: ``code`` is the server's stable error code (or a local one
-    such as ``transport_error`` or ``decryption_failed``)."""
-
-    def __init__(
-        self, code: str, message: str, *, status: int | None = None, request_id: str | None = None
-    ) -> None:
-        super().__init__(f"{code}: {message}" + (f" (request {request_id})" if request_id else ""))
-        self.code = code
-        self.message = message
-        self.status = status
-        self.request_id = request_id
+from kms.client.changes import ChangeCalls
+from kms.client.errors import KmsClientError as KmsClientError  # (re-exported)
 
 
 @dataclass(frozen=True)
@@ -45,7 +34,7 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-class KmsClient:
+class KmsClient(ChangeCalls):
     def __init__(
         self,
         url: str,
@@ -129,6 +118,9 @@ class KmsClient:
     # -- administration -----------------------------------------------------------------
 
     def create_principal(self, name: str, role: str) -> dict[str, Any]:
+        """The new principal with its ``token`` (shown only here). Under dual control a
+        service, requester or admin is a change: the answer is then the pending change,
+        ``{"change", "message"}`` (pending_change tells; kms/client/changes.py)."""
         return dict(self.call("POST", "/v1/principals", {"name": name, "role": role}))
 
     def list_principals(self) -> list[dict[str, Any]]:
@@ -157,7 +149,9 @@ class KmsClient:
     def issue_token(self, name: str, ttl_seconds: int | None = None) -> dict[str, Any]:
         """A new token for the principal: the answer's ``token`` is shown only here. It
         expires after ``ttl_seconds`` (60 s to 10 years), or the role's maximum
-        (KMS_TOKEN_MAX_LIFETIME) if that is shorter; without either, never."""
+        (KMS_TOKEN_MAX_LIFETIME) if that is shorter; without either, never. A token for
+        another principal is a change under dual control: the answer is then the pending
+        change (pending_change tells)."""
         body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
         return dict(self.call("POST", f"{_principal(name)}/tokens", body))
 
@@ -165,7 +159,8 @@ class KmsClient:
         self, name: str, token_id: str, grace_seconds: int = 0, ttl_seconds: int | None = None
     ) -> dict[str, Any]:
         """A new token replacing ``token_id`` (``replaces``); the old one expires
-        ``grace_seconds`` from now (0: at once). The new ``token`` is shown only here."""
+        ``grace_seconds`` from now (0: at once). The new ``token`` is shown only here.
+        Another principal's token is a change under dual control (see issue_token)."""
         body: dict[str, Any] = {"grace_seconds": grace_seconds}
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
@@ -192,7 +187,9 @@ class KmsClient:
     def key_action(
         self, ref: str, action: str, body: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """rotate, disable, enable, schedule-deletion, cancel-deletion."""
+        """rotate, disable, enable, schedule-deletion, cancel-deletion. Under dual control
+        schedule-deletion is a change: the answer is then the pending change
+        (pending_change tells)."""
         return dict(self.call("POST", f"/v1/keys/{_ref(ref)}/{action}", body or {}))
 
     def configure_key(self, ref: str, **settings: int | None) -> dict[str, Any]:
@@ -203,6 +200,9 @@ class KmsClient:
         return dict(self.call("GET", f"/v1/keys/{_ref(ref)}/usage?days={int(days)}"))
 
     def grant(self, ref: str, principal: str, operations: list[str]) -> dict[str, Any]:
+        """Set the principal's grant on the key: ``{principal, operations,
+        justifications}``. Under dual control a grant of datakey, decrypt or xks_decrypt
+        is a change: the answer is then the pending change (pending_change tells)."""
         return dict(
             self.call(
                 "POST",
@@ -306,13 +306,16 @@ class KmsClient:
         public_key: bytes,
         endorsement: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """``endorsement``: ``{"custodian", "signature"}`` from a member of the group."""
+        """``endorsement``: ``{"custodian", "signature"}`` from a member of the group. A
+        change under dual control: the answer is then the pending change (pending_change
+        tells)."""
         body: dict[str, Any] = {"name": name, "group": group, "public_key": _b64(public_key)}
         if endorsement is not None:
             body["endorsement"] = dict(endorsement)
         return dict(self.call("POST", "/v1/custodians", body))
 
     def revoke_custodian(self, name: str) -> dict[str, Any]:
+        """``{name, state: "revoked"}``; under dual control the pending change."""
         return dict(self.call("DELETE", f"/v1/custodians/{quote(name, safe='')}"))
 
     def file_case(self, case: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from kms.errors import (
     AuditBudgetExceeded,
     AuditStateRefused,
+    ChangeProposed,
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -367,6 +368,8 @@ class AuditTrail:
             return  # logged by the face that authenticates
         if isinstance(error, AuditBudgetExceeded):
             return  # coalesced by kms/services/audit_budget.py
+        if isinstance(error, ChangeProposed):
+            return  # not a failure: its propose_change record was written with the change
         if isinstance(error, KmsError):
             code, detail = error.code, error.detail or error.message
         else:

@@ -27,11 +27,13 @@ class Claim(Protocol):
 @dataclass(frozen=True)
 class Caller:
     """Who is asking, as established by the adapter that received the request; ``claim``
-    is what its authentication left to record at commit (a SigV4 signature's nonce)."""
+    is what its authentication left to record at commit (a SigV4 signature's nonce);
+    ``change`` the approved dual-control change it applies (kms/services/changes.py)."""
 
     request_id: str
     principal: Principal | None
     claim: Claim | None = None
+    change: str | None = None
 
     @property
     def name(self) -> str | None:

@@ -10,8 +10,8 @@ announced to the data owner. Rows are sealed by the HSM (escrow_common.py).
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import re
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -19,27 +19,20 @@ from kms.errors import Conflict, Forbidden, InvalidRequest, NotFound, SealBroken
 from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, format_time, local_event
+from kms.services.change_model import GROUP_RE
+from kms.services.change_quorum import ChangeTx
+from kms.services.changes import ChangeService
 from kms.services.escrow_common import EscrowRows, EscrowSettings, require_configured
 from kms.services.model import Custodian, Role
 from kms.services.notify import Notifier
 from kms.services.ports import (
-    AuditRows,
     Clock,
-    CustodianRows,
-    KeyRows,
-    NotificationRows,
-    PrincipalRows,
-    SealRows,
     Store,
 )
-from kms.services.principals import new_token, token_hash
-
-GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from kms.services.tokens import new_token, token_hash
 
 
-class CustodianServiceTx(
-    PrincipalRows, KeyRows, CustodianRows, NotificationRows, AuditRows, SealRows, Protocol
-):
+class CustodianServiceTx(ChangeTx, Protocol):
     """The rows CustodianService reads and writes."""
 
 
@@ -52,7 +45,10 @@ class CustodianService:
         notifier: Notifier,
         settings: EscrowSettings,
         rows: EscrowRows,
+        *,
+        changes: ChangeService,
     ) -> None:
+        self._changes = changes  # dual control of the custodian set (changes.py)
         self._storage = storage
         self._audit = audit
         self._clock = clock
@@ -92,7 +88,20 @@ class CustodianService:
                 detail=f"custodian={name} group={group} key_sha256="
                 + hashlib.sha256(public_key).hexdigest()[:16]
             )
+            params = {
+                "name": name,
+                "group": group,
+                "public_key": base64.b64encode(public_key).decode(),
+                "endorsement": None
+                if endorsement is None
+                else {
+                    "custodian": endorsement[0],
+                    "signature": base64.b64encode(endorsement[1]).decode(),
+                },
+            }
+            self._changes.require(caller, "register_custodian", params)
             with self._storage.transaction() as tx:
+                self._changes.consume(tx, caller, "register_custodian", params)
                 principal = tx.principal_by_name(name)
                 if principal is None or principal.role is not Role.CUSTODIAN:
                     raise InvalidRequest("a custodian must be a principal with role custodian")
@@ -132,33 +141,28 @@ class CustodianService:
 
     def revoke_custodian(self, caller: Caller, name: str) -> None:
         """From now on the custodian's approvals no longer count, past ones included (its
-        rejections stand). The data owner is notified. Refused (409) for the last active
-        member of a group an escrow policy requires or lets veto (the deployment's or
-        any key's): an emptied group would take its next custodian without endorsement,
-        and the data owner's veto would be gone."""
+        rejections stand). The data owner is notified. Refused (409) while the custodian
+        is needed (``needed_member``): an emptied group would take its next custodian
+        without endorsement, and the data owner's veto would be gone."""
         with self._audit.operation(caller, "revoke_custodian") as op:
             caller.require(Role.ADMIN)
             require_configured(self._notifier, self._settings)
             op.note(detail=f"custodian={name}")
+            self._changes.require(caller, "revoke_custodian", {"name": name})
             with self._storage.transaction() as tx:
+                self._changes.consume(tx, caller, "revoke_custodian", {"name": name})
                 if tx.custodian(name) is None:
                     raise NotFound("no such custodian")
                 # its current sealed row only: a row edited in the database is not re-sealed
                 custodian = self._rows.custodians(tx).get(name)
                 if custodian is None:
                     raise SealBroken(detail=f"the custodian row {name} fails its seal")
-                if custodian.state == "active" and custodian.group in self._needed_groups(tx):
-                    members = self._rows.custodians(tx).values()
-                    if not any(
-                        c.group == custodian.group and c.state == "active" and c.name != name
-                        for c in members
-                    ):
-                        raise Conflict(
-                            f"{name!r} is the last active custodian of group "
-                            f"{custodian.group!r}, which escrow policy needs: register "
-                            "another member (endorsed by this one) first",
-                            detail=f"last active member of {custodian.group}",
-                        )
+                why = self.needed_member(tx, name)
+                if why is not None:
+                    raise Conflict(
+                        f"{name!r} is {why}: register another member (endorsed by this one) first",
+                        detail=why,
+                    )
                 revoked = self._rows.sealed(replace(custodian, state="revoked"))
                 tx.set_custodian_state(name, "revoked", revoked.mac)
                 self._notifier.announce(tx, "custodian_revoked", _custodian_payload(revoked))
@@ -205,19 +209,26 @@ class CustodianService:
         return token
 
     def needed_member(self, tx: CustodianServiceTx, name: str) -> str | None:
-        """The group of which ``name`` is the last active custodian, if an escrow policy
-        needs that group (PrincipalService refuses to cut that principal off); None
-        otherwise."""
+        """Why custodian ``name`` must stay active (PrincipalService refuses to cut its
+        principal off, ``revoke_custodian`` to revoke it), or None: it is the last active
+        member of a group that an escrow policy (the deployment's or a key's) or, under
+        dual control, the control policy needs, or without it fewer active custodians
+        remain than the escrow quorum or the change quorum counts."""
         custodians = self._rows.custodians(tx)
         mine = custodians.get(name)
-        if mine is None or mine.state != "active" or mine.group not in self._needed_groups(tx):
+        if mine is None or mine.state != "active":
             return None
-        others = [
-            c
-            for c in custodians.values()
-            if c.group == mine.group and c.state == "active" and c.name != name
-        ]
-        return None if others else mine.group
+        others = [c for c in custodians.values() if c.state == "active" and c.name != name]
+        control = self._changes.in_force(tx)
+        needed = self._needed_groups(tx)
+        if control.dual:
+            needed |= control.required_groups
+        if mine.group in needed and not any(c.group == mine.group for c in others):
+            return f"the last active custodian of group {mine.group!r}, which a policy needs"
+        quorum = max(self._settings.policy.quorum, control.quorum if control.dual else 0)
+        if len(others) < quorum:
+            return f"one of the {quorum} active custodians a quorum needs"
+        return None
 
     def _needed_groups(self, tx: CustodianServiceTx) -> set[str]:
         """The groups some escrow policy requires or lets veto: the deployment's and every

@@ -26,11 +26,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from kms.errors import InvalidRequest, KeyStateError, KmsError, NotFound
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
+from kms.services.change_quorum import PLAINTEXT_OPS, ChangeTx
+from kms.services.changes import ChangeService
 from kms.services.key_params import (
     UNSET,
     Unset,
@@ -53,19 +55,15 @@ from kms.services.model import (
     VersionUsage,
 )
 from kms.services.ports import (
-    AuditRows,
     Clock,
-    GrantRows,
     Hsm,
-    KeyRows,
     LifecycleRows,
-    PrincipalRows,
     Store,
 )
 from kms.services.rotation import DueRun, aware, is_overdue
 
 
-class KeyServiceTx(KeyRows, LifecycleRows, PrincipalRows, GrantRows, AuditRows, Protocol):
+class KeyServiceTx(ChangeTx, LifecycleRows, Protocol):
     """The rows KeyService reads and writes."""
 
 
@@ -81,11 +79,20 @@ class KeyService:
     """The key lifecycle. Every change is one audited operation, recorded in the write
     transaction that makes it."""
 
-    def __init__(self, storage: KeyStore, hsm: Hsm, audit: AuditTrail, clock: Clock) -> None:
+    def __init__(
+        self,
+        storage: KeyStore,
+        hsm: Hsm,
+        audit: AuditTrail,
+        clock: Clock,
+        *,
+        changes: ChangeService,
+    ) -> None:
         self._storage = storage
         self._hsm = hsm
         self._audit = audit
         self._clock = clock
+        self._changes = changes  # dual control of grants, policies, deletion (changes.py)
 
     def create(self, caller: Caller, alias: str | None, description: str) -> Key:
         """A new enabled key whose version 1 was generated inside the HSM."""
@@ -138,12 +145,27 @@ class KeyService:
     ) -> Key:
         """Change the rotation period (None: off; at least MIN_ROTATION_DAYS) and/or move
         ``min_decryption_version`` forward (never backwards, never past the current
-        version). Nothing changes unless every given value is valid."""
+        version). Nothing changes unless every given value is valid. Moving
+        ``min_decryption_version`` makes stored blobs unreadable for good: a dual-control
+        change (kms/services/changes.py)."""
         with self._audit.operation(caller, "configure_key") as op:
             caller.require(Role.ADMIN)
             check_rotation_period(rotation_period_days)
+            params: dict[str, Any] = {
+                "key": ref,
+                "min_decryption_version": min_decryption_version,
+                "rotation_period_days": "unchanged"
+                if isinstance(rotation_period_days, Unset)
+                else rotation_period_days,
+            }
+            gated = min_decryption_version is not None
+            if gated:
+                self._changes.require(caller, "retire_versions", params, key_ref=ref)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
+                if gated:
+                    params["key"] = key.key_id
+                    self._changes.consume(tx, caller, "retire_versions", params)
                 op.note(key_id=key.key_id)
                 if key.state is KeyState.DESTROYED:
                     raise KeyStateError.of(key.state.value)
@@ -288,6 +310,7 @@ class KeyService:
         )
 
     def schedule_deletion(self, caller: Caller, ref: str, pending_days: int) -> Key:
+        """A dual-control change (kms/services/changes.py)."""
         return self._transition(
             caller,
             ref,
@@ -295,6 +318,7 @@ class KeyService:
             {KeyState.ENABLED, KeyState.DISABLED},
             KeyState.PENDING_DELETION,
             lambda: {"deletion_date": self._deletion_date(pending_days)},
+            gate=("schedule_deletion", {"key": ref, "pending_days": pending_days}),
         )
 
     def _deletion_date(self, pending_days: int) -> datetime:
@@ -325,8 +349,19 @@ class KeyService:
         with self._audit.operation(caller, "grant") as op:
             caller.require(Role.ADMIN)
             grant = parse_grant(operations, justifications)
+            gated = bool(grant.operations & PLAINTEXT_OPS)  # returns or unwraps material
+            params: dict[str, Any] = {
+                "key": ref,
+                "principal": principal_name,
+                "operations": sorted(grant.operations),
+                "justifications": sorted(grant.justifications),
+            }
+            if gated:
+                self._changes.require(caller, "grant", params, key_ref=ref)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
+                if gated:
+                    self._changes.consume(tx, caller, "grant", {**params, "key": key.key_id})
                 op.note(
                     key_id=key.key_id,
                     detail=f"principal={principal_name} ops={','.join(sorted(grant.operations))}"
@@ -347,8 +382,18 @@ class KeyService:
         with self._audit.operation(caller, "set_escrow_policy") as op:
             caller.require(Role.ADMIN)
             check_escrow_policy(policy)
+            params: dict[str, Any] = {
+                "key": ref,
+                "quorum": policy.quorum,
+                "required_groups": sorted(policy.required_groups),
+                "veto_groups": sorted(policy.veto_groups),
+            }
+            self._changes.require(caller, "set_escrow_policy", params, key_ref=ref)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
+                self._changes.consume(
+                    tx, caller, "set_escrow_policy", {**params, "key": key.key_id}
+                )
                 op.note(
                     key_id=key.key_id,
                     detail=f"quorum={policy.quorum} "
@@ -368,14 +413,20 @@ class KeyService:
         allowed_from: set[KeyState],
         to: KeyState,
         changes: Callable[[], dict[str, object]] = dict,
+        gate: tuple[str, dict[str, Any]] | None = None,
     ) -> Key:
         """Move the key to ``to`` from one of ``allowed_from``, with ``changes()`` (which
-        may refuse the request before anything is read)."""
+        may refuse the request before anything is read); ``gate``: (kind, params) if
+        this is a dual-control change."""
         with self._audit.operation(caller, name) as op:
             caller.require(Role.ADMIN)
             fields = changes()
+            if gate is not None:
+                self._changes.require(caller, gate[0], gate[1], key_ref=ref)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
+                if gate is not None:
+                    self._changes.consume(tx, caller, gate[0], {**gate[1], "key": key.key_id})
                 op.note(key_id=key.key_id)
                 if key.state not in allowed_from:
                     raise KeyStateError.of(key.state.value)

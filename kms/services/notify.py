@@ -11,10 +11,12 @@ row (attempts, last error).
 
 Wire format: ``POST <url>`` with a JSON body ``{"event", "notification_id", "sent_at",
 "case": {...}}`` (or ``"custodian": {...}`` for ``custodian_registered`` and
-``custodian_revoked``, ``"checkpoint": {...}`` for ``audit_checkpoint``: every signed
-checkpoint of the audit trail, fields as in kms/formats/checkpoint.py, so that the data
-owner holds them as witness) and headers ``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix
-seconds) and ``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``.
+``custodian_revoked``, ``"change": {...}`` for ``change_proposed``, ``change_rejected``
+and ``change_applied`` (a dual-control change, kms/services/changes.py), ``"checkpoint":
+{...}`` for ``audit_checkpoint``: every signed checkpoint of the audit trail, fields as
+in kms/formats/checkpoint.py, so that the data owner holds them as witness) and headers
+``X-KMS-Event``, ``X-KMS-Timestamp`` (Unix seconds) and
+``X-KMS-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``.
 The receiver recomputes the HMAC with the shared secret, compares in constant time, and
 rejects timestamps older than a few minutes.
 
@@ -195,6 +197,8 @@ class Notifier:
         now = self._clock.now()
         if n.case_id:
             subject = "case"
+        elif n.event.startswith("change_"):
+            subject = "change"
         else:
             subject = "checkpoint" if n.event == CHECKPOINT_EVENT else "custodian"
         body = json.dumps(

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from kms.formats.xks import XksKeyPolicy
+from kms.services.change_model import ChangeRows
 from kms.services.model import (
     AuditHead,
     AuditQuery,
@@ -334,6 +335,7 @@ class SealRows(Protocol):
 
 
 class Tx(
+    ChangeRows,
     PrincipalRows,
     SealRows,
     KeyRows,

@@ -18,9 +18,7 @@ once on every worker and node.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -39,29 +37,32 @@ from kms.errors import (
 )
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder
+from kms.services.change_quorum import ChangeTx
+from kms.services.changes import ChangeService
 from kms.services.model import Principal, Role, Token
-from kms.services.ports import AuditRows, Clock, PrincipalRows, Store
+from kms.services.ports import Clock, PrincipalRows, Store
 from kms.services.state_cache import HSM_DOWN, cache_version, still_valid
+from kms.services.tokens import (
+    MAX_GRACE_SECONDS,
+    MAX_TOKEN_CHARS,
+    MAX_TTL_SECONDS,
+    TOKEN_PREFIX,
+    check_token_id,
+    expiry_note,
+    hash_of,
+    new_token,
+    token_hash,
+    token_of,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
-TOKEN_PREFIX = "kms_"  # noqa: S105 (a prefix, not a secret)
-MAX_TOKEN_CHARS = 128
 AUTH_CACHE_SIZE = 10_000
 TOKEN_USE_RESOLUTION = 60.0  # seconds between two notes of a token's last use
-MAX_GRACE_SECONDS = 30 * 86400  # the longest an old token lives on after a rotation
-MAX_TTL_SECONDS = 10 * 365 * 86400
+# roles whose creation is a dual-control change: they reach plaintext, or administer
+PLAINTEXT_ROLES = frozenset({Role.SERVICE, Role.REQUESTER, Role.ADMIN})
 
 
-def new_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-class PrincipalServiceTx(PrincipalRows, AuditRows, Protocol):
+class PrincipalServiceTx(ChangeTx, Protocol):
     """The rows PrincipalService reads and writes."""
 
 
@@ -78,6 +79,8 @@ class PrincipalService:
         state_version: Callable[[], int | None] = lambda: None,
         max_lifetimes: Mapping[Role, int] | None = None,
         needed: Callable[[Any, str], str | None] = lambda tx, name: None,
+        *,
+        changes: ChangeService,
     ) -> None:
         self._storage = storage
         self._audit = audit
@@ -90,6 +93,7 @@ class PrincipalService:
         # why principal ``name`` must not be cut off (the last active custodian of a group
         # an escrow policy needs: CustodianService.needed_member), or None
         self._needed = needed
+        self._changes = changes  # dual control of creations and credentials (changes.py)
         self._used: dict[str, float] = {}  # token hash -> monotonic time of its last note
         self._lock = threading.Lock()
 
@@ -184,9 +188,15 @@ class PrincipalService:
             _check_name(name)
             now = self._clock.now()
             expires = self._expiry(parsed_role, now, ttl_seconds)
-            op.note(detail=f"name={name} role={parsed_role.value}" + _expiry_note(expires))
+            op.note(detail=f"name={name} role={parsed_role.value}" + expiry_note(expires))
+            gated = parsed_role in PLAINTEXT_ROLES
+            params = {"name": name, "role": parsed_role.value, "ttl_seconds": ttl_seconds}
+            if gated:
+                self._changes.require(caller, "create_principal", params)
             token = new_token()
             with self._storage.transaction() as tx:
+                if gated:
+                    self._changes.consume(tx, caller, "create_principal", params)
                 principal = tx.add_principal(name, parsed_role, token_hash(token), now, expires)
                 self._audit.append(tx, [op.ok()])
             return principal, token
@@ -200,15 +210,22 @@ class PrincipalService:
     def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Principal:
         """Enable or disable the principal ``name`` (an admin; never oneself, nor the
         last enabled admin). Disabling also ends its dashboard sessions, so enabling it
-        again does not bring them back. Idempotent; recorded either way."""
+        again does not bring them back. Idempotent; recorded either way. Enabling a
+        disabled principal undoes another admin's decision: a dual-control change."""
         with self._audit.operation(
             caller, "enable_principal" if enabled else "disable_principal"
         ) as op:
             admin = caller.require(Role.ADMIN)
             _check_name(name)
             op.note(detail=f"name={name}")
+            if enabled:
+                with self._storage.reader() as tx:
+                    if _existing(tx, name).disabled:
+                        self._changes.require(caller, "enable_principal", {"name": name})
             with self._storage.transaction() as tx:
                 principal = _existing(tx, name)
+                if enabled and principal.disabled:  # decided here: disabled in flight too
+                    self._changes.consume(tx, caller, "enable_principal", {"name": name})
                 if principal.id == admin.id:  # (enabling: only ever from a request in flight)
                     raise Conflict("an admin cannot disable or enable itself")
                 if not enabled and not principal.disabled:
@@ -272,13 +289,24 @@ class PrincipalService:
                 caller.require(Role.ADMIN)
             else:
                 _self_or_admin(caller, name)
-                _check_token_id(rotate)
+                check_token_id(rotate)
             if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
                 raise InvalidRequest(f"grace_seconds must be 0 to {MAX_GRACE_SECONDS}")
             now = self._clock.now()
+            gated = caller.name != name  # a credential of someone else
+            params = {
+                "name": name,
+                "ttl_seconds": ttl_seconds,
+                "rotate": rotate,
+                "grace_seconds": grace_seconds,
+            }
+            if gated:
+                self._changes.require(caller, "issue_token", params)
             token = new_token()
             digest = token_hash(token)
             with self._storage.transaction() as tx:
+                if gated:
+                    self._changes.consume(tx, caller, "issue_token", params)
                 principal = _existing(tx, name)
                 own = caller.principal is not None and caller.principal.id == principal.id
                 if not own and principal.role in (Role.REQUESTER, Role.CUSTODIAN):
@@ -288,7 +316,7 @@ class PrincipalService:
                     )
                 expires = self._expiry(principal.role, now, ttl_seconds)
                 if rotate is not None:
-                    old_hash, old = _token(tx, principal, rotate)
+                    old_hash, old = token_of(tx, principal, rotate)
                     if old.expired(now):
                         raise Conflict(f"token {rotate} has expired; issue a new one")
                     if old.rotated_at is not None:
@@ -298,7 +326,7 @@ class PrincipalService:
                         )
                     if own and old.expires_at is not None:
                         expires = min(expires or old.expires_at, old.expires_at)
-                note = f"name={name} token={digest[:16]}" + _expiry_note(expires)
+                note = f"name={name} token={digest[:16]}" + expiry_note(expires)
                 if rotate is not None:
                     until = now + timedelta(seconds=grace_seconds)
                     if old.expires_at is not None and old.expires_at < until:
@@ -316,11 +344,11 @@ class PrincipalService:
         with self._audit.operation(caller, "revoke_token") as op:
             _check_name(name)
             _self_or_admin(caller, name)
-            _check_token_id(token_id)
+            check_token_id(token_id)
             op.note(detail=f"name={name} token={token_id}")
             with self._storage.transaction() as tx:
                 principal = _existing(tx, name)
-                digest = _token_hash(tx, principal, token_id)
+                digest = hash_of(tx, principal, token_id)
                 now = self._clock.now()
                 live = [
                     t for h, t in tx.tokens_of(principal.id) if h != digest and not t.expired(now)
@@ -356,18 +384,18 @@ class PrincipalService:
         """Conflict if ``principal`` must keep working: the last enabled admin (nobody
         could administer the server again), or the last active custodian of a group an
         escrow policy needs (its veto would be silenced: a custodian decides through its
-        principal)."""
+        principal), or one without whom a quorum cannot be reached."""
         if principal.role is Role.ADMIN and not any(
             p.role is Role.ADMIN and not p.disabled and p.id != principal.id
             for p in tx.list_principals()
         ):
             raise Conflict("the last enabled admin cannot be cut off")
-        group = self._needed(tx, principal.name)
-        if group is not None:
+        why = self._needed(tx, principal.name)
+        if why is not None:
             raise Conflict(
-                f"{principal.name!r} is the last active custodian of group {group!r}, which "
-                "escrow policy needs: register another member (endorsed by this one) first",
-                detail=f"last active member of {group}",
+                f"{principal.name!r} is {why}: register another member (endorsed by this "
+                "one) first",
+                detail=why,
             )
 
     def _forget(self) -> None:
@@ -393,15 +421,6 @@ def _existing(tx: PrincipalRows, name: str) -> Principal:
     return principal
 
 
-def _token_hash(tx: PrincipalRows, principal: Principal, token_id: str) -> str:
-    """The full hash of the principal's token ``token_id``, read from the key column
-    alone (a row whose other columns were made unreadable is still found)."""
-    for digest in tx.token_hashes(principal.id):
-        if digest[:16] == token_id:
-            return digest
-    raise NotFound(f"principal {principal.name!r} has no token {token_id}")
-
-
 def _later(principal: Principal, now: datetime) -> datetime:
     """``now``, or the principal's sessions_since if later (a node whose clock is behind
     never brings ended sessions back)."""
@@ -409,25 +428,9 @@ def _later(principal: Principal, now: datetime) -> datetime:
     return now if ended is None or now > ended else ended
 
 
-def _token(tx: PrincipalRows, principal: Principal, token_id: str) -> tuple[str, Token]:
-    for digest, found in tx.tokens_of(principal.id):
-        if found.token_id == token_id:
-            return digest, found
-    raise NotFound(f"principal {principal.name!r} has no token {token_id}")
-
-
 def _self_or_admin(caller: Caller, name: str) -> None:
     if caller.principal is None or caller.principal.name != name:
         caller.require(Role.ADMIN)
-
-
-def _check_token_id(token_id: str) -> None:
-    if not TOKEN_ID_RE.fullmatch(token_id):
-        raise InvalidRequest("a token id is 16 lowercase hex digits")
-
-
-def _expiry_note(expires: datetime | None) -> str:
-    return "" if expires is None else f" expires={expires.isoformat()}"
 
 
 def _role(value: str) -> Role:

@@ -220,6 +220,8 @@ ROW_KEY = {
     "xks_policy": ("key_id",),
     "custodian": ("name",),
     "case": ("case_id",),
+    "change": ("change_id",),
+    "control_policy": ("id",),
 }
 
 _IDENTITY = {
@@ -232,6 +234,8 @@ _IDENTITY = {
     "xks_policy": ("key_id",),
     "custodian": ("name",),
     "case": ("case_id",),
+    "change": ("change_id",),
+    "control_policy": ("id",),
 }
 
 

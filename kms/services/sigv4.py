@@ -50,15 +50,15 @@ from kms.errors import (
 from kms.formats import sigv4 as fmt
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, format_time
+from kms.services.change_quorum import ChangeTx
+from kms.services.changes import ChangeService
 from kms.services.cluster import CREDENTIAL, Invalidations
 from kms.services.model import KekRef, Principal, Role, SigV4Credential
 from kms.services.ports import (
-    AuditRows,
     Clock,
     Hsm,
     NonceRows,
     NonceStore,
-    PrincipalRows,
     SigV4Rows,
     Store,
 )
@@ -139,7 +139,7 @@ class DatabaseNonces:
             log.warning("nonce pruning failed", extra={"detail": e.detail})
 
 
-class SigV4ServiceTx(PrincipalRows, SigV4Rows, NonceRows, AuditRows, Protocol):
+class SigV4ServiceTx(ChangeTx, SigV4Rows, NonceRows, Protocol):
     """The rows SigV4Service reads and writes (NonceRows: when no other NonceStore is
     given)."""
 
@@ -155,7 +155,10 @@ class SigV4Service:
         nonces: NonceStore | None = None,
         invalidations: Invalidations | None = None,
         state_version: Callable[[], int | None] = lambda: None,
+        *,
+        changes: ChangeService,
     ) -> None:
+        self._changes = changes  # dual control of credential issuance (changes.py)
         self._storage = storage
         self._state_version = state_version
         self._hsm = hsm
@@ -179,9 +182,12 @@ class SigV4Service:
 
     def issue(self, caller: Caller, principal_name: str) -> tuple[str, str]:
         """A new credential for the principal: (access key id, secret). The secret is
-        returned only here. Refused (409) if the principal already has two active."""
+        returned only here. Refused (409) if the principal already has two active. A
+        dual-control change (kms/services/changes.py)."""
         with self._audit.operation(caller, "issue_sigv4_credential") as op:
             caller.require(Role.ADMIN)
+            params = {"name": principal_name}
+            self._changes.require(caller, "issue_sigv4", params)
             raw = self._hsm.random(47)
             access_key_id = ACCESS_KEY_PREFIX + base64.b32encode(raw[:15]).decode()
             secret = base64.b64encode(raw[15:]).decode()
@@ -193,6 +199,7 @@ class SigV4Service:
                 kek, iv, secret.encode("ascii"), access_key_id.encode("ascii")
             )
             with self._storage.transaction() as tx:
+                self._changes.consume(tx, caller, "issue_sigv4", params)
                 principal = tx.principal_by_name(principal_name)
                 if principal is None:
                     raise NotFound("no such principal")

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kms.errors import (
     ClientError,
@@ -48,16 +48,15 @@ from kms.formats import xks as fmt
 from kms.formats.xks import RequestMetadata, XksKeyPolicy
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
+from kms.services.change_quorum import ChangeTx
+from kms.services.changes import ChangeService
 from kms.services.key_refs import resolve
 from kms.services.key_use import XKS_USAGE, Face, Use, XksCall
 from kms.services.key_work import KeyUseRunner, KeyWork
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Key, KeyState, Permission, Role
 from kms.services.ports import (
-    AuditRows,
     Clock,
     Hsm,
-    KeyRows,
-    PrincipalRows,
     StorageUpkeep,
     Store,
     XksRows,
@@ -72,7 +71,7 @@ _PROBE_PLAINTEXT = b"keyholder-kms xks health probe"
 _PROBE_AAD = b"xks-health"
 
 
-class XksServiceTx(KeyRows, XksRows, AuditRows, PrincipalRows, Protocol):
+class XksServiceTx(ChangeTx, XksRows, Protocol):
     """The rows the per-key XKS policy operations read and write."""
 
 
@@ -142,7 +141,10 @@ class XksService:
         runner: KeyUseRunner,
         random: Callable[[int], bytes] = os.urandom,  # IVs; injectable for exact outputs
         monotonic: Callable[[], float] = time.monotonic,
+        *,
+        changes: ChangeService,
     ) -> None:
+        self._changes = changes  # dual control of the XKS policy (changes.py)
         self._storage = storage
         self._hsm = hsm
         self._audit = audit
@@ -262,8 +264,11 @@ class XksService:
         with self._audit.operation(caller, "set_xks_policy") as op:
             caller.require(Role.ADMIN)
             op.note(detail=policy.summary())
+            params = {"key": ref, **policy_params(policy)}
+            self._changes.require(caller, "set_xks_policy", params, key_ref=ref)
             with self._storage.transaction() as tx:
                 key = resolve(tx, ref)
+                self._changes.consume(tx, caller, "set_xks_policy", {**params, "key": key.key_id})
                 op.note(key_id=key.key_id)
                 tx.put_xks_policy(key.key_id, policy, format_time(self._clock.now()))
                 self._audit.append(tx, [op.ok()])
@@ -351,3 +356,12 @@ def _use(
     code = DEFAULT_JUSTIFICATION if permission is Permission.XKS_DECRYPT else None
     call = XksCall(meta.aws_principal_arn, meta.kms_operation, cdiv)
     return Use(permission, version, code, Face.XKS, xks=call)
+
+
+def policy_params(policy: XksKeyPolicy) -> dict[str, Any]:
+    """The policy as a dual-control change records it (kms/formats/change.py)."""
+    return {
+        "usage": sorted(policy.usage),
+        "aws_principals": None if policy.aws_principals is None else list(policy.aws_principals),
+        "kms_operations": None if policy.kms_operations is None else list(policy.kms_operations),
+    }

@@ -188,6 +188,11 @@ _OPERATIONS = {
     "dashboard.enable_principal": "enable_principal",
     "dashboard.revoke_token": "revoke_token",
     "dashboard.end_sessions": "end_sessions",
+    "dashboard.create_principal": "create_principal",
+    "dashboard.changes": "dashboard_changes",
+    "dashboard.change": "dashboard_change",
+    "dashboard.apply_change": "apply_change",
+    "dashboard.cancel_change": "cancel_change",
 }
 
 

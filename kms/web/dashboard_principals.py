@@ -1,11 +1,14 @@
 """The dashboard's principals pages and actions, on the ``dashboard`` blueprint
 (kms/web/dashboard.py): the list, one principal with the ids of its tokens, and the admin
-actions disable, enable, revoke a token, end sessions.
+actions create, disable, enable, revoke a token, end sessions.
 
 They call the same PrincipalService methods (and write the same audit records) as
 ``/v1/principals/<name>/...``; admins only here (the service would let a principal revoke
-its own token or end its own sessions; auditors stay read-only in the dashboard). No token
-is ever issued here: it would be shown in a browser page.
+its own token or end its own sessions; auditors stay read-only in the dashboard). Creating
+a service, requester or admin is a dual-control change: the form then leads to the pending
+change (kms/web/dashboard_changes.py), whose proposer applies it once approved. A token is
+shown only once, in the response that creates it (a principal created at once, or the
+applied change); tokens are never issued or rotated here otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from kms.web.dashboard import (
     require_admin,
     signed_in,
 )
+from kms.web.dashboard_changes import render_result
 
 
 @bp.get("/principals")
@@ -33,6 +37,24 @@ from kms.web.dashboard import (
 def principals() -> str:
     found = dashboard().principals(caller())
     return render_template("dashboard/principals.html", principals=found, **common())
+
+
+@bp.post("/principals")
+@signed_in
+def create_principal() -> Any:
+    """Create a principal and show its token once; under dual control a service,
+    requester or admin is a change (ChangeProposed: the change's page, see
+    kms/web/dashboard_changes.py)."""
+    check_csrf("create_principal")
+    require_admin("create_principal")
+    name, role = request.form.get("name", "").strip(), request.form.get("role", "")
+    principal, token = services().principals.create(caller(), name, role)
+    return render_result(
+        f"Created {principal.role.value} principal {principal.name}",
+        {"name": principal.name, "role": principal.role.value, "token": token},
+        back=url_for(".principal", name=principal.name),
+        back_label=f"Principal {principal.name}",
+    )
 
 
 @bp.get("/principals/<name>")

@@ -189,9 +189,9 @@ def test_two_nodes_on_one_database_redis_and_token(
         (outcome[rid] == "ok") == (status < 300) for rid, status, _ in t.answers if rid in answered
     )
     assert not replay_ids & per_request.keys()  # failed authentication is not chained
-    # none extra: the only other record is `kms init`'s (the export itself is not chained)
+    # none extra: the only others are `kms init`'s (the export itself is not chained)
     extra = [r["operation"] for r in records if r["request_id"] not in answered]
-    assert extra == ["bootstrap_admin"], extra
+    assert extra == ["bootstrap_admin", "pin_control_policy"], extra
     failed = [(status, what) for _, status, what in t.answers if status >= 300]
     assert failed == [
         (409, "POST /v1/keys/k2/datakey"),

@@ -7,10 +7,11 @@ SoftHSM token, checks that it serves the packaged document at ``/v1/openapi.json
 sends every operation generated requests, valid and invalid, with the token of a role the
 operation admits: no answer may be a 5xx or contradict the document (status, content type,
 headers, body schema), documented constraints must be enforced (schema-violating requests
-get a 4xx), and no operation may answer without credentials. Known names (keys with a
-grant, a blob, cases, custodians) are swapped into half of the valid requests so that
-operations also succeed, not only fail. The run is deterministic: fixed seed, derandomized
-Hypothesis, no example database.
+get a 4xx), and no operation may answer without credentials. The server runs under dual
+control, as ``kms init`` deploys it (see ``world``). Known names (keys with a grant, a blob,
+cases, custodians, changes) are swapped into half of the valid requests so that operations
+also succeed, not only fail. The run is deterministic: fixed seed, derandomized Hypothesis,
+no example database.
 
 The document is loaded from the package at import (schemathesis's pytest integration makes
 one test per operation from a schema it has at collection time; its fixture-based loader
@@ -39,8 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from hypothesis import HealthCheck, settings
 
+from kms.formats import change as changefmt
 from kms.formats import escrow as escrowfmt
-from tests.helpers import SECRET, Receiver, Server, gunicorn_server, init_data_dir, run_kms
+from tests.helpers import SECRET, Receiver, Server, gunicorn_server, run_kms
 
 DOCUMENT: dict[str, Any] = json.loads(files("kms.api").joinpath("openapi.json").read_bytes())
 
@@ -142,6 +144,8 @@ CHECKS = [
 SERVICE_KEY = "fuzz-crypto"  # granted to the service principal; only crypto calls use it
 ADMIN_KEY = "fuzz-admin"  # what the admin operations act on (disable, rotate, delete...)
 GROUPS = ("keyholder", "spare")  # the required group; the group of the custodian revoked
+# the custodians pinned at deployment (name, group): the two approvers of every change
+CUSTODIANS = (("custodian", GROUPS[0]), ("spare", GROUPS[1]))
 TIMES = {"since": "2020-01-01", "until": "2100-01-01"}  # a period that covers the run
 # the principal or custodian a lifecycle operation acts on (not the service the crypto
 # operations need)
@@ -159,26 +163,67 @@ class World:
 
     server: Server
     tokens: dict[str, str]  # role -> token of a principal named after the role
-    custodian_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    keys: dict[str, Ed25519PrivateKey]  # custodian name -> its signing key
+    custodian_tokens: dict[str, str] = field(default_factory=dict)  # custodian name -> token
     blob: str = ""  # a datakey ciphertext under SERVICE_KEY, empty context
     case_id: str = ""  # a case the run amends, decides on, revokes and closes
     active_case_id: str = ""  # an approved, active case of "requester" over SERVICE_KEY
+    # operation -> the pending change it acts on (read and approved, rejected, cancelled)
+    changes: dict[str, str] = field(default_factory=dict)
+    # approved changes of several kinds, applied one after the other (the last stays)
+    applicable: list[str] = field(default_factory=list)
 
-    def call(self, method: str, path: str, role: str, body: Any = None) -> dict[str, Any]:
-        r = requests.request(
+    def call(
+        self, method: str, path: str, role: str, body: Any = None, token: str | None = None
+    ) -> requests.Response:
+        return requests.request(
             method,
             self.server.url + path,
             json=body,
-            headers={"Authorization": f"Bearer {self.tokens[role]}"},
+            headers={"Authorization": f"Bearer {token or self.tokens[role]}"},
             timeout=30,
         )
+
+    def ok(self, method: str, path: str, role: str, body: Any = None) -> dict[str, Any]:
+        r = self.call(method, path, role, body)
         assert r.status_code in (200, 201), r.text
         return dict(r.json())
 
+    def propose(self, method: str, path: str, body: Any = None) -> str:
+        """A gated request by the admin: recorded as a pending change (202); its id."""
+        r = self.call(method, path, "admin", body)
+        assert r.status_code == 202, r.text
+        assert r.json()["change"]["state"] == "pending"
+        return str(r.json()["change"]["change_id"])
+
+    def approved(self, method: str, path: str, body: Any = None) -> str:
+        """A gated request proposed and approved by both custodians (not applied)."""
+        change_id = self.propose(method, path, body)
+        for name, _ in CUSTODIANS:
+            decision = {"custodian": name, "signature": self.change_signature(change_id, name)}
+            r = self.call(
+                "POST",
+                f"/v1/changes/{change_id}/approve",
+                "custodian",
+                decision,
+                token=self.custodian_tokens[name],
+            )
+            assert r.status_code == 200, r.text
+        assert self.ok("GET", f"/v1/changes/{change_id}", "admin")["change"]["approved"]
+        return change_id
+
+    def through(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """A gated request taken through dual control: proposed, approved, applied by its
+        proposer; what applying it answers (the request's own answer)."""
+        change_id = self.approved(method, path, body)
+        return self.ok("POST", f"/v1/changes/{change_id}/apply", "admin", {})
+
     def principal(self, name: str, role: str) -> str:
-        return str(
-            self.call("POST", "/v1/principals", "admin", {"name": name, "role": role})["token"]
-        )
+        """A new principal's token (a service or requester through dual control)."""
+        body = {"name": name, "role": role}
+        if role in ("service", "requester", "admin"):
+            return str(self.through("POST", "/v1/principals", body)["token"])
+        return str(self.ok("POST", "/v1/principals", "admin", body)["token"])
 
     def file_case(self, max_unwraps: int) -> str:
         body = {
@@ -189,66 +234,100 @@ class World:
             "max_unwraps": max_unwraps,
             "expires_in_seconds": 86400,
         }
-        return str(self.call("POST", "/v1/escrow/cases", "requester", body)["case_id"])
+        return str(self.ok("POST", "/v1/escrow/cases", "requester", body)["case_id"])
 
     def signature(self, case_id: str, decision: str) -> str:
         """The custodian's signature of ``decision`` over the case as it is now."""
-        digest = escrowfmt.case_digest(self.call("GET", f"/v1/escrow/cases/{case_id}", "admin"))
-        signed = self.custodian_key.sign(escrowfmt.signed_message(digest, decision))
+        digest = escrowfmt.case_digest(self.ok("GET", f"/v1/escrow/cases/{case_id}", "admin"))
+        signed = self.keys["custodian"].sign(escrowfmt.signed_message(digest, decision))
+        return base64.b64encode(signed).decode()
+
+    def change_signature(self, change_id: str, who: str, decision: str = "approve") -> str:
+        """``who``'s signature of ``decision`` over the change, its digest recomputed from
+        the change's fields as an approver does (kms/formats/change.py)."""
+        change = self.ok("GET", f"/v1/changes/{change_id}", "admin")["change"]
+        digest = changefmt.change_digest(change)
+        signed = self.keys[who].sign(escrowfmt.signed_message(digest, decision))
         return base64.b64encode(signed).decode()
 
 
-def _pin(data: Path, key: Ed25519PrivateKey) -> Path:
-    """Pin the custodians "custodian" (with ``key``) and "spare" at deployment (the API
-    adds no group's first member)."""
+def _init(data: Path, keys: dict[str, Ed25519PrivateKey], env: dict[str, str]) -> Path:
+    """``kms init`` as a deployment runs it (dual control, the server's configuration),
+    pinning the custodians of CUSTODIANS (the API adds no group's first member)."""
     pins = []
-    for name, group, own in (("custodian", GROUPS[0], key), ("spare", GROUPS[1], None)):
+    for name, group in CUSTODIANS:
         raw = (
-            (own or Ed25519PrivateKey.generate())
+            keys[name]
             .public_key()
             .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         )
         pins += ["--custodian", f"{name}:{group}:{base64.b64encode(raw).decode()}"]
-    done = run_kms("init", "--data-dir", str(data), *pins)
+    done = run_kms("init", "--data-dir", str(data), *pins, env=env)
     assert done.returncode == 0, done.stderr
+    assert "control policy: mode=dual" in done.stdout, done.stdout
     return data
 
 
-def _build(server: Server, key: Ed25519PrivateKey) -> World:
-    world = World(server, {"admin": server.admin_token}, key)
+def _build(server: Server, keys: dict[str, Ed25519PrivateKey]) -> World:
+    world = World(server, {"admin": server.admin_token}, keys)
+    for name, _ in CUSTODIANS:
+        token_file = server.data_dir / f"custodian-{name}.token"
+        world.custodian_tokens[name] = token_file.read_text().strip()
+    world.tokens["custodian"] = world.custodian_tokens["custodian"]
     for role in ("service", "auditor", "requester"):
         world.tokens[role] = world.principal(role, role)
     world.principal("target", "service")
-    world.tokens["custodian"] = (server.data_dir / "custodian-custodian.token").read_text().strip()
     for alias in (SERVICE_KEY, ADMIN_KEY):
-        world.call("POST", "/v1/keys", "admin", {"alias": alias})
+        world.ok("POST", "/v1/keys", "admin", {"alias": alias})
     grant = {
         "principal": "service",
         "operations": ["datakey", "encrypt", "decrypt", "rewrap"],
         "justifications": ["service_processing", "customer_initiated"],
     }
-    world.call("POST", f"/v1/keys/{SERVICE_KEY}/grants", "admin", grant)
-    world.blob = world.call("POST", f"/v1/keys/{SERVICE_KEY}/datakey", "service")["ciphertext"]
+    world.through("POST", f"/v1/keys/{SERVICE_KEY}/grants", grant)
+    world.blob = world.ok("POST", f"/v1/keys/{SERVICE_KEY}/datakey", "service")["ciphertext"]
     world.case_id = world.file_case(1)
     world.active_case_id = world.file_case(100_000)
     decision = {
         "custodian": "custodian",
         "signature": world.signature(world.active_case_id, "approve"),
     }
-    world.call("POST", f"/v1/escrow/cases/{world.active_case_id}/approvals", "custodian", decision)
+    world.ok("POST", f"/v1/escrow/cases/{world.active_case_id}/approvals", "custodian", decision)
     deadline = time.monotonic() + 30  # active once the data owner was told (no waiting period)
-    while (
-        world.call("GET", f"/v1/escrow/cases/{world.active_case_id}", "admin")["state"] != "active"
-    ):
+    while world.ok("GET", f"/v1/escrow/cases/{world.active_case_id}", "admin")["state"] != "active":
         assert time.monotonic() < deadline, "the case did not become active"
         time.sleep(0.2)
+    # pending changes for the approval routes (each its own: a rejection or a cancellation
+    # ends one), and approved ones whose answers are the gated operations' 200 and 201
+    pending = {
+        op_id: world.propose("POST", "/v1/principals", {"name": f"p-{op_id}", "role": "service"})
+        for op_id in ("approve_change", "reject_change", "cancel_change")
+    }
+    world.changes = {"read_change": pending["approve_change"], **pending}
+    world.applicable = [
+        world.approved("POST", "/v1/principals", {"name": "applied", "role": "service"}),
+        world.approved("POST", f"/v1/keys/{SERVICE_KEY}/grants", grant),
+        world.approved("POST", "/v1/principals/service/sigv4-credentials", {}),
+        world.approved("PUT", "/v1/control-policy", world.ok("GET", "/v1/control-policy", "admin")),
+    ]
     return world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """A server with escrow configured, a token per role, two keys, a grant, a blob, two
-    custodians, a pending case and an active one."""
+    """A server with escrow configured, under dual control: a token per role, two keys, a
+    grant, a blob, two custodians, a pending case and an active one, pending changes and
+    approved ones.
+
+    Dual control, as ``kms init`` deploys by default, gives the run the more meaningful
+    coverage: it sees what a real deployment answers (every gated operation a 202 with a
+    pending change, the document's ChangeProposed), and it drives the /v1/changes routes
+    with real changes (read, approved, rejected, cancelled; approved ones applied, whose
+    answers are the gated operations' own 200 and 201 bodies). In single-operator mode the
+    approval routes would only ever refuse, and generated requests would take effect at
+    once: a valid PUT /v1/control-policy would switch the server to dual control (or change
+    its quorum) in the middle of the run, so that what the rest of the run sees would
+    depend on the order of the operations."""
     tmp = tmp_path_factory.mktemp("openapi")
     secret = tmp / "webhook.secret"
     secret.write_bytes(SECRET)
@@ -263,10 +342,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "KMS_ESCROW_WAITING_PERIOD_SECONDS": "0",
     }
     try:
-        key = Ed25519PrivateKey.generate()
-        data = _pin(init_data_dir(tmp / "data"), key)
+        keys = {name: Ed25519PrivateKey.generate() for name, _ in CUSTODIANS}
+        data = _init(tmp / "data", keys, env)
         with gunicorn_server(data, workers=2, env=env) as server:
-            yield _build(server, key)
+            yield _build(server, keys)
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
@@ -320,7 +399,7 @@ def _unwrap(item: dict[str, Any], op_id: str, world: World) -> None:
 def _prepare(case: Any, world: World) -> str:
     """Swap known names into the case (see _pick); the role whose token it is sent with."""
     op_id = case.operation.definition.raw["operationId"]
-    role = case.operation.definition.raw["x-roles"][0]
+    role = str(case.operation.definition.raw["x-roles"][0])
     params, query, body = case.path_parameters or {}, case.query or {}, case.body
     if "ref" in params and _pick(case, params["ref"]):
         params["ref"] = SERVICE_KEY if op_id in ("datakey", "encrypt") else ADMIN_KEY
@@ -334,6 +413,15 @@ def _prepare(case: Any, world: World) -> str:
         if op_id in ("approve_case", "reject_case") and _pick(case, body):
             decision = "approve" if op_id == "approve_case" else "reject"
             body.update(custodian="custodian", signature=world.signature(world.case_id, decision))
+    if "change_id" in params and _pick(case, params["change_id"]):
+        if op_id == "apply_change":
+            params["change_id"] = world.applicable[0]
+        else:
+            params["change_id"] = world.changes[op_id]
+        if op_id in ("approve_change", "reject_change") and _pick(case, body):
+            decision = op_id.removesuffix("_change")
+            signature = world.change_signature(params["change_id"], "custodian", decision)
+            body.update(custodian="custodian", signature=signature)
     if op_id == "grant" and _pick(case, body):
         body["principal"] = "service"
     if op_id in ("decrypt", "rewrap") and _pick(case, body):
@@ -343,8 +431,12 @@ def _prepare(case: Any, world: World) -> str:
         if op_id == "decrypt" and "items" not in body and _pick(case, body, "escrow"):
             body.update(case_id=world.active_case_id, justification="legal_request")
             role = "requester"
-    if zlib.crc32(repr((params, query, body)).encode()) % 8 == 0:  # one case in eight: 403
-        role = next(r for r in world.tokens if r not in case.operation.definition.raw["x-roles"])
+    others = [r for r in world.tokens if r not in case.operation.definition.raw["x-roles"]]
+    if others and zlib.crc32(repr((params, query, body)).encode()) % 8 == 0:  # one in 8: 403
+        role = others[0]
+    applied = op_id == "apply_change" and params.get("change_id") == world.applicable[0]
+    if applied and role == "admin" and len(world.applicable) > 1:
+        world.applicable.pop(0)  # applied now: the next case gets the next change
     return role
 
 

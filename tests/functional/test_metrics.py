@@ -193,6 +193,7 @@ def test_readyz_names_every_dependency_when_all_are_up(api: Api) -> None:
             "audit_anchor": "ok",
             "sealed_state": "ok",
         },
+        "control": "single-operator",  # the tests' data directory: kms init --single-operator
     }
 
 
@@ -210,6 +211,7 @@ def test_readyz_is_503_and_names_the_hsm_when_it_is_down(
             "audit_anchor": "ok",
             "sealed_state": "ok",
         },
+        "control": "single-operator",
     }
 
 

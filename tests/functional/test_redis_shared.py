@@ -10,12 +10,15 @@ from typing import Any
 from kms.app import Options, build_services
 from kms.backends.redis_store import RETRY_SECONDS, RedisBus, RedisConnection, RedisLeases
 from kms.services.audit_events import Caller
+from kms.services.change_model import SINGLE_OPERATOR, ControlPolicy
 from kms.services.cluster import KEY, ClusterSettings, Invalidations
 from kms.services.key_params import MIN_PENDING_DAYS
 from kms.services.model import KeyState
 from kms.services.rotation import SCHEDULER
 from tests.helpers import ManualClock
 from tests.redis_server import RedisServer
+
+SINGLE = ControlPolicy(SINGLE_OPERATOR)  # deletion is a dual-control change
 
 
 def bus(url: str) -> RedisBus:
@@ -101,7 +104,7 @@ def test_the_scheduler_pass_takes_the_lease_and_announces_destroyed_keys(
     storage: Any, hsm: Any, redis_url: str
 ) -> None:
     clock = ManualClock()
-    options = Options(cluster=ClusterSettings(redis_url=redis_url))
+    options = Options(cluster=ClusterSettings(redis_url=redis_url), control=SINGLE)
     node, other = (build_services(storage, hsm, clock, options) for _ in range(2))
     seen: list[str | None] = []
     other.cluster.invalidations.subscribe(KEY, seen.append)

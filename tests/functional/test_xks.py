@@ -227,7 +227,13 @@ def faulty(xapp: Any, hsm: Pkcs11Hsm, storage: SqlStorage) -> Iterator[tuple[Cou
     services = xapp.extensions["kms"]
     spy, ticks = CountingHsm(hsm), Ticks()
     xks_service = XksService(  # type: ignore[arg-type]
-        storage, spy, services.audit, SystemClock(), services.xks._runner, monotonic=ticks
+        storage,
+        spy,
+        services.audit,
+        SystemClock(),
+        services.xks._runner,
+        monotonic=ticks,
+        changes=services.changes,
     )
     xapp.extensions["kms"] = dataclasses.replace(services, xks=xks_service)
     yield spy, ticks

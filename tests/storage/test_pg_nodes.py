@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 
 def init(data_dir: Path, url: str) -> Path:
-    done = run_kms("init", "--data-dir", str(data_dir), "--database-url", url)
+    done = run_kms("init", "--data-dir", str(data_dir), "--database-url", url, "--single-operator")
     assert done.returncode == 0, done.stderr
     return data_dir
 

@@ -259,3 +259,43 @@ xks_key_policies = Table(
     Column("updated_at", _TIME, nullable=False),
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
 )
+
+
+# -- dual control (kms/services/changes.py) --------------------------------------------------
+# The control policy in force: one row (id 1), sealed; absent until first pinned.
+control_policy = Table(
+    "control_policy",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mode", String(16), nullable=False),  # dual | single-operator
+    Column("quorum", Integer, nullable=False),
+    Column("required_groups", Text, nullable=False),  # JSON list, sorted
+    Column("ttl_seconds", Integer, nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+
+# Proposed control-plane changes (kms/formats/change.py) and the approvers' decisions.
+changes = Table(
+    "changes",
+    metadata,
+    Column("change_id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("params", Text, nullable=False),  # canonical JSON
+    Column("proposer", String(64), nullable=False),
+    Column("created_at", _TIME, nullable=False),
+    Column("expires_at", _TIME, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | applied | rejected | cancelled
+    Column("mac", String(64), nullable=False),
+    Index("ix_changes_state", "state"),
+)
+
+change_decisions = Table(
+    "change_decisions",
+    metadata,
+    Column("change_id", String(64), ForeignKey("changes.change_id"), primary_key=True),
+    Column("custodian", String(64), primary_key=True),
+    Column("decision", String(8), nullable=False),  # approve | reject
+    Column("signature", LargeBinary, nullable=False),
+    Column("recorded_at", _TIME, nullable=False),
+)

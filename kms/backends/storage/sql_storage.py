@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from kms.backends.storage.alias_tx import AliasTx
 from kms.backends.storage.audit_tx import AuditTx
+from kms.backends.storage.change_tx import ChangeTx
 from kms.backends.storage.engine import WAL_BACKSTOP_PAGES, make_engine
 from kms.backends.storage.escrow_tx import EscrowTx
 from kms.backends.storage.file_lock import FileLock
@@ -50,6 +51,7 @@ WAL_FINISH_FRAMES = 4096  # 16 MiB: the log a background checkpoint finishes und
 
 
 class SqlTx(
+    ChangeTx,
     PrincipalTx,
     KeyTx,
     AliasTx,

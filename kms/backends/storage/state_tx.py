@@ -24,6 +24,8 @@ SEALED_TABLES = {
     "xks_policy": (t.xks_key_policies, ("key_id",), "seal"),
     "custodian": (t.custodians, ("name",), "mac"),
     "case": (t.escrow_cases, ("case_id",), "mac"),
+    "change": (t.changes, ("change_id",), "mac"),
+    "control_policy": (t.control_policy, ("id",), "mac"),
 }
 _PAGE = 10_000
 
