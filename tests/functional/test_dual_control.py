@@ -396,3 +396,22 @@ def test_a_rotation_applied_names_the_token_it_replaces(board: Board) -> None:
     old = tokens[0]["token_id"]
     r = board.through("POST", f"/v1/principals/svc/tokens/{old}/rotate", {"grace_seconds": 60})
     assert r.status_code == 201 and r.json["replaces"] == old
+
+
+def test_a_custodian_the_quorum_needs_is_not_cut_off(
+    settings: config.Settings, hsm: Pkcs11Hsm, storage: SqlStorage, receiver: Receiver
+) -> None:
+    """Three custodians, a quorum of 3 (groups none): none of them may go, or no change
+    could ever pass again, its repair included."""
+    extra = {"change_quorum": 3, "change_required_groups": frozenset()}
+    for board in make_board(settings, hsm, storage, receiver, **extra):
+        change = board.propose("DELETE", "/v1/custodians/counsel")
+        board.approve(change, ("officer", "dpo", "counsel"))
+        r = board.apply(change["change_id"])
+        assert r.status_code == 409 and "quorum" in r.json["error"]["message"]
+        disabled = board.api.call(
+            "POST", "/v1/principals/counsel/disable", board.api.admin, json={}
+        )
+        assert disabled.status_code == 409
+        listed = board.api.call("GET", "/v1/changes", board.api.admin).json["changes"]
+        assert listed[0]["state"] == "pending"  # refused where it would take effect
