@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from kms.errors import InvalidRequest
-from kms.formats import escrow as escrowfmt
 from kms.formats.state import ident
 from kms.services.change_model import (
     CREDENTIAL_KINDS,
@@ -33,7 +32,7 @@ from kms.services.change_model import (
     ChangeRows,
     ControlPolicy,
 )
-from kms.services.escrow_common import EscrowRows, EscrowSettings
+from kms.services.escrow_common import EscrowRows, EscrowSettings, tally
 from kms.services.key_params import check_min_version
 from kms.services.model import KeyState, Permission, Role
 from kms.services.ports import (
@@ -151,20 +150,9 @@ class ChangeQuorum:
     def tally(self, tx: ChangeTx, change: Change) -> tuple[set[str], set[str]]:
         """Custodians whose approval counts (active, not the proposer, signature valid
         over the digest of the change as stored) and those who rejected it."""
+        decisions = tx.change_decisions(change.change_id)
         digest = bytes.fromhex(change.digest)
-        custodians = self._rows.custodians(tx)
-        approvers, rejecters = set(), set()
-        for d in tx.change_decisions(change.change_id):
-            custodian = custodians.get(d.custodian)
-            if custodian is None or d.custodian == change.proposer:
-                continue
-            if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
-                continue
-            if d.decision == "reject":
-                rejecters.add(d.custodian)
-            elif custodian.state == "active":
-                approvers.add(d.custodian)
-        return approvers, rejecters
+        return tally(self._rows.custodians(tx), decisions, digest, change.proposer)
 
     def groups_of(self, tx: ChangeTx, names: set[str]) -> set[str]:
         custodians = self._rows.custodians(tx)

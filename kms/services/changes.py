@@ -48,7 +48,6 @@ from kms.errors import (
     SealBroken,
 )
 from kms.formats import change as changefmt
-from kms.formats import escrow as escrowfmt
 from kms.formats.state import ident
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
@@ -65,7 +64,7 @@ from kms.services.change_model import (
     ControlPolicy,
 )
 from kms.services.change_quorum import ChangeQuorum, ChangeTx
-from kms.services.escrow_common import EscrowRows, EscrowSettings
+from kms.services.escrow_common import EscrowRows, EscrowSettings, signer
 from kms.services.key_refs import resolve
 from kms.services.model import Role
 from kms.services.notify import Notifier
@@ -163,11 +162,10 @@ class ChangeService:
         change touches: the change records its key id under ``params["key"]``."""
         if caller.change is not None:
             return
-        with self._storage.transaction() as tx:
-            if not self._policy(tx).dual:
-                return
         with self._storage.transaction() as tx:  # a refusal is the gated operation's
             policy = self._policy(tx)
+            if not policy.dual:
+                return
             if key_ref is not None:
                 params = {**params, "key": resolve(tx, key_ref).key_id}
             now = self._clock.now()
@@ -254,20 +252,15 @@ class ChangeService:
                 view = self._view(tx, change)
                 if view.state != PENDING:
                     raise Conflict(f"the change is {view.state}")
-                custodian = self._rows.custodians(tx).get(custodian_name)
-                if custodian is None or custodian.state != "active":
-                    raise Forbidden(
-                        "not a registered, active custodian key",
-                        detail="unregistered or revoked custodian",
-                    )
-                if custodian.name == change.proposer:
-                    raise Forbidden("the proposer cannot decide on their own change")
-                digest = bytes.fromhex(change.digest)
-                if not escrowfmt.verify(custodian.public_key, signature, digest, decision):
-                    raise Forbidden(
-                        "the signature does not match this change",
-                        detail="bad signature (other change or other key)",
-                    )
+                custodian = signer(
+                    self._rows.custodians(tx),
+                    custodian_name,
+                    change.proposer,
+                    bytes.fromhex(change.digest),
+                    signature,
+                    decision,
+                    "this change",
+                )
                 tx.add_change_decision(
                     change_id, ChangeDecision(custodian.name, decision, signature, self._now())
                 )

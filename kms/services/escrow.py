@@ -34,10 +34,15 @@ from datetime import timedelta
 from typing import Any
 
 from kms.errors import Conflict, Forbidden, NotFound
-from kms.formats import escrow as escrowfmt
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
-from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx, require_configured
+from kms.services.escrow_common import (
+    EscrowRows,
+    EscrowSettings,
+    EscrowTx,
+    require_configured,
+    signer,
+)
 from kms.services.escrow_filing import CaseRequest, build_case
 from kms.services.escrow_quorum import Quorum
 from kms.services.key_use import CaseStanding
@@ -155,20 +160,15 @@ class EscrowService:
                 case = self._settle(tx, case)
                 if case.state not in OPEN_CASE_STATES:
                     raise Conflict(f"the case is {case.state.value}")
-                custodian = self._rows.custodians(tx).get(custodian_name)
-                if custodian is None or custodian.state != "active":
-                    raise Forbidden(
-                        "not a registered, active custodian key",
-                        detail="unregistered or revoked custodian",
-                    )
-                if custodian.name == case.requester:
-                    raise Forbidden("the requester cannot decide on their own case")
-                digest = bytes.fromhex(case.digest)
-                if not escrowfmt.verify(custodian.public_key, signature, digest, decision):
-                    raise Forbidden(
-                        "the signature does not match this version of the case",
-                        detail="bad signature (other case, older version or other key)",
-                    )
+                custodian = signer(
+                    self._rows.custodians(tx),
+                    custodian_name,
+                    case.requester,
+                    bytes.fromhex(case.digest),
+                    signature,
+                    decision,
+                    "this version of the case",
+                )
                 tx.add_decision(
                     case_id,
                     Decision(custodian.name, decision, case.version, signature, self._now()),

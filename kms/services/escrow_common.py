@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kms.errors import EscrowUnavailable, Forbidden, SealBroken
+from kms.formats import escrow as escrowfmt
 from kms.formats.state import ident
 from kms.services.model import Custodian, EscrowCase, EscrowPolicy
 from kms.services.notify import Notifier
@@ -73,6 +75,71 @@ def require_configured(notifier: Notifier, settings: EscrowSettings) -> None:
             "escrow needs required custodian groups (KMS_ESCROW_REQUIRED_GROUPS)",
             detail="no required groups configured",
         )
+
+
+class SignedDecision(Protocol):
+    """A custodian's signed decision (an escrow case's or a dual-control change's)."""
+
+    @property
+    def custodian(self) -> str: ...
+    @property
+    def decision(self) -> str: ...  # approve | reject
+    @property
+    def signature(self) -> bytes: ...
+
+
+D = TypeVar("D", bound=SignedDecision)
+
+
+def tally(
+    custodians: dict[str, Custodian],
+    decisions: Iterable[D],
+    digest: bytes,
+    author: str,
+    fresh: Callable[[D], bool] = lambda d: True,
+) -> tuple[set[str], set[str]]:
+    """The custodians whose approval counts (active, not ``author``, signature valid over
+    ``digest``, ``fresh``) and those who rejected (signature valid; a rejection stands
+    even if its custodian is revoked later). One rule for cases and changes."""
+    approvers, rejecters = set(), set()
+    for d in decisions:
+        custodian = custodians.get(d.custodian)
+        if custodian is None or d.custodian == author:
+            continue
+        if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
+            continue
+        if d.decision == "reject":
+            rejecters.add(d.custodian)
+        elif custodian.state == "active" and fresh(d):
+            approvers.add(d.custodian)
+    return approvers, rejecters
+
+
+def signer(
+    custodians: dict[str, Custodian],
+    name: str,
+    author: str,
+    digest: bytes,
+    signature: bytes,
+    decision: str,
+    subject: str,
+) -> Custodian:
+    """The custodian ``name`` whose signed ``decision`` on ``subject`` ("this version of
+    the case", "this change") is recorded: registered and active, not its ``author``,
+    the signature valid over ``digest``; Forbidden otherwise."""
+    custodian = custodians.get(name)
+    if custodian is None or custodian.state != "active":
+        raise Forbidden(
+            "not a registered, active custodian key", detail="unregistered or revoked custodian"
+        )
+    if custodian.name == author:
+        raise Forbidden(f"whoever filed or proposed {subject} cannot decide on it")
+    if not escrowfmt.verify(custodian.public_key, signature, digest, decision):
+        raise Forbidden(
+            f"the signature does not match {subject}",
+            detail=f"bad signature (not over {subject}, or another key)",
+        )
+    return custodian
 
 
 class EscrowRows:

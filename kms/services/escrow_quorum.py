@@ -15,7 +15,7 @@ from typing import Any
 from kms.formats import escrow as escrowfmt
 from kms.formats.state import ident
 from kms.services.audit_events import format_time
-from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx
+from kms.services.escrow_common import EscrowRows, EscrowSettings, EscrowTx, tally
 from kms.services.key_use import CASE_ALTERED
 from kms.services.model import EscrowCase, EscrowPolicy
 from kms.services.ports import Clock
@@ -51,19 +51,13 @@ class Quorum:
         cutoff = format_time(
             self._clock.now() - timedelta(seconds=self._settings.approval_ttl_seconds)
         )
-        approvers, rejecters = set(), set()
-        custodians = self._rows.custodians(tx)
-        for d in tx.decisions(case.case_id):
-            custodian = custodians.get(d.custodian)
-            if d.version != case.version or custodian is None or d.custodian == case.requester:
-                continue
-            if not escrowfmt.verify(custodian.public_key, d.signature, digest, d.decision):
-                continue
-            if d.decision == "reject":
-                rejecters.add(d.custodian)
-            elif custodian.state == "active" and (not fresh_only or d.recorded_at >= cutoff):
-                approvers.add(d.custodian)
-        return approvers, rejecters
+        return tally(
+            self._rows.custodians(tx),
+            [d for d in tx.decisions(case.case_id) if d.version == case.version],
+            digest,
+            case.requester,
+            lambda d: not fresh_only or d.recorded_at >= cutoff,
+        )
 
     def verdict(
         self, tx: EscrowTx, case: EscrowCase, *, fresh_only: bool
