@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEB_PACKAGES := softhsm2 opensc python3-venv systemd chromium curl redis-server postgresql
+DEB_PACKAGES := softhsm2 opensc python3-venv systemd chromium curl redis-server postgresql libnss3-tools p11-kit p11-kit-modules
 BENCH_PACKAGES := wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -45,6 +45,7 @@ bench: venv
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/audit_append.py
 	$(BIN)/python bench/seals.py
+	$(BIN)/python bench/hsm_calls.py
 	$(BIN)/python bench/sdk_cache.py
 	$(BIN)/python bench/xks.py
 	$(BIN)/python bench/load.py

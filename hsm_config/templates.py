@@ -9,7 +9,9 @@ A production HSM must honour every attribute here (check with ``pkcs11-tool -O``
 
 from __future__ import annotations
 
-from pkcs11 import Attribute
+from typing import Any
+
+from pkcs11 import Attribute, KeyType, ObjectClass
 
 _NO_OTHER_USE = {
     Attribute.SIGN: False,
@@ -56,6 +58,69 @@ KEK_IN_USE = {
     Attribute.ENCRYPT: True,
     Attribute.DECRYPT: True,
     **_NO_OTHER_USE,
+}
+
+# The template a KEK is unwrapped with (pkcs11_calls.unwrap_key sets class and type here).
+KEK_UNWRAPPED = {
+    Attribute.CLASS: ObjectClass.SECRET_KEY,
+    Attribute.KEY_TYPE: KeyType.AES,
+    **KEK_IN_USE,
+}
+
+# What the root key lets an unwrapped key be (CKA_UNWRAP_TEMPLATE), on modules that honour
+# it: a PIN holder cannot unwrap a KEK as extractable, to read it out of the HSM.
+ROOT_UNWRAP_TEMPLATE = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+}
+
+# A session AES-256 key per worker session for the readiness probe's GCM round trip.
+PROBE_KEY = {
+    Attribute.CLASS: ObjectClass.SECRET_KEY,
+    Attribute.KEY_TYPE: KeyType.AES,
+    Attribute.VALUE_LEN: 32,
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.ENCRYPT: True,
+    Attribute.DECRYPT: True,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    **_NO_OTHER_USE,
+}
+
+# The HSM anchors (audit head, sealed state) are private token objects holding a value,
+# never modifiable: a data object's CKA_VALUE ("data"), or, on modules that refuse private
+# token data objects (NSS softokn), the CKA_ID of a sensitive generic secret that can do
+# nothing ("secret_key"). form: (class, the attribute holding the value, the template).
+ANCHOR_FORMS: dict[str, tuple[ObjectClass, Attribute, dict[Attribute, Any]]] = {
+    "data": (
+        ObjectClass.DATA,
+        Attribute.VALUE,
+        {Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.MODIFIABLE: False},
+    ),
+    "secret_key": (
+        ObjectClass.SECRET_KEY,
+        Attribute.ID,
+        {
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.MODIFIABLE: False,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.VALUE: bytes(32),
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.DERIVE: False,
+        },
+    ),
 }
 
 # HMAC-SHA256 key that seals database rows the escrow procedure trusts (custodian keys,

@@ -121,7 +121,11 @@ def options_from_settings(settings: config_mod.Settings) -> Options:
     return Options(
         settings.auth_cache_seconds,
         settings.lookup_cache_seconds,
-        CheckpointPolicy(settings.audit_checkpoint_records),
+        CheckpointPolicy(
+            settings.audit_checkpoint_records,
+            settings.audit_max_unsigned_records,
+            settings.audit_max_unsigned_seconds,
+        ),
         EscrowSettings(
             EscrowPolicy(
                 settings.escrow_quorum,
@@ -302,6 +306,10 @@ def hsm_config(settings: config_mod.Settings) -> HsmConfig:
         audit_label=settings.audit_key_label,
         kek_cache_size=settings.kek_cache_size,
         softhsm2_conf=settings.softhsm2_conf,
+        wrap_mechanism=settings.hsm_wrap_mechanism,
+        gcm_iv=settings.hsm_gcm_iv,
+        unwrap_template=settings.hsm_unwrap_template,
+        anchor_object=settings.hsm_anchor_object,
     )
 
 

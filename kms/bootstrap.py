@@ -18,6 +18,7 @@ from hsm_config import softhsm
 from kms import config as config_mod
 from kms.app import Services, build_services, hsm_config, options_from_settings
 from kms.backends.hsm import Pkcs11Hsm, provision_keys
+from kms.backends.hsm.preflight import run_preflight
 from kms.backends.storage import SqlStorage, make_engine, upgrade
 from kms.backends.storage.migrate import check_current
 from kms.services.audit_events import local_event
@@ -37,12 +38,31 @@ class InitReport:
     control: str = ""  # the control policy in force (ControlPolicy.summary())
 
 
+def _same_choices(recorded: dict[str, str], chosen: dict[str, str], path: Path) -> None:
+    """ConfigError if an option of this run differs from what the first run recorded
+    (silently keeping the old module or label would send the operator after the wrong
+    fault)."""
+    for key, value in chosen.items():
+        if recorded.get(key) != value:
+            raise config_mod.ConfigError(
+                f"{path} records {key}={recorded.get(key, '(unset)')}, not {value}; edit or "
+                "remove it to change it"
+            )
+
+
+def preflight_hsm(settings: config_mod.Settings) -> list[str]:
+    """The HSM preflight (kms/backends/hsm/preflight.py) in a child process; the steps
+    passed, or PreflightFailed naming the step and the reason."""
+    return run_preflight(hsm_config(settings))
+
+
 def init_data_dir(
     data_dir: Path,
     *,
     pkcs11_module: str | None = None,
     token_label: str | None = None,
     pin_file: Path | None = None,
+    hsm_profile: str | None = None,
     database_url: str | None = None,
     custodians: Sequence[tuple[str, str, bytes]] = (),
     single_operator: bool = False,
@@ -57,30 +77,36 @@ def init_data_dir(
     os.umask(0o077)  # everything in the data directory is private to its owner
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     conf_path = data_dir / config_mod.CONF_FILE
-    if not conf_path.exists():
-        lines = ["# Written by `kms init`; KMS_* environment variables override these."]
-        if pkcs11_module:
-            lines += [
-                f"KMS_PKCS11_MODULE={pkcs11_module}",
-                f"KMS_HSM_TOKEN_LABEL={token_label or 'kms'}",
-                f"KMS_HSM_PIN_FILE={(pin_file or data_dir / 'hsm.pin').resolve()}",
-            ]
-        if database_url:
-            lines.append(f"KMS_DATABASE_URL={database_url}")
-        if single_operator:
-            lines.append("KMS_CONTROL_MODE=single-operator")
-        conf_path.write_text("\n".join(lines) + "\n")
-        conf_path.chmod(0o600)
-    env = {**os.environ, "KMS_DATA_DIR": str(data_dir)}
+    chosen: dict[str, str] = {}  # what this first run records in kms.conf
+    if pkcs11_module:
+        chosen["KMS_PKCS11_MODULE"] = pkcs11_module
+        chosen["KMS_HSM_TOKEN_LABEL"] = token_label or "kms"
+        chosen["KMS_HSM_PIN_FILE"] = str((pin_file or data_dir / "hsm.pin").resolve())
+    if hsm_profile:
+        chosen["KMS_HSM_PROFILE"] = hsm_profile
+    if database_url:
+        chosen["KMS_DATABASE_URL"] = database_url
+    if single_operator:
+        chosen["KMS_CONTROL_MODE"] = "single-operator"
+    first_run = not conf_path.exists()
+    conf = chosen if first_run else config_mod.read_conf_file(conf_path)
+    if not first_run:
+        _same_choices(conf, chosen, conf_path)
+    env = {**os.environ, **conf, "KMS_DATA_DIR": str(data_dir)}  # (kms.conf: under env)
+    env = {**env, **{k: v for k, v in os.environ.items() if k.startswith("KMS_")}}
     if single_operator:
         env["KMS_CONTROL_MODE"] = "single-operator"
-    conf = config_mod.read_conf_file(conf_path)
     if "KMS_PKCS11_MODULE" not in conf and "KMS_PKCS11_MODULE" not in os.environ:
         softhsm.write_config(data_dir)
         softhsm.ensure_token(
             data_dir / "softhsm2.conf", conf.get("KMS_HSM_TOKEN_LABEL", "kms"), data_dir / "hsm.pin"
         )
     settings = config_mod.from_env(env)
+    preflight_hsm(settings)  # before anything is created in the token
+    if first_run:  # only a configuration that passed the preflight is recorded
+        lines = ["# Written by `kms init`; KMS_* environment variables override these."]
+        conf_path.write_text("\n".join([*lines, *(f"{k}={v}" for k, v in chosen.items())]) + "\n")
+        conf_path.chmod(0o600)
     created = provision_keys(hsm_config(settings))
     engine = make_engine(settings.database_url, settings.sqlite_synchronous)
     upgrade(engine)

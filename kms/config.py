@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hsm_config import profiles
 from kms.services.change_model import GROUP_RE
 from kms.services.rate_limits import (
     RatePolicy,
@@ -40,6 +41,13 @@ class Settings:
     root_key_label: str = "kms-root"
     audit_key_label: str = "kms-audit-signing"
     kek_cache_size: int = 1024
+    # KMS_HSM_PROFILE, KMS_HSM_WRAP_MECHANISM, KMS_HSM_GCM_IV: the mechanism profile and
+    # its overrides (hsm_config/profiles.py, hsm_config/README.md)
+    hsm_profile: str = "softhsm"
+    hsm_wrap_mechanism: str = "CKM_AES_KEY_WRAP_PAD"
+    hsm_gcm_iv: str = "caller"
+    hsm_unwrap_template: bool = True
+    hsm_anchor_object: str = "data"
     max_body_bytes: int = 8 * 1024 * 1024
     sqlite_synchronous: str = "FULL"
     log_level: str = "INFO"
@@ -47,6 +55,8 @@ class Settings:
     lookup_cache_seconds: int = 60
     audit_checkpoint_records: int = 1000
     audit_checkpoint_seconds: int = 60
+    audit_max_unsigned_records: int = 10000
+    audit_max_unsigned_seconds: int = 600
     scheduler_seconds: int = 300
     escrow_quorum: int = 2
     escrow_required_groups: frozenset[str] = frozenset()
@@ -157,6 +167,23 @@ def read_conf_file(path: Path) -> dict[str, str]:
     return out
 
 
+def _hsm_profile(env: Mapping[str, str]) -> profiles.Profile:
+    """KMS_HSM_PROFILE with KMS_HSM_WRAP_MECHANISM and KMS_HSM_GCM_IV applied over it."""
+    try:
+        chosen = profiles.profile(env.get("KMS_HSM_PROFILE") or "softhsm")
+    except ValueError as e:
+        raise ConfigError(f"KMS_HSM_PROFILE: {e}") from None
+    wrap = env.get("KMS_HSM_WRAP_MECHANISM") or chosen.wrap_mechanism
+    try:
+        profiles.mechanism_number(wrap)
+    except ValueError as e:
+        raise ConfigError(f"KMS_HSM_WRAP_MECHANISM: {e}") from None
+    iv = env.get("KMS_HSM_GCM_IV") or chosen.gcm_iv
+    if iv not in profiles.IV_SOURCES:
+        raise ConfigError("KMS_HSM_GCM_IV must be caller or hsm")
+    return replace(chosen, wrap_mechanism=wrap, gcm_iv=iv)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Build and validate Settings from the environment over DATA_DIR/kms.conf; raises
     ConfigError naming the bad variable."""
@@ -180,6 +207,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     level = env.get("KMS_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    hsm = _hsm_profile(env)
     return Settings(
         database_url=database_url,
         pkcs11_module=env.get("KMS_PKCS11_MODULE", DEFAULT_MODULE),
@@ -189,6 +217,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         root_key_label=env.get("KMS_ROOT_KEY_LABEL", "kms-root"),
         audit_key_label=env.get("KMS_AUDIT_KEY_LABEL", "kms-audit-signing"),
         kek_cache_size=_int(env, "KMS_KEK_CACHE_SIZE", 1024, 1, 1_000_000),
+        hsm_profile=hsm.name,
+        hsm_wrap_mechanism=hsm.wrap_mechanism,
+        hsm_gcm_iv=hsm.gcm_iv,
+        hsm_unwrap_template=hsm.unwrap_template,
+        hsm_anchor_object=hsm.anchor_object,
         max_body_bytes=_int(env, "KMS_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 64 * 1024 * 1024),
         sqlite_synchronous=sync,
         log_level=level,
@@ -196,6 +229,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         lookup_cache_seconds=_int(env, "KMS_KEK_MATERIAL_CACHE_SECONDS", 60, 0, 3600),
         audit_checkpoint_records=_int(env, "KMS_AUDIT_CHECKPOINT_RECORDS", 1000, 0, 10**9),
         audit_checkpoint_seconds=_int(env, "KMS_AUDIT_CHECKPOINT_SECONDS", 60, 0, 86400),
+        audit_max_unsigned_records=_int(env, "KMS_AUDIT_MAX_UNSIGNED_RECORDS", 10000, 2000, 10**9),
+        audit_max_unsigned_seconds=_int(env, "KMS_AUDIT_MAX_UNSIGNED_SECONDS", 600, 60, 86400),
         scheduler_seconds=_int(env, "KMS_SCHEDULER_SECONDS", 300, 0, 86400),
         escrow_quorum=_int(env, "KMS_ESCROW_QUORUM", 2, 1, 16),
         escrow_required_groups=_groups(env, "KMS_ESCROW_REQUIRED_GROUPS"),

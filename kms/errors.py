@@ -181,6 +181,26 @@ class HsmUnavailable(ServerError):
     public_message = "the HSM is unavailable"
 
 
+class UnsignedTailFull(HsmUnavailable):
+    """No checkpoint could be signed and the audit records after the newest one reached
+    their bound (KMS_AUDIT_MAX_UNSIGNED_RECORDS, kms/services/audit_tail.py): audited
+    operations are refused as in an HSM outage until a checkpoint is signed again."""
+
+
+class PreflightFailed(HsmUnavailable):
+    """The module cannot do what the KMS needs; ``detail`` names the step and reason.
+    ``permanent``: trying again cannot help (a PIN, a mechanism, a module that does not
+    load or crashes) and must not be tried (HSMs lock a partition after bad logins);
+    otherwise the HSM may just not be reachable yet."""
+
+    code = "hsm_preflight_failed"
+    public_message = "the HSM cannot serve the KMS as configured"
+
+    def __init__(self, *, detail: str, permanent: bool = True) -> None:
+        super().__init__(detail=detail)
+        self.permanent = permanent
+
+
 class StorageUnavailable(ServerError):
     status = 503
     code = "storage_unavailable"

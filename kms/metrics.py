@@ -13,6 +13,12 @@ kms_audit_budget_refused_total counter    role, unit             refused over au
 kms_audit_chain_records        gauge      (none)                 records in the audit chain
 kms_audit_records_last_minute  gauge      (none)                 records chained in 1 min
 kms_audit_growth_alert         gauge      (none)                 1: growth over threshold
+kms_audit_checkpoint_failures_ counter    code                   checkpoints not signed
+  total
+kms_audit_unsigned_records     gauge      (none)                 records after the newest
+                                                                 signed checkpoint
+kms_audit_unsigned_refused_    counter    (none)                 operations refused: tail
+  total                                                          past its bound
 =============================  =========  =====================  ==========================
 
 - ``operation``: the audited operation name of the API view (``encrypt``, ``decrypt``,
@@ -26,7 +32,12 @@ kms_audit_growth_alert         gauge      (none)                 1: growth over 
   the database could not answer.
 - ``role``: the principal's role (``service``, ``admin``, ...); ``unit``: ``requests`` or
   ``items`` (a batch of N refused over the budget counts 1 request and N items).
-- The three ``kms_audit_*`` gauges are read from the chain head when /metrics is scraped
+- ``code``: the stable error code of kms/errors.py that stopped the checkpoint
+  (``hsm_unavailable``, ``storage_unavailable``, ``state_refused``, ...).
+- ``kms_audit_unsigned_records`` is set by every append and checkpoint of the worker and
+  by the growth sampling below; past ``KMS_AUDIT_MAX_UNSIGNED_RECORDS`` audited
+  operations are refused (kms/services/audit_tail.py).
+- The three ``kms_audit_*`` growth gauges are read from the chain head when /metrics is scraped
   and every few seconds by each worker (kms/services/audit_budget.py, AuditGrowth): every
   node's appends count. ``kms_audit_records_last_minute`` is a lower bound (records since
   the oldest sample of the last minute); the alert gauge compares it with
@@ -162,6 +173,27 @@ AUDIT_GROWTH_ALERT = Gauge(
     "1 while the audit chain grows faster than KMS_AUDIT_ALERT_RECORDS_PER_MINUTE.",
     registry=_REGISTRY,
     multiprocess_mode="mostrecent",
+)
+
+
+AUDIT_CHECKPOINT_FAILURES = Counter(
+    "kms_audit_checkpoint_failures_total",
+    "Audit checkpoints that could not be signed or stored, by error code: the unsigned "
+    "tail grows until one is. Alert on any increase.",
+    ["code"],
+    registry=_REGISTRY,
+)
+AUDIT_UNSIGNED = Gauge(
+    "kms_audit_unsigned_records",
+    "Audit records appended after the newest signed checkpoint (the unsigned tail).",
+    registry=_REGISTRY,
+    multiprocess_mode="mostrecent",
+)
+AUDIT_UNSIGNED_REFUSED = Counter(
+    "kms_audit_unsigned_refused_total",
+    "Audited operations refused (503 hsm_unavailable) because the unsigned tail reached "
+    "KMS_AUDIT_MAX_UNSIGNED_RECORDS: no checkpoint could be signed.",
+    registry=_REGISTRY,
 )
 
 

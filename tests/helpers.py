@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -176,27 +176,31 @@ def gunicorn_server(
     env: dict[str, str] | None = None,
     tls: dict[str, Any] | None = None,
     ready: bool = True,
+    wrap: Callable[..., list[str]] | None = None,
 ) -> Iterator[Server]:
     """``kms serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit.
     With ``tls`` (the requests arguments the readiness probe needs: ``verify``, ``cert``)
     the server is reached as https://localhost (KMS_TLS_* go in ``env``). With ``ready``
-    False, waiting ends when the server is live (/healthz) even if it is not ready."""
+    False, waiting ends when the server is live (/healthz) even if it is not ready.
+    ``wrap`` turns the command's argv into the one run (e.g. tests.nss_token's
+    ``NssToken.command``: it must exec the command, not fork it)."""
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
+        argv = [
+            sys.executable,
+            "-m",
+            "kms",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+        ]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kms",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-            ],
+            wrap(*argv) if wrap is not None else argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -465,6 +469,61 @@ def assert_audit_chain_kept(conn: Any, chain: list[dict[str, Any]]) -> None:
     rows = [r._asdict() for r in conn.execute(query)]
     assert rows == chain
     assert audit_record.verify_chain(rows) == chain[-1]["hash"]
+
+
+# Rows holding a wrapped KEK as a schema-0012 server wrote them (raw SQL, its columns:
+# no wrap_mechanism yet), with placeholder seals: what migration 0013 must fill in.
+_KEK_ROWS_AT_0012 = (
+    "INSERT INTO keys (key_id, description, state, current_version, created_at,"
+    " min_decryption_version) VALUES ('k12', '', 'enabled', 1, '2026-01-01 00:00:00Z', 1)",
+    "INSERT INTO key_versions (key_id, version, wrapped_kek, root_label, created_at, seal)"
+    " VALUES ('k12', 1, :w, 'kms-root', '2026-01-01 00:00:00Z', :seal)",
+    "INSERT INTO principals (id, name, role, created_at)"
+    " VALUES (120, 'aws-12', 'service', '2026-01-01 00:00:00Z')",
+    "INSERT INTO sigv4_credentials (access_key_id, principal_id, sealed_secret, wrapped_kek,"
+    " root_label, state, created_at, seal) VALUES ('AKID0012EXAMPLE', 120, :s, :w, 'kms-root',"
+    " 'active', '2026-01-01T00:00:00.000Z', :seal)",
+)
+
+
+def write_kek_rows_at_0012(conn: Any) -> None:
+    """A key version row and a SigV4 credential row written at schema 0012."""
+    params = {"w": b"\x02wrapped", "s": b"\x01sealed", "seal": "0" * 64}
+    for statement in _KEK_ROWS_AT_0012:
+        conn.execute(sqlalchemy.text(statement), params)
+
+
+def check_0013_on(engine: Any) -> None:
+    """Migrate ``engine`` (an empty database) to 0012, write KEK rows as that schema did,
+    upgrade to 0013 and check the rows record the legacy wrap mechanism."""
+    from kms.backends.storage import upgrade
+
+    upgrade(engine, target="0012")
+    with engine.begin() as conn:
+        write_kek_rows_at_0012(conn)
+    upgrade(engine, target="0013")
+    with engine.connect() as conn:
+        assert_kek_rows_legacy(conn)
+        version = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+        assert version.scalar() == "0013"
+    engine.dispose()
+
+
+def assert_kek_rows_legacy(conn: Any) -> None:
+    """After 0013 the rows of write_kek_rows_at_0012 are kept and record the mechanism
+    every KEK was wrapped with until then."""
+    versions = conn.execute(
+        sqlalchemy.text("SELECT key_id, version, wrapped_kek, wrap_mechanism FROM key_versions")
+    ).all()
+    assert [tuple(r) for r in versions if r[0] == "k12"] == [
+        ("k12", 1, b"\x02wrapped", "CKM_AES_KEY_WRAP_PAD")
+    ]
+    credentials = conn.execute(
+        sqlalchemy.text("SELECT access_key_id, wrapped_kek, wrap_mechanism FROM sigv4_credentials")
+    ).all()
+    assert [tuple(r) for r in credentials] == [
+        ("AKID0012EXAMPLE", b"\x02wrapped", "CKM_AES_KEY_WRAP_PAD")
+    ]
 
 
 _EXTRA_REVISION = """

@@ -33,7 +33,10 @@ def clear_errors() -> Iterator[None]:
     except (ConfigError, OSError) as e:
         raise click.ClickException(str(e)) from None
     except KmsError as e:
-        raise click.ClickException(f"{e.code}: {e.message}") from None
+        # The operator runs these commands on the server: the precise, non-secret reason
+        # (the audit log's) is theirs to read.
+        detail = f" ({e.detail})" if e.detail else ""
+        raise click.ClickException(f"{e.code}: {e.message}{detail}") from None
     except Exception as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import click
 
+from hsm_config.profiles import PROFILES
 from kms.cli.common import clear_errors, data_dir_option
 from kms.services.rotation import SCHEDULER
 
+EX_CONFIG = 78  # sysexits.h; deploy/systemd/kms.service does not restart on it
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
 
 
@@ -24,6 +26,11 @@ GUNICORN_CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.
 @click.option("--pkcs11-module", help="Use this PKCS#11 module instead of a SoftHSM token.")
 @click.option("--token-label", help="Token label on that module (default kms).")
 @click.option("--pin-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--hsm-profile",
+    type=click.Choice(sorted(PROFILES)),
+    help="Mechanism profile of that module (hsm_config/README.md; default softhsm).",
+)
 @click.option("--database-url", help="SQLAlchemy URL (default: SQLite in the data directory).")
 @click.option(
     "--custodian",
@@ -44,6 +51,7 @@ def init(
     pkcs11_module: str | None,
     token_label: str | None,
     pin_file: Path | None,
+    hsm_profile: str | None,
     database_url: str | None,
     custodians: tuple[str, ...],
     single_operator: bool,
@@ -60,6 +68,7 @@ def init(
             pkcs11_module=pkcs11_module,
             token_label=token_label,
             pin_file=pin_file,
+            hsm_profile=hsm_profile,
             database_url=database_url,
             custodians=pins,
             single_operator=single_operator,
@@ -136,6 +145,18 @@ def serve(data_dir: Path, bind: str, workers: int, gunicorn_conf: str) -> None:
         from kms import config
 
         settings = config.from_env()
+        from kms.bootstrap import preflight_hsm
+        from kms.errors import PreflightFailed
+
+        try:
+            preflight_hsm(settings)  # in a child: this process never loads PKCS#11
+        except PreflightFailed as e:
+            if not e.permanent:
+                raise
+            # EX_CONFIG: the unit's RestartPreventExitStatus, so a bad PIN is never
+            # tried again in a restart loop (HSMs lock a partition after a few)
+            click.echo(f"Error: {e.code}: {e.message} ({e.detail})", err=True)
+            sys.exit(EX_CONFIG)
     args = [gunicorn, "-c", gunicorn_conf, "--bind", bind, "--workers", str(workers)]
     if settings.tls_cert_file and settings.tls_key_file:  # HTTPS (the XKS proxy API needs it)
         args += ["--certfile", settings.tls_cert_file, "--keyfile", settings.tls_key_file]

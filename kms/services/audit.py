@@ -7,38 +7,42 @@ operation is refused (the exception propagates, the transaction rolls back, and 
 answers 503). Records never hold plaintext, key material, tokens or PINs: only names,
 ids, versions, a hash of the encryption context and an error code or reason. Appends are
 serialised by the database (the head row is locked), so the chain is one linear sequence
-whatever the number of workers or nodes.
+whatever the number of workers or nodes. The records after the newest signed checkpoint
+are bounded: past CheckpointPolicy.max_unsigned, audited operations are refused until a
+checkpoint is signed again (kms/services/audit_tail.py says what happens to them).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from kms.errors import (
-    AuditBudgetExceeded,
     AuditStateRefused,
-    ChangeProposed,
     Conflict,
     Forbidden,
     InvalidRequest,
     KmsError,
-    StorageUnavailable,
-    Unauthenticated,
+    UnsignedTailFull,
 )
 from kms.formats import audit_record
 from kms.formats import checkpoint as cpfmt
 from kms.formats.anchor import Anchor
 from kms.metrics import AUDIT_APPEND_SECONDS, AUDIT_STATE_REFUSED
 from kms.services.audit_anchor import AnchorCheck, AuditAnchor
-from kms.services.audit_events import Caller, EventBuilder, format_time, local_event
+from kms.services.audit_events import Caller, format_time, local_event
+from kms.services.audit_scope import Operations, in_operation
+from kms.services.audit_tail import (
+    DEFAULT_MAX_UNSIGNED,
+    DEFAULT_MAX_UNSIGNED_SECONDS,
+    UnsignedTail,
+)
 from kms.services.model import AuditEvent, AuditQuery, Role
 from kms.services.ports import AuditRows, Clock, Hsm, NotificationRows, PrincipalRows, Store
 from kms.services.state_index import StateIndex
@@ -53,29 +57,22 @@ class AppendTx(AuditRows, PrincipalRows, Protocol):
     """What append() reads and writes: the chain, and its callers' principal rows."""
 
 
-class _Scope:
-    """The audit of one request: its innermost operation so far."""
-
-    def __init__(self, op: EventBuilder) -> None:
-        self.op = op
-
-
-# The request being served in this context (a thread, a gunicorn sync worker's request).
-_scope: ContextVar[_Scope | None] = ContextVar("kms_audit_scope", default=None)
-
-
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """Sign a checkpoint once this many records are unsigned (0: never by count)."""
+    """Sign a checkpoint once ``every_records`` records are unsigned (0: never by count,
+    but always at half ``max_unsigned``); refuse audited operations rather than let more
+    than ``max_unsigned`` records go unsigned (kms/services/audit_tail.py)."""
 
     every_records: int = 1000
+    max_unsigned: int = DEFAULT_MAX_UNSIGNED
+    max_unsigned_seconds: float = DEFAULT_MAX_UNSIGNED_SECONDS
 
 
 class AuditTx(AuditRows, NotificationRows, Protocol):
     """The rows the trail writes: the chain, and the outbox that announces checkpoints."""
 
 
-class AuditTrail:
+class AuditTrail(Operations):
     def __init__(
         self,
         storage: Store[AuditTx],
@@ -87,6 +84,9 @@ class AuditTrail:
         self._clock = clock
         self._hsm = hsm
         self._policy = policy
+        self._tail = UnsignedTail(
+            policy.max_unsigned, policy.max_unsigned_seconds, lambda: clock.now().timestamp()
+        )
         self._fingerprint: str | None = None
         # queues each new checkpoint for the data owner (witness) in the transaction that
         # stores it: Notifier.checkpoint_signed, set by build_services (the notifier
@@ -129,15 +129,21 @@ class AuditTrail:
 
     @AUDIT_APPEND_SECONDS.time()
     def append_drafts(self, tx: AuditRows, drafts: Sequence[audit_record.Draft]) -> bool:
-        """append() for records already encoded with drafts(). Raises AuditStateRefused
-        (nothing is appended) until this process has seen the database's chain extend
-        its HSM anchor: once per process, then again at every checkpoint."""
+        """append() for records already encoded with drafts(): every record of an
+        operation passes here. Raises AuditStateRefused (nothing is appended) until this
+        process has seen the database's chain extend its HSM anchor: once per process,
+        then again at every checkpoint; and UnsignedTailFull (503 hsm_unavailable,
+        nothing appended) if the records would take the unsigned tail past its bound."""
         if not self._anchored:
             self._check_anchor(tx)
-        return self._chain(tx, drafts)
+        return self._chain(tx, drafts, bounded=True)
 
-    def _chain(self, tx: AuditRows, drafts: Sequence[audit_record.Draft]) -> bool:
+    def _chain(
+        self, tx: AuditRows, drafts: Sequence[audit_record.Draft], bounded: bool = False
+    ) -> bool:
         head = tx.audit_head()
+        if bounded:  # operator repairs (anchor, accept-state) are not
+            self._tail.admit(head, len(drafts))
         seq, prev = head.seq, head.hash
         now = format_time(self._clock.now())
         rows = []
@@ -147,14 +153,16 @@ class AuditTrail:
             prev = row["hash"]
             rows.append(row)
         tx.insert_audit(rows)
-        every = self._policy.every_records
-        return bool(every) and seq - head.checkpoint_seq >= every
+        self._tail.appended(seq - head.checkpoint_seq)
+        return self._tail.wants_signature(seq - head.checkpoint_seq, self._policy.every_records)
 
     def record(self, events: Sequence[AuditEvent]) -> None:
         """Append ``events`` in a transaction of their own (raises StorageUnavailable);
         then sign a checkpoint if the policy says one is due (a failure to sign is logged,
         never raised: the records are already durable). These records change nothing
         else (refusals, reads, alarms), so their principals are not read again."""
+        if not in_operation():  # (an operation tried at its start)
+            self._sign_if_full()
         with self._storage.transaction() as tx:
             due = self.append_drafts(tx, self.drafts(events))
         if due:
@@ -173,17 +181,42 @@ class AuditTrail:
         return self._sign_head([])
 
     def checkpoint_quietly(self) -> None:
-        """checkpoint(), logging instead of raising (timers, shutdown, count policy)."""
-        try:
+        """checkpoint(), never raising (timers, shutdown, count policy): a failure is the
+        alarm of audit_tail.UnsignedTail.sign_failed (a metric and an ERROR line)."""
+        with contextlib.suppress(KmsError):  # counted and logged by _sign_head
             self.checkpoint()
-        except KmsError as e:
-            log.warning("audit checkpoint failed", extra={"code": e.code, "detail": e.detail})
+
+    def _sign_if_full(self) -> None:
+        """Before an operation: if this process saw the unsigned tail at its bound, try
+        once to sign (the HSM may be back), so the operation need not be refused."""
+        if not self._tail.full():
+            return
+        with self._tail.recovery():
+            if self._tail.full():
+                self.checkpoint_quietly()
 
     def _sign_head(self, events: Sequence[AuditEvent]) -> dict[str, Any] | None:
         """Sign outside any write transaction (the HSM never runs under the database's
         write lock), then store the checkpoint unless another one got there first. With a
         ``sealed_state`` the checkpoint is format 2 and carries the verified state of the
-        sealed rows (kms/formats/checkpoint.py); StateRefused if it does not verify."""
+        sealed rows (kms/formats/checkpoint.py); StateRefused if it does not verify. Any
+        failure is the alarm of UnsignedTail.sign_failed before it is raised."""
+        try:
+            cp, unsigned = self._sign_and_store(events)
+        except UnsignedTailFull:
+            raise  # the request's own record found the tail full: no signature was tried
+        except KmsError as e:
+            self._tail.sign_failed(e)
+            raise
+        if unsigned is not None:
+            self._tail.signed(unsigned)
+        return cp
+
+    def _sign_and_store(
+        self, events: Sequence[AuditEvent]
+    ) -> tuple[dict[str, Any] | None, int | None]:
+        """_sign_head()'s work: the newest checkpoint and the records unsigned after it
+        (None when the chain is empty)."""
         fingerprint = self.public_key_fingerprint()
         if events:
             with self._storage.transaction() as tx:
@@ -193,10 +226,10 @@ class AuditTrail:
             checked = self._check_anchor(tx, chain_id, rehash=False)
             head = checked.head
             if head.seq == 0:
-                return None
+                return None, None
             signed = tx.checkpoints(head.seq - 1, head.seq, 1)  # the row, not checkpoint_seq
             if signed:
-                return signed[0]
+                return signed[0], 0
             prev = head.checkpoint_seq  # the previous checkpoint, if its row says so too
             if not (prev < head.seq and (prev == 0 or tx.checkpoints(prev - 1, prev, 1))):
                 prev = checked.anchor.seq if checked.anchor.seq < head.seq else 0
@@ -212,11 +245,12 @@ class AuditTrail:
             current = tx.audit_head()
             newer = tx.checkpoints(head.checkpoint_seq, current.checkpoint_seq, 1)
             if current.checkpoint_seq != head.checkpoint_seq and newer:
-                return newer[0]  # another worker signed meanwhile; its checkpoint is as good
+                # another worker signed meanwhile; its checkpoint is as good
+                return newer[0], current.seq - current.checkpoint_seq
             tx.insert_checkpoint(cp)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(tx, cp)  # witnessed, or not stored at all
-        return cp
+        return cp, current.seq - head.seq
 
     # -- the HSM anchor (kms/services/audit_anchor.py) -----------------------------------
 
@@ -333,63 +367,6 @@ class AuditTrail:
         if self._fingerprint is None:
             self._fingerprint = cpfmt.key_fingerprint(self.public_key_pem())
         return self._fingerprint
-
-    @contextmanager
-    def operation(self, caller: Caller, name: str) -> Iterator[EventBuilder]:
-        """Run an operation; the body records its success itself, inside its own
-        transaction. Failures are recorded once per request: by the outermost operation,
-        with the innermost builder entered (the most specific fields), unless that
-        builder's records were already written. An operation inside another joins it."""
-        op = EventBuilder(caller, name)
-        outer = _scope.get()
-        if outer is not None:
-            op._describe = outer.op._describe  # the request's way of describing failures
-            outer.op = op
-            yield op
-            return
-        scope = _Scope(op)
-        token = _scope.set(scope)
-        try:
-            yield op
-        except Exception as e:
-            self._record_failure(scope.op, e)
-            raise
-        finally:
-            _scope.reset(token)
-
-    def _record_failure(self, op: EventBuilder, error: BaseException) -> None:
-        """Record that an operation was refused or failed. Never raises: the caller is
-        already on its way out with ``error``; a failure to record is logged. Failed
-        authentication is logged, not chained: it is not attributable to a principal,
-        and chaining it would let anyone grow the audit trail."""
-        if op.written:
-            return
-        if isinstance(error, Unauthenticated):
-            return  # logged by the face that authenticates
-        if isinstance(error, AuditBudgetExceeded):
-            return  # coalesced by kms/services/audit_budget.py
-        if isinstance(error, ChangeProposed):
-            return  # not a failure: its propose_change record was written with the change
-        if isinstance(error, KmsError):
-            code, detail = error.code, error.detail or error.message
-        else:
-            code, detail = "internal_error", type(error).__name__
-        ops, unreached = op.failure or ([op], 0)
-        failed = [o.failed(code, detail) for o in ops]
-        failed += [replace(op.event, outcome=code, detail="batch aborted")] * unreached
-        try:
-            self.record(failed)
-        except (StorageUnavailable, AuditStateRefused):
-            log.error("could not record a refused operation", extra={"op": failed[0].operation})
-
-    def record_alarm(self, operation: str, error: KmsError) -> None:
-        """Chain that a database row failed its HSM seal where no principal can be named
-        (authentication): ``error``'s code and precise detail, no principal. Never raises
-        (the caller is refusing already); a failure to record is logged."""
-        try:
-            self.record([local_event(operation, error.detail, outcome=error.code)])
-        except KmsError:
-            log.error("could not record an integrity alarm", extra={"detail": error.detail})
 
     def records(
         self, caller: Caller, after: int, limit: int, query: AuditQuery | None = None

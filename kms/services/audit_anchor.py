@@ -1,8 +1,9 @@
 """The audit chain's anchor in the HSM: the newest head the signer vouched for, kept where
 whoever writes the database, its backups or the server's files cannot move it.
 
-The anchor is a private token data object labelled ``kms-audit-anchor-<chain id>``; the
-chain id is in the database (audit_head.chain_id), its value is kms/formats/anchor.py.
+The anchor is a private token object (kms/backends/hsm/pkcs11_anchors.py) labelled
+``kms-audit-anchor-<chain id>``; the chain id is in the database (audit_head.chain_id),
+its value is kms/formats/anchor.py.
 
 Guarantees:
 - A checkpoint is signed only for a head that extends the anchor: the record at the

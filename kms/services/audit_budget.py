@@ -45,6 +45,7 @@ from kms.metrics import (
     AUDIT_CHAIN_RECORDS,
     AUDIT_GROWTH_ALERT,
     AUDIT_RECORDS_LAST_MINUTE,
+    AUDIT_UNSIGNED,
 )
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import format_time
@@ -176,7 +177,8 @@ class AuditGrowth:
         minute's growth). Past the threshold the alert gauge reads 1 and an error line is
         logged (once each time the growth goes over). Raises StorageUnavailable."""
         with self._storage.reader() as tx:
-            seq = tx.audit_head().seq
+            head = tx.audit_head()
+        seq = head.seq
         now = self._clock.now().timestamp()
         with self._lock:
             self._samples.append((now, seq))
@@ -186,6 +188,7 @@ class AuditGrowth:
             over = bool(self.alert_per_minute) and grown > self.alert_per_minute
             started, self._alerting = over and not self._alerting, over
         AUDIT_CHAIN_RECORDS.set(seq)
+        AUDIT_UNSIGNED.set(seq - head.checkpoint_seq)
         AUDIT_RECORDS_LAST_MINUTE.set(grown)
         AUDIT_GROWTH_ALERT.set(1 if over else 0)
         if started:

@@ -247,10 +247,11 @@ class CryptoService:
         iv = self._random(blobfmt.IV_BYTES)
         header = blobfmt.header_for(kek.key_id, kek.version, iv)
         try:
-            ct = self._hsm.encrypt(kek, iv, plaintext, header.aad(context))
+            iv, ct = self._hsm.encrypt(kek, iv, plaintext, header.aad(context))
         except IntegrityFailure as e:
             raise KeyUnusable(detail=str(e)) from e
-        return Sealed(kek.key_id, kek.version, replace(header, ciphertext=ct).to_bytes())
+        blob = replace(header, iv=iv, ciphertext=ct)  # the IV the HSM used (the AAD has none)
+        return Sealed(kek.key_id, kek.version, blob.to_bytes())
 
     def _open(self, kek: KekRef, parsed: blobfmt.Blob, context: dict[str, str]) -> bytes:
         try:

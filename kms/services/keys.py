@@ -108,7 +108,11 @@ class KeyService:
             key = Key(key_id, alias, description, KeyState.ENABLED, 1, now, rotated_at=now)
             with self._storage.transaction() as tx:
                 tx.add_key(key)
-                tx.add_version(KeyVersion(key_id, 1, now, wrapped.wrapped, wrapped.root_label))
+                tx.add_version(
+                    KeyVersion(
+                        key_id, 1, now, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
+                    )
+                )
                 self._audit.append(tx, [op.ok()])
             return key
 
@@ -277,7 +281,11 @@ class KeyService:
             now = self._clock.now()
             new = replace(current, current_version=current.current_version + 1, rotated_at=now)
             v = new.current_version
-            tx.add_version(KeyVersion(key.key_id, v, now, wrapped.wrapped, wrapped.root_label))
+            tx.add_version(
+                KeyVersion(
+                    key.key_id, v, now, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
+                )
+            )
             tx.update_key(new)
             self._audit.append(tx, [op.ok(key_version=new.current_version)])
         return new

@@ -126,6 +126,11 @@ class KeyUsage:
     days: list[UsageDay]  # only days with use, oldest first
 
 
+# The key-wrap mechanism of every KEK wrapped before mechanisms were recorded (migration
+# 0013): CKM_AES_KEY_WRAP_PAD, which SoftHSM implements as RFC 5649.
+LEGACY_WRAP_MECHANISM = "CKM_AES_KEY_WRAP_PAD"
+
+
 @dataclass(frozen=True)
 class KeyVersion:
     key_id: str
@@ -134,14 +139,17 @@ class KeyVersion:
     # KEK material wrapped under the HSM root key; useless without the HSM.
     wrapped: bytes = field(repr=False)
     root_label: str = "kms-root"
+    wrap_mechanism: str = LEGACY_WRAP_MECHANISM  # the mechanism that wrapped it
 
 
 @dataclass(frozen=True)
 class WrappedKek:
-    """A KEK as it leaves the HSM: wrapped under the root key named ``root_label``."""
+    """A KEK as it leaves the HSM: wrapped under the root key named ``root_label`` with
+    the key-wrap mechanism ``wrap_mechanism`` (kms/backends/hsm/mechanisms.py names)."""
 
     wrapped: bytes = field(repr=False)
     root_label: str = "kms-root"
+    wrap_mechanism: str = LEGACY_WRAP_MECHANISM
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,7 @@ class KekRef:
     version: int
     wrapped: bytes = field(repr=False)
     root_label: str = "kms-root"
+    wrap_mechanism: str = LEGACY_WRAP_MECHANISM
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,7 @@ class SigV4Credential:
     root_label: str
     state: str  # active | revoked
     created_at: str  # record time format
+    wrap_mechanism: str = LEGACY_WRAP_MECHANISM  # that wrapped ``wrapped_kek``
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,10 @@ class Hsm(Protocol):
     def new_wrapped_kek(self) -> WrappedKek:
         """Generate an AES-256 KEK inside the HSM; return it wrapped under the root key."""
 
-    def encrypt(self, kek: KekRef, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """AES-256-GCM encrypt inside the HSM; returns ciphertext || 16-byte tag."""
+    def encrypt(self, kek: KekRef, iv: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM encrypt inside the HSM; returns (IV, ciphertext || 16-byte tag). The
+        IV is ``iv`` unless the HSM generates its own (an HSM profile with ``gcm_iv =
+        hsm``), in which case it is the one the HSM used: store the returned IV."""
 
     def decrypt(self, kek: KekRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         """AES-256-GCM decrypt; raises kms.errors.IntegrityFailure if authentication fails."""

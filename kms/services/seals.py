@@ -39,7 +39,14 @@ from kms.formats.xks import XksKeyPolicy
 from kms.metrics import SEAL_FAILURES
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import local_event
-from kms.services.model import Grant, Key, KeyVersion, Principal, SigV4Credential
+from kms.services.model import (
+    LEGACY_WRAP_MECHANISM,
+    Grant,
+    Key,
+    KeyVersion,
+    Principal,
+    SigV4Credential,
+)
 from kms.services.ports import Hsm, SealRows, Store, Tx
 from kms.services.ports import TxSeals as TxSealsPort
 from kms.services.state_index import StateIndex
@@ -298,13 +305,15 @@ def key_fields(key: Key) -> dict[str, Any]:
 
 
 def version_fields(v: KeyVersion) -> dict[str, Any]:
-    """A KEK version and the identity of its wrapped material."""
-    return {
+    """A KEK version and the identity of its wrapped material (and of the mechanism that
+    wrapped it: see _with_mechanism)."""
+    fields = {
         "key_id": v.key_id,
         "version": v.version,
         "wrapped_sha256": _sha256(v.wrapped),
         "root_label": v.root_label,
     }
+    return _with_mechanism(fields, v.wrap_mechanism)
 
 
 def xks_policy_fields(key_id: str, policy: XksKeyPolicy) -> dict[str, Any]:
@@ -317,7 +326,7 @@ def xks_policy_fields(key_id: str, policy: XksKeyPolicy) -> dict[str, Any]:
 
 
 def sigv4_fields(c: SigV4Credential) -> dict[str, Any]:
-    return {
+    fields = {
         "access_key_id": c.access_key_id,
         "principal_id": c.principal.id,
         "state": c.state,
@@ -325,6 +334,21 @@ def sigv4_fields(c: SigV4Credential) -> dict[str, Any]:
         "wrapped_kek_sha256": _sha256(c.wrapped_kek),
         "root_label": c.root_label,
     }
+    return _with_mechanism(fields, c.wrap_mechanism)
+
+
+def _with_mechanism(fields: dict[str, Any], mechanism: str) -> dict[str, Any]:
+    """``fields`` with ``"wrap_mechanism"`` added unless ``mechanism`` is the legacy one.
+
+    Every row sealed before mechanisms were recorded (migration 0013) holds a KEK wrapped
+    with LEGACY_WRAP_MECHANISM and a seal over the fields without this one: leaving the
+    field out for that value keeps those seals valid, with no re-sealing. The mechanism is
+    still covered both ways: a database writer who changes a legacy row's mechanism adds
+    the field to what is checked, one who sets a recorded mechanism back to the legacy
+    value removes it, and either way the seal no longer verifies."""
+    if mechanism == LEGACY_WRAP_MECHANISM:
+        return fields
+    return {**fields, "wrap_mechanism": mechanism}
 
 
 def seal_unsealed_rows(storage: Store[Tx], trail: AuditTrail) -> dict[str, int]:

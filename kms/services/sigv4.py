@@ -193,11 +193,20 @@ class SigV4Service:
             secret = base64.b64encode(raw[15:]).decode()
             op.note(detail=f"principal={principal_name} access_key_id={access_key_id}")
             wrapped = self._hsm.new_wrapped_kek()
-            kek = KekRef(_kek_id(access_key_id), 1, wrapped.wrapped, wrapped.root_label)
-            iv = self._hsm.random(IV_BYTES)
-            sealed = iv + self._hsm.encrypt(
-                kek, iv, secret.encode("ascii"), access_key_id.encode("ascii")
+            kek = KekRef(
+                _kek_id(access_key_id),
+                1,
+                wrapped.wrapped,
+                wrapped.root_label,
+                wrapped.wrap_mechanism,
             )
+            iv, ct = self._hsm.encrypt(
+                kek,
+                self._hsm.random(IV_BYTES),
+                secret.encode("ascii"),
+                access_key_id.encode("ascii"),
+            )
+            sealed = iv + ct
             with self._storage.transaction() as tx:
                 self._changes.consume(tx, caller, "issue_sigv4", params)
                 principal = tx.principal_by_name(principal_name)
@@ -218,6 +227,7 @@ class SigV4Service:
                         wrapped.root_label,
                         "active",
                         format_time(self._clock.now()),
+                        wrapped.wrap_mechanism,
                     )
                 )
                 self._audit.append(tx, [op.ok()])
@@ -361,7 +371,13 @@ class SigV4Service:
         if credential.principal.disabled:
             raise SigV4Refused("unknown_key", f"principal {credential.principal.name} is disabled")
         sealed = credential.sealed_secret
-        kek = KekRef(_kek_id(access_key_id), 1, credential.wrapped_kek, credential.root_label)
+        kek = KekRef(
+            _kek_id(access_key_id),
+            1,
+            credential.wrapped_kek,
+            credential.root_label,
+            credential.wrap_mechanism,
+        )
         try:
             secret = self._hsm.decrypt(
                 kek, sealed[:IV_BYTES], sealed[IV_BYTES:], access_key_id.encode("ascii")

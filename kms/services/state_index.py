@@ -5,7 +5,7 @@ whoever writes the database could put back yesterday's copy of an escrow case (i
 budget refilled), of a revoked grant or credential, or of a key before it was disabled.
 The HSM anchors which seals are current:
 
-- **State anchor.** A private token data object ``kms-state-anchor-<chain id>`` holds
+- **State anchor.** A private token object ``kms-state-anchor-<chain id>`` holds
   ``(n, digest)`` (kms/formats/state.py): ``n`` counts the transactions that changed a
   sealed row, ``digest`` is a salted digest of every sealed row's (kind, ident, seal).
   The salt is an HMAC made by the HSM, so nobody without it can find a different set of

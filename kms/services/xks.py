@@ -212,7 +212,7 @@ class XksService:
             aad = fmt.hsm_aad(request.aad, md)
             iv = self._random(fmt.IV_BYTES)
             try:
-                sealed = self._hsm.encrypt(kek, iv, request.plaintext, aad)
+                iv, sealed = self._hsm.encrypt(kek, iv, request.plaintext, aad)
             except IntegrityFailure as e:
                 raise KeyUnusable(detail=str(e)) from e
             ct, tag = sealed[: -fmt.TAG_BYTES], sealed[-fmt.TAG_BYTES :]
@@ -338,10 +338,12 @@ class XksService:
         self._hsm.check()
         if self._probe_kek is None:
             wrapped = self._hsm.new_wrapped_kek()
-            self._probe_kek = KekRef(_PROBE_KEY_ID, 1, wrapped.wrapped, wrapped.root_label)
+            self._probe_kek = KekRef(
+                _PROBE_KEY_ID, 1, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
+            )
         iv = self._random(fmt.IV_BYTES)
         try:
-            sealed = self._hsm.encrypt(self._probe_kek, iv, _PROBE_PLAINTEXT, _PROBE_AAD)
+            iv, sealed = self._hsm.encrypt(self._probe_kek, iv, _PROBE_PLAINTEXT, _PROBE_AAD)
             opened = self._hsm.decrypt(self._probe_kek, iv, sealed, _PROBE_AAD)
         except IntegrityFailure as e:
             raise KeyUnusable(detail=f"health probe: {e}") from e

@@ -1,19 +1,25 @@
-"""Faults against a live gunicorn (2 workers): a worker killed with SIGKILL under load, and
-audit storage that stops accepting writes. The promise in both: no request is answered
-200 without its audit record, and the chain still verifies.
+"""Faults against a live gunicorn (2 workers): a worker killed with SIGKILL under load,
+audit storage that stops accepting writes, and the HSM token going away under warm
+workers. The promise: no request is answered 200 without its audit record, the chain
+still verifies, and an outage means an outage (503 on every worker within seconds, even
+for keys already unwrapped in a worker's memory) until the dependency is back, without a
+restart.
 
-(The HSM token going away and coming back is tested in test_server.py; PostgreSQL and
-Redis outages in their own suites.)
+(Readiness while the token is away is tested in test_server.py; PostgreSQL and Redis
+outages in their own suites.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,3 +237,93 @@ def test_worker_started_while_storage_is_read_only_recovers_too(fresh_data_dir: 
             assert {r.status_code for r in refused} == {503}
         recovered = [r for _ in range(4) for r in s.attempts(admin_too=False)]
         assert [r.status_code for r in recovered] == [200] * 8
+
+
+# -- the HSM token going away under warm workers -----------------------------------------------
+
+
+OUTAGE_CODES = {"hsm_unavailable", "state_refused", "audit_state_refused"}
+
+
+def _served_by(server: Server) -> dict[str, int]:
+    """request id -> pid of the worker that answered it, from the server's request log."""
+    out = {}
+    for line in server.log_text().splitlines():
+        if '"msg": "request"' in line:
+            entry = json.loads(line)
+            out[entry["request_id"]] = entry["pid"]
+    return out
+
+
+def _pids(server: Server, answers: list[requests.Response]) -> set[int]:
+    """The workers that answered ``answers`` (their request lines are logged after the
+    response is built: wait for them)."""
+    deadline = time.monotonic() + 10
+    ids = {r.headers["X-Request-Id"] for r in answers}
+    while True:
+        served = _served_by(server)
+        if ids <= served.keys() or time.monotonic() > deadline:
+            return {served[i] for i in ids if i in served}
+        time.sleep(0.05)
+
+
+def test_token_gone_under_warm_workers_turns_crypto_into_503_then_recovers(
+    fresh_data_dir: Path,
+) -> None:
+    """Issue 20, point 6: both workers hold a session and unwrapped KEKs in memory; the
+    token directory is moved away. Within a few seconds every datakey and decrypt, on
+    both workers, is 503 (hsm_unavailable, or state_refused / audit_state_refused where
+    an HSM anchor cannot be read), and stays so; with the token back, both serve again
+    without a restart."""
+    with gunicorn_server(fresh_data_dir, workers=2) as srv:
+        s = Served.make(srv)
+        workers = _workers(srv)
+        warm: list[requests.Response] = []
+        deadline = time.monotonic() + 30
+        while _pids(srv, warm) != workers:  # datakey and decrypt served by both workers
+            assert time.monotonic() < deadline, "requests did not reach both workers"
+            answers = s.attempts(admin_too=False)
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            warm += answers
+        tokens, away = fresh_data_dir / "tokens", fresh_data_dir / "tokens.away"
+        shutil.move(tokens, away)
+        seen: list[tuple[float, requests.Response]] = []
+        try:
+            start = time.monotonic()
+            # 10 s, and longer (25 s at most) until both workers answered after the first 5
+            # two clients at once, so that a busy worker cannot leave the other idle
+            with ThreadPoolExecutor(2) as pool:
+                while (elapsed := time.monotonic() - start) < 10 or (
+                    elapsed < 25 and _pids(srv, [r for t, r in seen if t >= 5]) != workers
+                ):
+                    for answers in pool.map(lambda _: s.attempts(admin_too=False), range(2)):
+                        seen += [(time.monotonic() - start, r) for r in answers]
+                    time.sleep(0.02)
+        finally:
+            shutil.move(away, tokens)
+        for _, r in seen:
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                # the HSM itself, or the HSM anchors it cannot read (SECURITY.md)
+                assert r.json()["error"]["code"] in OUTAGE_CODES, r.text
+                assert "plaintext" not in r.json() and "ciphertext" not in r.json()
+        # a worker drops what it holds within ~2 s of seeing the token gone: after 5 s
+        # (margin for a loaded machine) not one request is served
+        served = [t for t, r in seen if r.status_code == 200]
+        late = [r for t, r in seen if t >= 5]
+        assert not served or max(served) < 5, f"served {len(served)}, the last at {max(served)}"
+        assert len(late) >= 4 and {r.status_code for r in late} == {503}
+        assert _pids(srv, late) == workers  # both workers refuse, not just one
+        # the token is back: served again by the same workers, no restart
+        deadline, ok, recovered = time.monotonic() + 30, 0, []
+        while ok < 6 or _pids(srv, recovered) != workers:
+            assert time.monotonic() < deadline, "did not recover"
+            answers = s.attempts(admin_too=False)
+            if [r.status_code for r in answers] == [200, 200]:
+                ok, recovered = ok + 1, recovered + answers
+            else:
+                assert {r.status_code for r in answers} <= {200, 503}
+                ok, recovered = 0, []
+                time.sleep(0.2)
+        assert _workers(srv) == workers and srv.proc.poll() is None
+        assert "Traceback" not in srv.log_text()

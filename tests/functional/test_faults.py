@@ -89,8 +89,11 @@ def test_hsm_down_gives_503_and_recovers_without_restart(
         assert r.status_code == 503 and r.json["error"]["code"] == "hsm_unavailable"
     ready = api.call("GET", "/readyz")
     assert ready.status_code == 503 and ready.json["checks"]["hsm"] == "hsm_unavailable"
-    monkeypatch.setattr(hsm, "_config", good)  # the HSM is back
-    assert api.call("GET", "/readyz").status_code == 200
+    monkeypatch.setattr(hsm, "_config", good)  # the HSM is back: within the back-off
+    deadline = time.monotonic() + 10  # after a failed connect (about a second), ready
+    while (ready := api.call("GET", "/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, ready.json
+        time.sleep(0.1)
     # each refusal is in the audit trail (read now: a caller remembered from before the
     # outage passes authentication for KMS_AUTH_CACHE_SECONDS only; after that, a caller
     # needs the HSM's state anchor to authenticate, kms/services/principals.py)

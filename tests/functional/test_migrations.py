@@ -13,7 +13,12 @@ from kms import config
 from kms.app import create_app
 from kms.backends.storage import SchemaNotCurrent, make_engine, upgrade
 from kms.backends.storage.schema import metadata
-from tests.helpers import assert_audit_chain_kept, extra_revision, write_audit_chain_at_0001
+from tests.helpers import (
+    assert_audit_chain_kept,
+    check_0013_on,
+    extra_revision,
+    write_audit_chain_at_0001,
+)
 
 
 def test_migrations_match_the_schema_module(tmp_path: Path) -> None:
@@ -45,6 +50,10 @@ def test_upgrade_in_place_keeps_data(tmp_path: Path) -> None:
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
     upgrade(engine, extra_versions=[versions])  # idempotent
     engine.dispose()
+
+
+def test_0013_records_the_legacy_wrap_mechanism_of_existing_keks(tmp_path: Path) -> None:
+    check_0013_on(make_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}"))
 
 
 def test_app_refuses_a_database_that_is_not_current(

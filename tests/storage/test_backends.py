@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from kms.backends.hsm import Pkcs11Hsm
-from kms.backends.storage import SqlStorage, make_engine
+from kms.backends.storage import SqlStorage, make_engine, schema
 from kms.config import ConfigError
-from kms.errors import Conflict, StorageUnavailable
+from kms.errors import Conflict, SealBroken, StorageUnavailable
 from kms.formats import audit_record
 from kms.services.audit import AuditTrail, CheckpointPolicy
 from kms.services.audit_verify import verify_bundle
@@ -238,6 +239,71 @@ def test_timestamps_come_back_as_the_same_instant_in_utc(any_storage: SqlStorage
     assert back.created_at == created and back.created_at.utcoffset() == timedelta(0)
     assert back.rotated_at == created and version.created_at == created
     assert version.wrapped == b"\x00" * 40
+
+
+def test_the_wrap_mechanism_of_a_kek_is_kept_and_sealed(any_storage: SqlStorage) -> None:
+    """What a KEK was wrapped with reads back as written, and a database writer who
+    changes it, either way, breaks the row's seal."""
+    now = datetime.now(UTC)
+    with any_storage.transaction() as tx:
+        tx.add_key(Key("k-mech", None, "", KeyState.ENABLED, 2, now, rotated_at=now))
+        tx.add_version(KeyVersion("k-mech", 1, now, b"\x01" * 40))  # the legacy default
+        tx.add_version(
+            KeyVersion("k-mech", 2, now, b"\x02" * 40, "kms-root", "CKM_AES_KEY_WRAP_KWP")
+        )
+        owner = tx.add_principal("aws-mech", Role.SERVICE, "d" * 64, now)
+        cred = SigV4Credential(
+            "AKIDMECHANISM2345", owner, b"s", b"w", "kms-root", "active", "t0", "0x80000171"
+        )
+        tx.add_sigv4_credential(cred)
+    with any_storage.reader() as tx:
+        v1, v2 = tx.key_version("k-mech", 1), tx.key_version("k-mech", 2)
+        found = tx.sigv4_credential("AKIDMECHANISM2345")
+    assert v1 is not None and v1.wrap_mechanism == "CKM_AES_KEY_WRAP_PAD"
+    assert (
+        v2 is not None
+        and v2.wrap_mechanism == "CKM_AES_KEY_WRAP_KWP"
+        and v2.wrapped == b"\x02" * 40
+    )
+    assert found is not None and found.wrap_mechanism == "0x80000171"
+    assert replace(found, principal=owner) == cred
+
+    v, c = schema.key_versions.c, schema.sigv4_credentials.c
+    edits: list[tuple[sa.Executable, Callable[[Any], object]]] = [
+        # a legacy row given a recorded mechanism, a recorded one set back to the legacy
+        (
+            sa.update(schema.key_versions)
+            .where(v.key_id == "k-mech", v.version == 1)
+            .values(wrap_mechanism="CKM_AES_KEY_WRAP_KWP"),
+            lambda tx: tx.key_version("k-mech", 1),
+        ),
+        (
+            sa.update(schema.key_versions)
+            .where(v.key_id == "k-mech", v.version == 2)
+            .values(wrap_mechanism="CKM_AES_KEY_WRAP_PAD"),
+            lambda tx: tx.key_version("k-mech", 2),
+        ),
+        (
+            sa.update(schema.sigv4_credentials)
+            .where(c.access_key_id == "AKIDMECHANISM2345")
+            .values(wrap_mechanism="CKM_AES_KEY_WRAP_PAD"),
+            lambda tx: tx.sigv4_credential("AKIDMECHANISM2345"),
+        ),
+    ]
+    for edit, read in edits:
+        with any_storage.transaction() as tx:
+            tx._c.execute(edit)
+        with pytest.raises(SealBroken), any_storage.reader() as tx:
+            read(tx)
+    with any_storage.transaction() as tx:  # an empty value does not even load
+        tx._c.execute(
+            sa.update(schema.key_versions)
+            .where(v.key_id == "k-mech", v.version == 1)
+            .values(wrap_mechanism="")
+        )
+    with pytest.raises(SealBroken) as refused, any_storage.reader() as tx:
+        tx.key_version("k-mech", 1)
+    assert "malformed" in str(refused.value.detail)
 
 
 # -- principals, aliases, constraint violations --------------------------------------------

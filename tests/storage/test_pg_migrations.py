@@ -18,6 +18,7 @@ from kms.backends.storage.migrate import check_current
 from kms.backends.storage.schema import metadata
 from tests.helpers import (
     assert_audit_chain_kept,
+    check_0013_on,
     extra_revision,
     free_port,
     run_kms,
@@ -70,6 +71,10 @@ def test_upgrade_in_place_keeps_data(empty_db: PgDatabase, tmp_path: Path) -> No
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9001"
     upgrade(engine, extra_versions=[versions])  # idempotent
     engine.dispose()
+
+
+def test_0013_records_the_legacy_wrap_mechanism_of_existing_keks(empty_db: PgDatabase) -> None:
+    check_0013_on(make_engine(empty_db.url))
 
 
 def test_concurrent_upgrades_take_turns(empty_db: PgDatabase) -> None:

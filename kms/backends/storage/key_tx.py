@@ -12,7 +12,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
-from kms.backends.storage.loading import checked_rows
+from kms.backends.storage.loading import checked_rows, mechanism_name
 from kms.backends.storage.times import utc, utc_or_none
 from kms.errors import Conflict
 from kms.services.model import EscrowPolicy, Key, KeyState, KeyVersion
@@ -55,6 +55,7 @@ class KeyTx:
                 version=version.version,
                 wrapped_kek=version.wrapped,
                 root_label=version.root_label,
+                wrap_mechanism=version.wrap_mechanism,
                 created_at=version.created_at,
                 seal=self._seals.seal("key_version", version_fields(version)),
             )
@@ -101,13 +102,7 @@ class KeyTx:
         found = parsed(
             "key_version",
             f"{key_id},{version}",
-            lambda: KeyVersion(
-                key_id=row.key_id,
-                version=row.version,
-                created_at=utc(row.created_at),
-                wrapped=bytes(row.wrapped_kek),
-                root_label=row.root_label,
-            ),
+            lambda: version_row(row),
         )
         self._seals.check("key_version", version_fields(found), row.seal)
         return found
@@ -117,6 +112,18 @@ class KeyTx:
         key = parsed("key", row.key_id, lambda: key_row(row))
         self._seals.check("key", key_fields(key), row.seal)
         return key
+
+
+def version_row(row: Any) -> KeyVersion:
+    """The KeyVersion of a key_versions row (not checked: see KeyTx.key_version)."""
+    return KeyVersion(
+        key_id=row.key_id,
+        version=row.version,
+        created_at=utc(row.created_at),
+        wrapped=bytes(row.wrapped_kek),
+        root_label=row.root_label,
+        wrap_mechanism=mechanism_name(row.wrap_mechanism),
+    )
 
 
 def key_select() -> Any:

@@ -42,3 +42,12 @@ def checked_rows(
 
 def _one(conn: Connection, query: Any) -> Any:
     return conn.execute(query).one()
+
+
+def mechanism_name(value: Any) -> str:
+    """A recorded key-wrap mechanism (``wrap_mechanism`` column) as read: ValueError
+    unless a non-empty string (SQLite keeps a number or bytes there too), so the row is
+    malformed for parsed() rather than failing later."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("wrap_mechanism is not a mechanism name")
+    return value

@@ -17,6 +17,8 @@ from sqlalchemy import (
     Text,
 )
 
+from kms.services.model import LEGACY_WRAP_MECHANISM
+
 metadata = MetaData()
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
@@ -78,6 +80,10 @@ key_versions = Table(
     Column("root_label", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
+    # the key-wrap mechanism that wrapped wrapped_kek ("CKM_AES_KEY_WRAP_KWP", or a vendor
+    # constant "0x80000171"); rows from before 0013: CKM_AES_KEY_WRAP_PAD. Sealed unless
+    # it is that legacy value (kms/services/seals.py version_fields)
+    Column("wrap_mechanism", String(32), nullable=False, server_default=LEGACY_WRAP_MECHANISM),
 )
 
 grants = Table(
@@ -234,6 +240,8 @@ sigv4_credentials = Table(
     Column("state", String(16), nullable=False),  # active | revoked
     Column("created_at", _TIME, nullable=False),
     Column("seal", String(64), nullable=True),  # kms/services/seals.py; NULL: refused
+    # the key-wrap mechanism that wrapped wrapped_kek, as in key_versions (sealed the same way)
+    Column("wrap_mechanism", String(32), nullable=False, server_default=LEGACY_WRAP_MECHANISM),
     Index("ix_sigv4_principal", "principal_id"),
 )
 

@@ -16,12 +16,12 @@ from sqlalchemy.engine import Connection
 
 from kms.backends.storage import schema as t
 from kms.backends.storage.grant_tx import split_list
-from kms.backends.storage.key_tx import key_row, key_select
+from kms.backends.storage.key_tx import key_row, key_select, version_row
 from kms.backends.storage.principal_tx import principal_row
 from kms.backends.storage.sigv4_tx import CREDENTIAL_SELECT, credential_row
-from kms.backends.storage.times import utc, utc_or_none
+from kms.backends.storage.times import utc_or_none
 from kms.backends.storage.xks_tx import xks_policy_row
-from kms.services.model import Grant, KeyVersion
+from kms.services.model import Grant
 from kms.services.ports import TxSeals
 from kms.services.seals import (
     grant_fields,
@@ -63,9 +63,7 @@ class SealTx:
             put("key", t.keys, k.key_id == row.key_id, key_fields(key_row(row)))
         v = t.key_versions.c
         for row in self._c.execute(select(t.key_versions).where(v.seal.is_(None))).all():
-            version = KeyVersion(
-                row.key_id, row.version, utc(row.created_at), bytes(row.wrapped_kek), row.root_label
-            )
+            version = version_row(row)
             where = (v.key_id == row.key_id) & (v.version == row.version)
             put("key_version", t.key_versions, where, version_fields(version))
         for row in self._c.execute(select(t.grants).where(g.seal.is_(None))).all():

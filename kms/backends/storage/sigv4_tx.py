@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Row
 
 from kms.backends.storage import prepared
 from kms.backends.storage import schema as t
-from kms.backends.storage.loading import checked_rows
+from kms.backends.storage.loading import checked_rows, mechanism_name
 from kms.backends.storage.times import utc, utc_or_none
 from kms.services.model import Principal, Role, SigV4Credential
 from kms.services.ports import TxSeals
@@ -33,6 +33,7 @@ class SigV4Tx:
                 sealed_secret=credential.sealed_secret,
                 wrapped_kek=credential.wrapped_kek,
                 root_label=credential.root_label,
+                wrap_mechanism=credential.wrap_mechanism,
                 state=credential.state,
                 created_at=credential.created_at,
                 seal=self._seals.seal("sigv4_credential", sigv4_fields(credential)),
@@ -117,4 +118,5 @@ def credential_row(row: Row[Any]) -> SigV4Credential:
         root_label=row.root_label,
         state=row.state,
         created_at=row.created_at,
+        wrap_mechanism=mechanism_name(row.wrap_mechanism),
     )
