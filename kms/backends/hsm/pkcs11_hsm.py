@@ -21,8 +21,10 @@ Process and thread rules:
   and the next call reconnects, so the service recovers by itself when the HSM comes back.
   Other PKCS#11 errors, among them every configuration error (a missing mechanism, a
   buffer too small, a bad template), are HsmUnavailable at once, without reconnecting
-  (pkcs11_errors.py says which errors are which). Each failed attempt and each failed
-  connect is counted in ``kms_hsm_errors_total`` (kms/metrics.py).
+  (pkcs11_errors.py says which errors are which). After a failed connect, calls fail at
+  once for a second instead of connecting again (no reconnect storm while the HSM is
+  down). Each failed attempt and each failed connect is counted in
+  ``kms_hsm_errors_total`` (kms/metrics.py).
 - A rejected PIN is never tried again by this process (real HSMs lock a partition after a
   few bad logins): every later call is HsmUnavailable until a restart with the right PIN.
 """
