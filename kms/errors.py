@@ -189,9 +189,9 @@ class UnsignedTailFull(HsmUnavailable):
 
 class PreflightFailed(HsmUnavailable):
     """The module cannot do what the KMS needs; ``detail`` names the step and reason.
-    ``permanent``: trying again cannot help (a PIN, a mechanism, a module that does not
-    load or crashes) and must not be tried (HSMs lock a partition after bad logins);
-    otherwise the HSM may just not be reachable yet."""
+    ``permanent``: trying again cannot help (a PIN, a token label, a mechanism, a module
+    that does not load or crashes) and must not be tried (HSMs lock a partition after bad
+    logins); otherwise the HSM may just not be reachable yet."""
 
     code = "hsm_preflight_failed"
     public_message = "the HSM cannot serve the KMS as configured"

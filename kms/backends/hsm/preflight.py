@@ -54,9 +54,9 @@ _NEEDED = {
 }
 
 
-# Errors of an HSM that may come back (not reachable, no token yet): worth a restart.
+# Errors of an HSM that may come back (a device or token not reachable right now): worth
+# a restart. A token label no slot has is a configuration error, not one of these.
 _PASSING = (
-    p11e.NoSuchToken,
     p11e.TokenNotPresent,
     p11e.TokenNotRecognised,
     p11e.DeviceError,
