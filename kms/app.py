@@ -61,12 +61,13 @@ from kms.services.dashboard import DashboardService
 from kms.services.escrow import EscrowService
 from kms.services.escrow_common import EscrowRows, EscrowSettings
 from kms.services.health import HealthService
+from kms.services.hsm_port import Hsm
 from kms.services.key_work import KeyUseRunner
 from kms.services.keys import KeyService
 from kms.services.lookup_cache import LookupCache
 from kms.services.model import EscrowPolicy, Role
 from kms.services.notify import Notifier, WebhookSettings
-from kms.services.ports import Clock, Hsm, Storage
+from kms.services.ports import Clock, Storage
 from kms.services.principals import PrincipalService
 from kms.services.rotation import SCHEDULER
 from kms.services.seals import RowSeals

@@ -43,8 +43,9 @@ from kms.services.audit_tail import (
     DEFAULT_MAX_UNSIGNED_SECONDS,
     UnsignedTail,
 )
+from kms.services.hsm_port import Hsm
 from kms.services.model import AuditEvent, AuditQuery, Role
-from kms.services.ports import AuditRows, Clock, Hsm, NotificationRows, PrincipalRows, Store
+from kms.services.ports import AuditRows, Clock, NotificationRows, PrincipalRows, Store
 from kms.services.state_index import StateIndex
 
 log = logging.getLogger("kms.audit")

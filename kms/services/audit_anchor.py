@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from kms.errors import AuditStateRefused
 from kms.formats import audit_record
 from kms.formats.anchor import Anchor, AnchorError, decode
+from kms.services.hsm_port import Hsm
 from kms.services.model import AuditHead
-from kms.services.ports import AuditRows, Hsm
+from kms.services.ports import AuditRows
 
 LABEL_PREFIX = "kms-audit-anchor-"
 PAGE = 1000

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from kms.errors import StorageUnavailable
 from kms.services.audit_budget import AuditBudget
 from kms.services.audit_events import Caller
+from kms.services.hsm_port import Hsm
 from kms.services.keys import KeyService
 from kms.services.model import Principal
-from kms.services.ports import Hsm, InvalidationBus, Leases, RateLimiter
+from kms.services.ports import InvalidationBus, Leases, RateLimiter
 from kms.services.rate_limits import (
     BlindRewrapsRefused,
     RatePolicy,

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from kms.formats import context as ctxfmt
-from kms.services.ports import Hsm
+from kms.services.hsm_port import Hsm
 
 MEMO_ENTRIES = 4096
 MEMO_MAX_BYTES = 1024

@@ -41,10 +41,10 @@ from kms.errors import (
 from kms.formats import blob as blobfmt
 from kms.services.audit_events import Caller, EventBuilder
 from kms.services.context_hash import ContextHasher
+from kms.services.hsm_port import Hsm
 from kms.services.key_use import CaseUse, Face, Use, check_caller
 from kms.services.key_work import KeyUseRunner, KeyWork
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Permission, Principal, Role
-from kms.services.ports import Hsm
 
 MAX_PLAINTEXT = 4096
 DEK_BYTES = 32

@@ -23,6 +23,7 @@ from kms.services.audit_events import Caller, format_time
 from kms.services.audit_export import AuditExports
 from kms.services.audit_verify import Report, VerifyInputError, verify_bundle
 from kms.services.escrow_common import EscrowRows
+from kms.services.hsm_port import Hsm
 from kms.services.key_refs import resolve
 from kms.services.keys import KeyService
 from kms.services.model import (
@@ -40,7 +41,6 @@ from kms.services.ports import (
     AuditRows,
     CaseRows,
     Clock,
-    Hsm,
     KeyRows,
     PrincipalRows,
     SealRows,

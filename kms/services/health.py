@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable
 
 from kms.errors import KmsError
-from kms.services.ports import Hsm, StorageUpkeep
+from kms.services.hsm_port import Hsm
+from kms.services.ports import StorageUpkeep
 
 log = logging.getLogger("kms.health")
 

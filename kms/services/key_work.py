@@ -165,7 +165,7 @@ class KeyWork:
             kv = self.tx.key_version(key_id, version)
             if kv is None:
                 raise DecryptionFailed(detail=f"unknown key version {version}")
-            kek = KekRef(key_id, version, kv.wrapped, kv.root_label, kv.wrap_mechanism)
+            kek = kv.ref()
             self._cache.put(ident, kek)
         return kek
 

@@ -33,6 +33,7 @@ from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.change_quorum import PLAINTEXT_OPS, ChangeTx
 from kms.services.changes import ChangeService
+from kms.services.hsm_port import Hsm
 from kms.services.key_params import (
     UNSET,
     Unset,
@@ -50,13 +51,11 @@ from kms.services.model import (
     Key,
     KeyState,
     KeyUsage,
-    KeyVersion,
     Role,
     VersionUsage,
 )
 from kms.services.ports import (
     Clock,
-    Hsm,
     LifecycleRows,
     Store,
 )
@@ -108,11 +107,7 @@ class KeyService:
             key = Key(key_id, alias, description, KeyState.ENABLED, 1, now, rotated_at=now)
             with self._storage.transaction() as tx:
                 tx.add_key(key)
-                tx.add_version(
-                    KeyVersion(
-                        key_id, 1, now, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
-                    )
-                )
+                tx.add_version(wrapped.as_version(key_id, 1, now))
                 self._audit.append(tx, [op.ok()])
             return key
 
@@ -281,11 +276,7 @@ class KeyService:
             now = self._clock.now()
             new = replace(current, current_version=current.current_version + 1, rotated_at=now)
             v = new.current_version
-            tx.add_version(
-                KeyVersion(
-                    key.key_id, v, now, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
-                )
-            )
+            tx.add_version(wrapped.as_version(key.key_id, v, now))
             tx.update_key(new)
             self._audit.append(tx, [op.ok(key_version=new.current_version)])
         return new

@@ -141,15 +141,29 @@ class KeyVersion:
     root_label: str = "kms-root"
     wrap_mechanism: str = LEGACY_WRAP_MECHANISM  # the mechanism that wrapped it
 
+    def ref(self) -> KekRef:
+        """What the HSM backend needs to use this version."""
+        return KekRef(self.key_id, self.version, self.wrapped, self.root_label, self.wrap_mechanism)
+
 
 @dataclass(frozen=True)
 class WrappedKek:
     """A KEK as it leaves the HSM: wrapped under the root key named ``root_label`` with
-    the key-wrap mechanism ``wrap_mechanism`` (kms/backends/hsm/mechanisms.py names)."""
+    the key-wrap mechanism ``wrap_mechanism`` (a name of hsm_config/profiles.py)."""
 
     wrapped: bytes = field(repr=False)
     root_label: str = "kms-root"
     wrap_mechanism: str = LEGACY_WRAP_MECHANISM
+
+    def ref(self, key_id: str, version: int) -> KekRef:
+        """This KEK as version ``version`` of ``key_id``, for the HSM backend."""
+        return KekRef(key_id, version, self.wrapped, self.root_label, self.wrap_mechanism)
+
+    def as_version(self, key_id: str, version: int, created_at: datetime) -> KeyVersion:
+        """This KEK as the stored version ``version`` of ``key_id``."""
+        return KeyVersion(
+            key_id, version, created_at, self.wrapped, self.root_label, self.wrap_mechanism
+        )
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from kms.formats.xks import XksKeyPolicy
 from kms.metrics import SEAL_FAILURES
 from kms.services.audit import AuditTrail
 from kms.services.audit_events import local_event
+from kms.services.hsm_port import Hsm
 from kms.services.model import (
     LEGACY_WRAP_MECHANISM,
     Grant,
@@ -47,7 +48,7 @@ from kms.services.model import (
     Principal,
     SigV4Credential,
 )
-from kms.services.ports import Hsm, SealRows, Store, Tx
+from kms.services.ports import SealRows, Store, Tx
 from kms.services.ports import TxSeals as TxSealsPort
 from kms.services.state_index import StateIndex
 

@@ -53,10 +53,10 @@ from kms.services.audit_events import Caller, format_time
 from kms.services.change_quorum import ChangeTx
 from kms.services.changes import ChangeService
 from kms.services.cluster import CREDENTIAL, Invalidations
-from kms.services.model import KekRef, Principal, Role, SigV4Credential
+from kms.services.hsm_port import Hsm
+from kms.services.model import Principal, Role, SigV4Credential, WrappedKek
 from kms.services.ports import (
     Clock,
-    Hsm,
     NonceRows,
     NonceStore,
     SigV4Rows,
@@ -193,13 +193,7 @@ class SigV4Service:
             secret = base64.b64encode(raw[15:]).decode()
             op.note(detail=f"principal={principal_name} access_key_id={access_key_id}")
             wrapped = self._hsm.new_wrapped_kek()
-            kek = KekRef(
-                _kek_id(access_key_id),
-                1,
-                wrapped.wrapped,
-                wrapped.root_label,
-                wrapped.wrap_mechanism,
-            )
+            kek = wrapped.ref(_kek_id(access_key_id), 1)
             iv, ct = self._hsm.encrypt(
                 kek,
                 self._hsm.random(IV_BYTES),
@@ -371,13 +365,10 @@ class SigV4Service:
         if credential.principal.disabled:
             raise SigV4Refused("unknown_key", f"principal {credential.principal.name} is disabled")
         sealed = credential.sealed_secret
-        kek = KekRef(
-            _kek_id(access_key_id),
-            1,
-            credential.wrapped_kek,
-            credential.root_label,
-            credential.wrap_mechanism,
+        stored = WrappedKek(
+            credential.wrapped_kek, credential.root_label, credential.wrap_mechanism
         )
+        kek = stored.ref(_kek_id(access_key_id), 1)
         try:
             secret = self._hsm.decrypt(
                 kek, sealed[:IV_BYTES], sealed[IV_BYTES:], access_key_id.encode("ascii")

@@ -54,7 +54,8 @@ from kms.errors import KmsError, StateRefused
 from kms.formats import state as fmt
 from kms.formats.state import Entry, StateAnchor
 from kms.metrics import STATE_REFUSED
-from kms.services.ports import Hsm, SealRows, Store, Tx
+from kms.services.hsm_port import Hsm
+from kms.services.ports import SealRows, Store, Tx
 
 log = logging.getLogger("kms.state")
 

@@ -50,13 +50,13 @@ from kms.services.audit import AuditTrail
 from kms.services.audit_events import Caller, EventBuilder, format_time
 from kms.services.change_quorum import ChangeTx
 from kms.services.changes import ChangeService
+from kms.services.hsm_port import Hsm
 from kms.services.key_refs import resolve
 from kms.services.key_use import XKS_USAGE, Face, Use, XksCall
 from kms.services.key_work import KeyUseRunner, KeyWork
 from kms.services.model import DEFAULT_JUSTIFICATION, KekRef, Key, KeyState, Permission, Role
 from kms.services.ports import (
     Clock,
-    Hsm,
     StorageUpkeep,
     Store,
     XksRows,
@@ -338,9 +338,7 @@ class XksService:
         self._hsm.check()
         if self._probe_kek is None:
             wrapped = self._hsm.new_wrapped_kek()
-            self._probe_kek = KekRef(
-                _PROBE_KEY_ID, 1, wrapped.wrapped, wrapped.root_label, wrapped.wrap_mechanism
-            )
+            self._probe_kek = wrapped.ref(_PROBE_KEY_ID, 1)
         iv = self._random(fmt.IV_BYTES)
         try:
             iv, sealed = self._hsm.encrypt(self._probe_kek, iv, _PROBE_PLAINTEXT, _PROBE_AAD)
